@@ -1,0 +1,1 @@
+"""medtl: reproducible transfer learning for medical image classification."""
