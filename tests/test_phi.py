@@ -1,0 +1,84 @@
+"""Pseudonyms, the metadata whitelist and PHI-safe ages."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from medtl.errors import MedtlError, ParamsError
+from medtl.phi import (
+    DEFAULT_PSEUDONYM_KEY,
+    KEY_ENV,
+    WHITELIST,
+    age_in_years,
+    filter_metadata,
+    is_phi_name,
+    pseudonymise,
+    uses_default_key,
+)
+
+
+def test_pseudonym_shape_and_stability():
+    p = pseudonymise("MRN-0042", b"k")
+    assert re.fullmatch(r"p-[0-9a-f]{16}", p)
+    assert p == pseudonymise("MRN-0042", b"k")
+    assert p == pseudonymise("  MRN-0042 ", b"k")  # DICOM pads values with spaces
+    assert p != pseudonymise("MRN-0043", b"k")
+    assert p != pseudonymise("MRN-0042", b"other key")
+    assert "0042" not in p
+
+
+def test_key_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    assert uses_default_key()
+    assert pseudonymise("x") == pseudonymise("x", DEFAULT_PSEUDONYM_KEY)
+    monkeypatch.setenv(KEY_ENV, "hospital secret")
+    assert not uses_default_key()
+    assert pseudonymise("x") == pseudonymise("x", b"hospital secret")
+    assert pseudonymise("x") != pseudonymise("x", DEFAULT_PSEUDONYM_KEY)
+    monkeypatch.setenv(KEY_ENV, "  ")
+    with pytest.raises(MedtlError, match=KEY_ENV):
+        pseudonymise("x")
+
+
+def test_filter_metadata_keeps_the_whitelist_and_named_extras():
+    raw = {"modality": "CT", "age": 45, "PatientName": "Doe^Jane", "site": "A", "scanner_room": "3"}
+    assert filter_metadata(raw) == {"modality": "CT", "age": "45"}
+    assert filter_metadata(raw, extra=["site"]) == {"modality": "CT", "age": "45", "site": "A"}
+    assert set(WHITELIST) >= {"modality", "manufacturer", "body_part", "view_position", "photometric",
+                              "pixel_spacing", "sex", "age"}
+
+
+@pytest.mark.parametrize("column", ["PatientName", "patient_name", "Patient ID", "DOB", "birth_date", "StudyDate", "mrn"])
+def test_identifying_extra_columns_are_refused(column):
+    assert is_phi_name(column)
+    with pytest.raises(ParamsError, match=column):
+        filter_metadata({column: "x"}, extra=[column])
+
+
+def test_harmless_names_are_not_phi():
+    for name in ("site", "view", "label", "scanner_model", "modality"):
+        assert not is_phi_name(name)
+
+
+@pytest.mark.parametrize(
+    "age, birth, seen, expected",
+    [
+        ("045Y", "", "", "45"),
+        ("45", "", "", "45"),
+        ("006M", "", "", "0.5"),
+        ("003W", "", "", "0.06"),
+        ("000Y", "", "", "0"),
+        ("093Y", "", "", "90"),  # ages over 89 identify; they are grouped as 90
+        ("", "19800115", "20200114", "39"),
+        ("", "19800115", "20200115", "40"),
+        ("", "19200101", "20200101", "90"),
+        ("", "20200101", "20200701", "0.5"),
+        ("", "20200101", "", ""),
+        ("", "", "", ""),
+        ("abc", "", "", ""),
+        ("", "20210101", "20200101", ""),  # seen before born: unknown, not negative
+    ],
+)
+def test_age_in_years(age, birth, seen, expected):
+    assert age_in_years(age, birth, seen) == expected
