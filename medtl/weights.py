@@ -23,6 +23,8 @@ from medtl.errors import MedtlError, ParamsError
 from medtl.io import load_torch, save_torch, sha256_file, write_text
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# Same pattern torch.hub uses to find the hash prefix in a download's file name.
+_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -37,12 +39,28 @@ def hub_cache_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_weights_enum(arch).url)
 
 
+def _verify_cached(path: Path) -> None:
+    """torchvision names each weights file after the first hex digits of its sha256; check them."""
+    match = _HASH_IN_NAME.search(path.name)
+    if not match:
+        return
+    prefix, actual = match.group(1), sha256_file(path)
+    if not actual.startswith(prefix):
+        raise MedtlError(
+            f"cached ImageNet weights {path} fail the hash check: the name expects a sha256 starting "
+            f"with {prefix}, the file's sha256 is {actual}; delete the file and download again"
+        )
+
+
 def fetch_imagenet(arch: str) -> StateDict:
     """torchvision's ImageNet weights for `arch`: from the torch hub cache, else downloaded, hash-checked."""
     enum = _weights_enum(arch)
     cached = hub_cache_path(arch)
+    if cached.is_file():
+        # torch checks the hash only while downloading; a cached file is trusted as is.
+        _verify_cached(cached)
     try:
-        return enum.get_state_dict(progress=True, check_hash=True)
+        return enum.get_state_dict(progress=True, check_hash=True, weights_only=True)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         raise MedtlError(
             f"cannot download ImageNet weights for {arch} from {enum.url} ({e}). On an offline machine, run "
