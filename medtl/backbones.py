@@ -17,30 +17,67 @@ from torchvision.models import get_model
 from medtl.errors import MedtlError, ParamsError
 
 
+Stages = tuple[tuple[str, tuple[str, ...]], ...]
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Where torchvision keeps the parts we change, as submodule paths."""
 
     first_conv: str
     head: str  # the final Linear that maps features to ImageNet classes
+    # Named groups of parameter-name prefixes, from the input to the output: the units of
+    # partial unfreezing and discriminative learning rates.
+    stages: Stages
     input_size: int | None = None  # the only input size the model accepts, if fixed
 
 
+def _features(groups: dict[str, tuple[int, ...]], top_extra: tuple[str, ...] = ()) -> Stages:
+    """Stages made of `features.<i>` blocks; `top_extra` joins the last group."""
+    out = [(name, tuple(f"features.{i}." for i in idx)) for name, idx in groups.items()]
+    last_name, last = out[-1]
+    out[-1] = (last_name, last + top_extra)
+    return tuple(out)
+
+
+_RESNET = (("stem", ("conv1.", "bn1.")), *((f"layer{i}", (f"layer{i}.",)) for i in range(1, 5)))
+_DENSENET = (
+    ("stem", ("features.conv0.", "features.norm0.")),
+    *((f"block{i}", (f"features.denseblock{i}.", f"features.transition{i}.")) for i in range(1, 4)),
+    ("block4", ("features.denseblock4.", "features.norm5.")),
+)
+_EFFICIENTNET = _features({"stem": (0,), **{f"stage{i}": (i,) for i in range(1, 8)}, "top": (8,)})
+_CONVNEXT = _features(
+    {"stem": (0,), "stage1": (1,), "stage2": (2, 3), "stage3": (4, 5), "stage4": (6, 7)},
+    top_extra=("classifier.0.",),  # the final LayerNorm
+)
+# Grouped where the resolution halves (torchvision's stride-2 blocks).
+_MOBILENET_V3_LARGE = _features(
+    {"stem": (0, 1), "stage1": (2, 3), "stage2": (4, 5, 6), "stage3": tuple(range(7, 13)),
+     "stage4": (13, 14, 15), "top": (16,)},
+    top_extra=("classifier.0.",),  # the pretrained 960 -> 1280 Linear
+)
+_VIT = (
+    ("stem", ("conv_proj.", "class_token", "encoder.pos_embedding")),
+    *((f"layer{i}", (f"encoder.layers.encoder_layer_{i}.",)) for i in range(12)),
+    ("top", ("encoder.ln.",)),
+)
+
 SUPPORTED: dict[str, ArchSpec] = {
-    "resnet18": ArchSpec("conv1", "fc"),
-    "resnet34": ArchSpec("conv1", "fc"),
-    "resnet50": ArchSpec("conv1", "fc"),
-    "densenet121": ArchSpec("features.conv0", "classifier"),
-    "efficientnet_b0": ArchSpec("features.0.0", "classifier.1"),
-    "efficientnet_b1": ArchSpec("features.0.0", "classifier.1"),
-    "efficientnet_b2": ArchSpec("features.0.0", "classifier.1"),
-    "efficientnet_b3": ArchSpec("features.0.0", "classifier.1"),
+    "resnet18": ArchSpec("conv1", "fc", _RESNET),
+    "resnet34": ArchSpec("conv1", "fc", _RESNET),
+    "resnet50": ArchSpec("conv1", "fc", _RESNET),
+    "densenet121": ArchSpec("features.conv0", "classifier", _DENSENET),
+    "efficientnet_b0": ArchSpec("features.0.0", "classifier.1", _EFFICIENTNET),
+    "efficientnet_b1": ArchSpec("features.0.0", "classifier.1", _EFFICIENTNET),
+    "efficientnet_b2": ArchSpec("features.0.0", "classifier.1", _EFFICIENTNET),
+    "efficientnet_b3": ArchSpec("features.0.0", "classifier.1", _EFFICIENTNET),
     # The LayerNorm and Flatten before the final Linear stay: they belong to the features.
-    "convnext_tiny": ArchSpec("features.0.0", "classifier.2"),
+    "convnext_tiny": ArchSpec("features.0.0", "classifier.2", _CONVNEXT),
     # The 960 -> 1280 Linear is pretrained and kept; only the 1280 -> 1000 layer goes.
-    "mobilenet_v3_large": ArchSpec("features.0.0", "classifier.3"),
+    "mobilenet_v3_large": ArchSpec("features.0.0", "classifier.3", _MOBILENET_V3_LARGE),
     # torchvision fixes the ViT's position embeddings to a 14x14 grid of 16 px patches.
-    "vit_b_16": ArchSpec("conv_proj", "heads.head", input_size=224),
+    "vit_b_16": ArchSpec("conv_proj", "heads.head", _VIT, input_size=224),
 }
 
 GRAYSCALE_MODES = ("adapt", "repeat")
@@ -111,6 +148,21 @@ class Backbone(nn.Module):
     @property
     def first_conv(self) -> nn.Conv2d:
         return self.model.get_submodule(SUPPORTED[self.arch].first_conv)
+
+    def stages(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """Parameters in named groups from the input to the output; every parameter is in exactly one.
+
+        Partial unfreezing trains the last k groups; discriminative learning rates
+        give earlier groups smaller rates.
+        """
+        groups = SUPPORTED[self.arch].stages
+        out: list[tuple[str, list[nn.Parameter]]] = [(name, []) for name, _ in groups]
+        for pname, param in self.model.named_parameters():
+            index = next((i for i, (_, prefixes) in enumerate(groups) if pname.startswith(prefixes)), None)
+            if index is None:
+                raise MedtlError(f"{self.arch}: parameter {pname} belongs to no stage")
+            out[index][1].append(param)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -51,6 +51,15 @@ def test_every_arch_gives_features_for_gray_and_rgb(arch):
         assert backbone.num_features == EXPECTED_FEATURES[arch]
         assert out.shape == (2, EXPECTED_FEATURES[arch])
         assert backbone.first_conv.in_channels == channels
+        _check_stages(backbone)
+
+
+def _check_stages(backbone: Backbone) -> None:
+    stages = backbone.stages()
+    ids = [id(p) for _, params in stages for p in params]
+    assert len(ids) == len(set(ids)) == len(list(backbone.parameters())), "each parameter in exactly one stage"
+    assert all(params for _, params in stages), "no empty stage"
+    assert stages[0][0] == "stem" and any(p is backbone.first_conv.weight for p in stages[0][1])
 
 
 @pytest.mark.parametrize("arch", ["resnet18"])
