@@ -1,0 +1,414 @@
+"""`medtl audit`: gather the evidence for one model, from the files, records and dvc.lock.
+
+The walk goes model -> the stages that produced it (dvc.lock and each stage's
+record) -> every artifact on the way (sha256, and the md5 DVC locked) -> the
+source manifest (each source file's sha256) and the pretrained weights.
+Patient identifiers never enter the evidence: groups are counted, not listed,
+and source paths stay in the manifest, which is referenced by hash.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import tomllib
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import yaml
+
+from medtl.errors import MedtlError
+from medtl.provenance import environment as env
+from medtl.provenance.hashing import describe
+from medtl.provenance.record import RECORD_SUFFIX, load_record, record_path_for, utc_now
+
+MANIFEST_CORE = {"image_id", "source_path", "sha256", "label", "group", "split", "height", "width", "channels", "offset"}
+SUBGROUP_MAX_VALUES = 12
+PIPELINE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock", "uv.lock")
+
+
+def load_yaml(path: Path, required: bool = True):
+    if not path.is_file():
+        if required:
+            raise MedtlError(f"{path} not found: run `medtl audit` in the project root after `dvc repro`")
+        return None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MedtlError(f"{path} cannot be parsed as YAML: {e}") from e
+
+
+def load_json(path: Path):
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MedtlError(f"{path} cannot be parsed as JSON: {e}") from e
+
+
+def lock_entries(lock: dict) -> dict[str, dict]:
+    """dvc.lock stage name -> {cmd, deps: {path: md5}, outs: {path: md5}, params}."""
+    stages = (lock or {}).get("stages")
+    if not isinstance(stages, dict):
+        raise MedtlError("dvc.lock has no 'stages' mapping: run `dvc repro` to produce it")
+    out = {}
+    for name, st in stages.items():
+        st = st or {}
+        out[name] = {
+            "cmd": st.get("cmd"),
+            "deps": {d["path"]: d.get("md5") for d in st.get("deps") or []},
+            "outs": {o["path"]: o.get("md5") for o in st.get("outs") or []},
+            "params": st.get("params") or {},
+        }
+    return out
+
+
+def dvc_status(root: Path) -> tuple[bool | None, dict | str]:
+    """(clean, details) from `dvc status`; (None, why) when dvc cannot answer."""
+    try:
+        r = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, f"dvc status could not run: {e}"
+    if r.returncode != 0:
+        return None, "dvc status failed: " + (r.stderr.strip().splitlines() or ["no output"])[-1]
+    try:
+        status = json.loads(r.stdout or "{}")
+    except ValueError:
+        return None, f"dvc status printed something that is not JSON: {r.stdout[:200]!r}"
+    return not status, status
+
+
+def lineage(lock: dict[str, dict], model: str) -> list[str]:
+    """Stages the model depends on, upstream first (by following outs -> deps in dvc.lock)."""
+    producer = {out: name for name, st in lock.items() for out in st["outs"]}
+
+    def produced_by(path: str) -> str | None:
+        for out, name in producer.items():
+            if path == out or path.startswith(out.rstrip("/") + "/"):
+                return name
+        return None
+
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        for dep in lock[name]["deps"]:
+            up = produced_by(dep)
+            if up and up != name:
+                visit(up)
+        order.append(name)
+
+    start = produced_by(model)
+    if start is None:
+        raise MedtlError(f"{model} is not an output of any stage in dvc.lock; pass the model the pipeline wrote with --model")
+    visit(start)
+    # stages downstream of the model (evaluate) hold its evidence: include those that read it
+    for name, st in lock.items():
+        if name not in order and any(d == model for d in st["deps"]):
+            visit(name)
+    return order
+
+
+def pipeline_edges(lock: dict[str, dict]) -> list[tuple[str, str, str]]:
+    """(upstream stage, downstream stage, artifact) for every artifact passed between stages."""
+    edges = []
+    for up, ust in lock.items():
+        for out in ust["outs"]:
+            for down, dst in lock.items():
+                if down != up and any(d == out or d.startswith(out.rstrip("/") + "/") for d in dst["deps"]):
+                    edges.append((up, down, out))
+    return edges
+
+
+def uv_packages(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise MedtlError(f"{path} cannot be parsed as TOML: {e}") from e
+    out = []
+    for p in data.get("package", []):
+        src = p.get("source", {})
+        sdist_hash = (p.get("sdist") or {}).get("hash", "")
+        out.append({
+            "name": p["name"],
+            "version": p.get("version"),
+            "registry": src.get("registry"),
+            "editable": "editable" in src or "virtual" in src,
+            "sdist_sha256": sdist_hash.split(":", 1)[1] if sdist_hash.startswith("sha256:") else None,
+        })
+    return sorted(out, key=lambda p: p["name"])
+
+
+def manifest_summary(path: Path) -> dict:
+    """Counts from the ingest manifest: per split and class, patients per split, overlap, subgroups."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+            columns = list(rows[0].keys()) if rows else []
+    except (OSError, csv.Error, UnicodeDecodeError) as e:
+        raise MedtlError(f"source manifest {path} cannot be read: {e}") from e
+    missing = {"source_path", "sha256"} - set(columns)
+    if rows and missing:
+        raise MedtlError(f"source manifest {path} lacks columns {', '.join(sorted(missing))}")
+    by_split_class: dict[str, Counter] = defaultdict(Counter)
+    groups: dict[str, set] = defaultdict(set)
+    for r in rows:
+        split = r.get("split") or "unassigned"
+        by_split_class[split][r.get("label") or "unlabelled"] += 1
+        if r.get("group"):
+            groups[split].add(r["group"])
+    group_splits: dict[str, set] = defaultdict(set)
+    for split, gs in groups.items():
+        for g in gs:
+            group_splits[g].add(split)
+    shared = Counter("+".join(sorted(s)) for s in group_splits.values() if len(s) > 1)
+    subgroups = {}
+    for col in columns:
+        if col in MANIFEST_CORE:
+            continue
+        values = {r.get(col) or "" for r in rows}
+        if 1 < len(values) <= SUBGROUP_MAX_VALUES:
+            table: dict[str, Counter] = defaultdict(Counter)
+            for r in rows:
+                table[r.get("split") or "unassigned"][r.get(col) or "(blank)"] += 1
+            subgroups[col] = {s: dict(sorted(c.items())) for s, c in sorted(table.items())}
+    return {
+        "images": len(rows),
+        "columns": columns,
+        "classes": sorted({r.get("label") or "unlabelled" for r in rows}),
+        "per_split_class": {s: dict(sorted(c.items())) for s, c in sorted(by_split_class.items())},
+        "patients_per_split": {s: len(g) for s, g in sorted(groups.items())},
+        "patients_total": len(group_splits),
+        "patients_in_several_splits": sum(shared.values()),
+        "shared_between": dict(shared),
+        "subgroups": subgroups,
+    }
+
+
+def sources_of(manifest: Path) -> list[tuple[str, str]]:
+    """(source_path, sha256) for every row of the manifest."""
+    with open(manifest, newline="", encoding="utf-8") as f:
+        return [(r["source_path"], r["sha256"]) for r in csv.DictReader(f)]
+
+
+def model_details(path: Path) -> dict:
+    from medtl.io import load_torch
+
+    ckpt = load_torch(path)
+    if not isinstance(ckpt, dict):
+        raise MedtlError(f"{path} is not a medtl model checkpoint (expected a dict with arch, classes, state_dict)")
+    details = {k: ckpt[k] for k in ("arch", "in_channels", "num_features", "classes", "preprocessing", "hardware", "strategy") if k in ckpt}
+    sd = ckpt.get("state_dict")
+    if isinstance(sd, dict):
+        details["parameters"] = int(sum(getattr(t, "numel", lambda: 0)() for t in sd.values()))
+    return details
+
+
+def backbone_weights(path: Path) -> dict | None:
+    from medtl.io import load_torch
+
+    if not path.is_file():
+        return None
+    ckpt = load_torch(path)
+    w = ckpt.get("weights") if isinstance(ckpt, dict) else None
+    out = {"checkpoint": path.as_posix()}
+    if isinstance(w, dict):
+        out.update({k: w.get(k) for k in ("name", "origin", "sha256")})
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("adaptation"), dict):
+        out["adaptation"] = {k: v for k, v in ckpt["adaptation"].items() if k != "loss_curve"}
+    return out
+
+
+def find_experiment(root: Path, model: str, model_md5: str | None, records: dict) -> dict | None:
+    """The `dvc exp` run that produced this model: from the stage record, else an exp ref whose dvc.lock locks the same model."""
+    named = next((r["dvc"]["experiment"] for r in records.values() if r.get("dvc", {}).get("experiment")), None)
+    refs = env._git(["for-each-ref", "refs/exps", "--format=%(refname) %(objectname)"], root) or ""
+    candidates = []
+    for line in refs.splitlines():
+        ref, _, commit = line.partition(" ")
+        if ref.startswith(("refs/exps/exec/", "refs/exps/celery/", "refs/exps/temp/")):
+            continue
+        candidates.append((ref, commit))
+    for ref, commit in candidates[:500]:
+        name = ref.rsplit("/", 1)[-1]
+        if named and name == named:
+            return {"name": name, "ref": ref, "commit": commit, "matched_by": "stage record"}
+    if model_md5:
+        for ref, commit in candidates[:500]:
+            text = env._git(["show", f"{commit}:dvc.lock"], root)
+            if not text:
+                continue
+            try:
+                lock = lock_entries(yaml.safe_load(text))
+            except (MedtlError, yaml.YAMLError):
+                continue
+            if any(st["outs"].get(model) == model_md5 for st in lock.values()):
+                return {"name": ref.rsplit("/", 1)[-1], "ref": ref, "commit": commit, "matched_by": "model md5 in the experiment's dvc.lock"}
+    if named:
+        return {"name": named, "ref": None, "commit": None, "matched_by": "stage record (ref not found; the experiment may not be saved)"}
+    return None
+
+
+def collect(root: Path, model: str) -> dict:
+    root = root.resolve()
+    model = Path(model).as_posix()
+    model_path = root / model
+    if not model_path.is_file():
+        raise MedtlError(f"model {model} not found under {root}: run the pipeline (dvc repro) or pass --model")
+    params = load_yaml(root / "params.yaml")
+    load_yaml(root / "dvc.yaml")
+    lock = lock_entries(load_yaml(root / "dvc.lock"))
+    problems: list[str] = []
+
+    clean, status = dvc_status(root)
+    if clean is None:
+        problems.append(str(status))
+    elif not clean:
+        problems.append("dvc status is not clean: the workspace does not match dvc.lock (" + ", ".join(sorted(status)) + ")")
+    git = env.git_state(root)
+    if git["commit"] is None:
+        problems.append("not a git checkout: the code cannot be identified by commit")
+    elif git["dirty"]:
+        problems.append("git working tree is dirty: " + ", ".join(git["changed"][:10]) + (" …" if len(git["changed"]) > 10 else ""))
+
+    stage_names = lineage(lock, model)
+    records: dict[str, dict] = {}
+    for name in stage_names:
+        for out in lock[name]["outs"]:
+            rp = root / record_path_for(out)
+            if rp.is_file():
+                records[name] = load_record(rp)
+                records[name]["_path"] = record_path_for(out).as_posix()
+                break
+    for name in stage_names:
+        if name not in records:
+            expected = ", ".join(record_path_for(o).as_posix() for o in lock[name]["outs"]) or "none: the stage has no outputs"
+            problems.append(f"stage {name} has no provenance record (looked for {expected})")
+
+    # every file the lineage touched, hashed now; dvc.lock's md5 kept beside for comparison
+    artifacts: dict[str, dict] = {}
+    for name in stage_names:
+        for role in ("deps", "outs"):
+            for path, md5 in lock[name][role].items():
+                p = root / path
+                if path in artifacts or not p.exists() or not p.resolve().is_relative_to(root):
+                    if path in artifacts and role == "outs":
+                        artifacts[path]["stage"] = name
+                    continue
+                d = describe(p, path, with_md5=True)
+                d.update(dvc_md5=md5, stage=name if role == "outs" else None, role="output" if role == "outs" else "input")
+                d["kind"] = "model" if path == model else "artifact"
+                artifacts[path] = d
+                if md5 and d["md5"] != md5:
+                    problems.append(f"{path} does not match dvc.lock (md5 {d['md5']} in the workspace, {md5} locked)")
+    for path in PIPELINE_FILES:
+        if (root / path).is_file() and path not in artifacts:
+            d = describe(root / path, path)
+            d.update(kind={"params.yaml": "params", "uv.lock": "lockfile"}.get(path, "pipeline"), role="definition", stage=None)
+            artifacts[path] = d
+    if model not in artifacts:
+        raise MedtlError(f"{model} is not in dvc.lock")
+
+    # a record whose output hashes differ from the files is from another run (e.g. after dvc checkout)
+    for name, rec in records.items():
+        for o in rec.get("outputs", []):
+            now = artifacts.get(o.get("path"))
+            if now is not None and now["sha256"] != o.get("sha256"):
+                problems.append(f"stage record {rec['_path']} describes another version of {o['path']} (sha256 {o.get('sha256')}, now {now['sha256']})")
+
+    source = None
+    manifest = next((p for p in (f"{a}/manifest.csv" for a, d in artifacts.items() if d["type"] == "dir") if (root / p).is_file()), None)
+    if manifest:
+        ingest_rec = next((r for r in records.values() if any(o.get("path") == manifest.rsplit("/", 1)[0] for o in r.get("outputs", []))), {})
+        summary = manifest_summary(root / manifest)
+        source = {
+            "manifest": manifest,
+            "manifest_sha256": describe(root / manifest)["sha256"],
+            "source_root": (ingest_rec.get("extra") or {}).get("source_root"),
+            "description": (ingest_rec.get("extra") or {}).get("source"),
+            **summary,
+        }
+    else:
+        problems.append("no source manifest (manifest.csv) found in any folder artifact: source files cannot be traced")
+
+    weights = None
+    for path, d in artifacts.items():
+        if d["type"] == "file" and path.endswith("backbone.pt"):
+            weights = backbone_weights(root / path)
+    if weights is None:
+        weights = next(((r.get("extra") or {}).get("weights") for r in records.values() if (r.get("extra") or {}).get("weights")), None)
+
+    metrics_path = next((p for p in artifacts if p.endswith("metrics.json")), None)
+    if metrics_path is None:
+        metrics_path = next((f"{p}/metrics.json" for p, d in artifacts.items() if d["type"] == "dir" and "metrics.json" in d["files"]), None)
+    plots = []
+    if metrics_path and (root / metrics_path).with_name("plots").is_dir():
+        for p in sorted((root / metrics_path).with_name("plots").rglob("*")):
+            if p.is_file() and p.suffix.lower() in (".png", ".svg", ".json"):
+                plots.append(p.relative_to(root).as_posix())
+    ingest_report = None
+    if manifest and (root / manifest).with_name("report.json").is_file():
+        ingest_report = load_json((root / manifest).with_name("report.json"))
+
+    model_rec = records.get(artifacts[model]["stage"]) or {}
+    exp = find_experiment(root, model, artifacts[model].get("dvc_md5"), records)
+    return {
+        "generated": utc_now(),
+        "model": {"path": model, "sha256": artifacts[model]["sha256"], "size": artifacts[model]["size"], "dvc_md5": artifacts[model]["dvc_md5"], "stage": artifacts[model]["stage"], **model_details(model_path)},
+        "workspace": {"clean": not problems, "problems": problems, "dvc_status": status if clean is not None else None},
+        "git": git,
+        "experiment": exp,
+        "params": params,
+        "model_card": (params or {}).get("model_card") or {},
+        "stages": [{"name": n, "cmd": lock[n]["cmd"], "deps": sorted(lock[n]["deps"]), "outs": sorted(lock[n]["outs"]), "params": lock[n]["params"], "record": records.get(n)} for n in stage_names],
+        "edges": pipeline_edges({n: lock[n] for n in stage_names}),
+        "artifacts": list(artifacts.values()),
+        "source_data": source,
+        "weights": weights,
+        "environment": model_rec.get("environment") or env.environment(root),
+        "hardware": model_rec.get("hardware"),
+        "packages": uv_packages(root / "uv.lock"),
+        "metrics_path": metrics_path,
+        "metrics": load_json(root / metrics_path) if metrics_path else None,
+        "ingest_report": ingest_report,
+        "plots": plots,
+        "records": [{"path": r["_path"], "sha256": describe(root / r["_path"])["sha256"]} for r in sorted(records.values(), key=lambda r: r["_path"])],
+    }
+
+
+OUTPUT_FILES = ("provenance.json", "ml-bom.json", "report.md", "report.html")
+
+
+def write_evidence(ev: dict, root: Path, out_dir: Path, sign_key: Path | None = None) -> list[Path]:
+    """Write provenance.json, ml-bom.json, report.md, report.html (and provenance.dsse.json when signing)."""
+    from medtl.io import write_json, write_text
+    from medtl.provenance import bom, report, signing, statement
+    from medtl.provenance.verify import envelope_path_for
+
+    key = signing.load_private_key(sign_key) if sign_key else None  # fail before writing anything
+    doc = bom.build_bom(ev)
+    errors = bom.validate_bom(doc)
+    if errors:
+        raise MedtlError("the ML-BOM does not validate against CycloneDX 1.6: " + "; ".join(errors[:5]))
+    stmt = statement.build_statement(ev)
+    payload = (json.dumps(stmt, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    written = []
+    path = out_dir / "provenance.json"
+    write_json(path, stmt)
+    written.append(path)
+    stale = envelope_path_for(path)
+    if key is not None:
+        # the envelope signs exactly the bytes of provenance.json, which stays a plain statement for other tools
+        write_json(stale, signing.sign(payload, key))
+        written.append(stale)
+    elif stale.exists():
+        stale.unlink()  # an envelope from an earlier audit would not match the new statement
+    write_json(out_dir / "ml-bom.json", doc)
+    write_text(out_dir / "report.md", report.render_markdown(ev))
+    write_text(out_dir / "report.html", report.render_html(ev, root))
+    return written + [out_dir / "ml-bom.json", out_dir / "report.md", out_dir / "report.html"]

@@ -1,0 +1,103 @@
+"""Model-card content shared by the ML-BOM and the report: metric rows, intended use."""
+from __future__ import annotations
+
+import numbers
+
+_POINT_KEYS = ("value", "estimate", "point", "mean")
+_CI_PAIRS = (("ci_low", "ci_high"), ("ci_lower", "ci_upper"), ("lower", "upper"), ("low", "high"), ("lo", "hi"))
+_CI_LISTS = ("ci", "ci95", "interval", "ci_95")
+
+DEFAULT_INTENDED_USE = (
+    "Not stated. Add `model_card: {intended_use: ...}` to params.yaml to state the clinical task, "
+    "population and setting this model is meant for."
+)
+
+
+def _num(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _interval(d: dict, name: str | None = None):
+    """A (low, high) pair found in `d`, for the metric `name` when given (e.g. auc_ci, auc_low/auc_high)."""
+    keys = [f"{name}_{k}" for k in _CI_LISTS] if name else list(_CI_LISTS)
+    for k in keys:
+        v = d.get(k)
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(_num(x) for x in v):
+            return (v[0], v[1]), {k}
+        if isinstance(v, dict):
+            iv, _ = _interval(v)
+            if iv:
+                return iv, {k}
+    for lo, hi in _CI_PAIRS:
+        klo, khi = (f"{name}_{lo}", f"{name}_{hi}") if name else (lo, hi)
+        if _num(d.get(klo)) and _num(d.get(khi)):
+            return (d[klo], d[khi]), {klo, khi}
+    return None, set()
+
+
+def metric_rows(metrics, prefix: str = "") -> list[dict]:
+    """Flatten metrics.json into rows {name, value, low, high}, whatever its nesting.
+
+    A dict with a point value and an interval (value + ci_low/ci_high, or
+    estimate + ci [lo, hi]) is one row; `<metric>_ci` beside `<metric>` is its
+    interval. Matrices and other lists are left to their own tables.
+    """
+    if not isinstance(metrics, dict):
+        return []
+    own: list[dict] = []
+    nested: list[dict] = []
+    point_key = next((k for k in _POINT_KEYS if _num(metrics.get(k))), None)
+    consumed: set = set()
+    if point_key and prefix:
+        iv, used = _interval(metrics)
+        own.append({"key": None, "name": prefix, "value": metrics[point_key], "low": iv[0] if iv else None, "high": iv[1] if iv else None})
+        consumed |= used | {point_key}
+    for k, v in metrics.items():
+        if k in consumed:
+            continue
+        name = f"{prefix}.{k}" if prefix else str(k)
+        if _num(v) or v is None:
+            iv, used = _interval(metrics, str(k))
+            consumed |= used
+            own.append({"key": k, "name": name, "value": v, "low": iv[0] if iv else None, "high": iv[1] if iv else None})
+        elif isinstance(v, dict):
+            nested += metric_rows(v, name)
+    # an interval bound (auc_low) met before its metric (auc) was emitted as a row of its own
+    own = [r for r in own if r["key"] is None or r["key"] not in consumed]
+    return [{k: v for k, v in r.items() if k != "key"} for r in own] + nested
+
+
+def matrices(metrics, prefix: str = "") -> dict[str, list]:
+    """Every list of equal-length numeric lists in metrics.json (confusion matrices), by dotted name."""
+    out = {}
+    if isinstance(metrics, dict):
+        for k, v in metrics.items():
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if isinstance(v, list) and v and all(isinstance(r, list) and r and all(_num(x) for x in r) for r in v):
+                out[name] = v
+            elif isinstance(v, dict):
+                out.update(matrices(v, name))
+    return out
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+    return str(v)
+
+
+def intended_use(ev: dict) -> str:
+    card = ev.get("model_card") or {}
+    return str(card.get("intended_use") or DEFAULT_INTENDED_USE)
+
+
+def limitations(ev: dict) -> list[str]:
+    card = ev.get("model_card") or {}
+    lim = card.get("limitations") or []
+    lim = [lim] if isinstance(lim, str) else [str(x) for x in lim]
+    src = (ev.get("source_data") or {}).get("description") or {}
+    if isinstance(src, dict) and src.get("source") == "demo":
+        lim.append("Trained and evaluated on the built-in synthetic demo dataset: not for clinical use.")
+    return lim

@@ -1,0 +1,78 @@
+"""`medtl audit`, `medtl verify`, `medtl keygen`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from medtl.errors import MedtlError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("audit", help="write provenance, ML-BOM and a model card for a model",
+                              description="Walk from a model back through dvc.lock and the stage records to the source files, and write "
+                                          "provenance.json (in-toto/SLSA), ml-bom.json (CycloneDX 1.6), report.md and report.html.")
+    p.add_argument("--model", default="models/model.pt", help="model file written by the pipeline (default: %(default)s)")
+    p.add_argument("--out", default="reports/audit", help="output folder (default: %(default)s)")
+    p.add_argument("--allow-dirty", action="store_true", help="exit 0 even if the workspace does not match dvc.lock or git (the outputs still say so)")
+    p.add_argument("--sign-key", type=Path, help="Ed25519 PEM private key: also write provenance.dsse.json, a DSSE envelope signing provenance.json")
+    p.set_defaults(func=cmd_audit)
+
+    p = subparsers.add_parser("verify", help="check audit evidence against the files, offline",
+                              description="Re-hash every artifact listed in the evidence that is present, check the signature, "
+                                          "compare with dvc.lock and the git commit. Exit 0 only when everything matches.")
+    p.add_argument("evidence", type=Path, help="provenance.json (a sibling provenance.dsse.json is checked too) or a DSSE envelope")
+    p.add_argument("--pub-key", type=Path, help="Ed25519 PEM public key of the signer")
+    p.add_argument("--root", type=Path, default=Path("."), help="project root the artifact paths are relative to (default: current folder)")
+    p.add_argument("--source-root", type=Path, help="folder the manifest's source_path values are relative to (default: as recorded by ingest)")
+    p.set_defaults(func=cmd_verify)
+
+    p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signing audits")
+    p.add_argument("--out", type=Path, default=Path("."), help="folder for medtl-signing.key and medtl-signing.pub (default: current folder)")
+    p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.set_defaults(func=cmd_keygen)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from medtl.provenance.audit import collect, write_evidence
+
+    root = Path(".").resolve()
+    ev = collect(root, args.model)
+    written = write_evidence(ev, root, Path(args.out), args.sign_key)
+    for p in written:
+        print(p)
+    ws = ev["workspace"]
+    if not ws["clean"]:
+        for problem in ws["problems"]:
+            print(f"warning: {problem}")
+        if not args.allow_dirty:
+            print("medtl audit: the workspace is not clean; the evidence says so. Commit, `dvc repro`, or pass --allow-dirty.")
+            return 1
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from medtl.provenance.verify import verify
+
+    if not args.evidence.is_file():
+        raise MedtlError(f"evidence {args.evidence} not found (write it with `medtl audit`)")
+    res = verify(args.evidence, args.root, args.pub_key, args.source_root)
+    for line in res.mismatches:
+        print(line)
+    for note in res.notes:
+        print(note)
+    if res.skipped:
+        print(f"skipped (not present): {', '.join(res.skipped)}")
+    if res.checked == 0 and not res.mismatches:
+        print("nothing was checked: none of the listed artifacts is present under", args.root)
+        return 1
+    print(f"{'FAILED' if res.mismatches else 'OK'}: {res.checked} files checked, {len(res.mismatches)} mismatches")
+    return 1 if res.mismatches else 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from medtl.provenance.signing import keygen
+
+    private, public = keygen(args.out, args.force)
+    print(f"private key: {private} (keep it secret; sign with `medtl audit --sign-key {private}`)")
+    print(f"public key:  {public} (give it to auditors: `medtl verify ... --pub-key {public}`)")
+    return 0

@@ -1,0 +1,197 @@
+"""`medtl verify`: check an audit's evidence against the files, offline.
+
+Every artifact the statement lists that is present is re-hashed (folders file
+by file, so a change is named down to the file); source files are re-hashed
+from the manifest; dvc.lock and the git commit are compared; a DSSE
+signature is checked when one exists. Absent artifacts are skipped and
+counted: an auditor may hold only part of the project.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from medtl.errors import MedtlError
+from medtl.provenance import environment as env
+from medtl.provenance import signing
+from medtl.provenance.hashing import dvc_dir_md5, file_digests, tree_files
+from medtl.provenance.statement import PREDICATE_TYPE, STATEMENT_TYPE
+
+ENVELOPE_SUFFIX = ".dsse.json"
+
+
+@dataclass
+class Result:
+    mismatches: list[str] = field(default_factory=list)
+    checked: int = 0
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seen: set[Path] = field(default_factory=set)  # files already re-hashed, so a source inside an artifact is reported once
+
+    def mismatch(self, what: str, expected: str, actual: str) -> None:
+        self.mismatches.append(f"MISMATCH {what}: expected {expected}, actual {actual}")
+
+
+def envelope_path_for(statement_path: str | Path) -> Path:
+    """provenance.json -> provenance.dsse.json"""
+    p = Path(statement_path)
+    return p.with_name(p.name.removesuffix(".json") + ENVELOPE_SUFFIX)
+
+
+def load_evidence(path: Path) -> tuple[dict, bytes, dict | None, bytes | None]:
+    """(statement, its bytes, DSSE envelope or None, the envelope's payload), from provenance.json or the envelope itself."""
+    try:
+        raw = path.read_bytes()
+        data = json.loads(raw)
+    except (OSError, ValueError) as e:
+        raise MedtlError(f"evidence {path} cannot be read as JSON: {e}") from e
+    envelope = payload = None
+    if isinstance(data, dict) and "payloadType" in data:
+        envelope, raw = signing.read_envelope(path)
+        payload = raw
+        try:
+            data = json.loads(raw)
+        except ValueError as e:
+            raise MedtlError(f"the payload of {path} is not JSON: {e}") from e
+    elif envelope_path_for(path).is_file():
+        envelope, payload = signing.read_envelope(envelope_path_for(path))
+    if not isinstance(data, dict) or data.get("_type") != STATEMENT_TYPE or data.get("predicateType") != PREDICATE_TYPE:
+        raise MedtlError(f"{path} is not an in-toto Statement v1 with an SLSA provenance v1 predicate (see `medtl audit`)")
+    return data, raw, envelope, payload
+
+
+def _check_file(res: Result, root: Path, name: str, expected: str) -> str | None:
+    """Compare one file's sha256; returns its md5 when present."""
+    p = root / name
+    if not p.is_file():
+        res.mismatch(name, f"sha256 {expected}", "missing")
+        return None
+    sha, md5, _ = file_digests(p)
+    res.checked += 1
+    res.seen.add(p.resolve())
+    if sha != expected:
+        res.mismatch(name, f"sha256 {expected}", f"sha256 {sha}")
+    return md5
+
+
+def _check_artifact(res: Result, root: Path, desc: dict) -> str | None:
+    """Re-hash a file or folder artifact; returns its current DVC md5 when it could be computed."""
+    name, ann = desc["name"], desc.get("annotations") or {}
+    p = root / name
+    if not p.exists():
+        res.skipped.append(name)
+        return None
+    if ann.get("type") != "dir":
+        return _check_file(res, root, name, desc["digest"]["sha256"])
+    if not p.is_dir():
+        res.mismatch(name, "a folder", "a file")
+        return None
+    expected = ann.get("files") or {}
+    present = set(tree_files(p))
+    md5s = {}
+    for rel, sha in expected.items():
+        md5 = _check_file(res, root, f"{name}/{rel}", sha)
+        if md5:
+            md5s[rel] = md5
+    for rel in sorted(present - set(expected)):
+        res.mismatches.append(f"MISMATCH {name}/{rel}: expected no such file, actual an extra file")
+    return dvc_dir_md5(md5s) if not (present ^ set(expected)) and len(md5s) == len(expected) else None
+
+
+def _check_sources(res: Result, root: Path, desc: dict, source_root: Path | None) -> None:
+    ann = desc.get("annotations") or {}
+    manifest = root / ann.get("manifest", "")
+    if not manifest.is_file():
+        res.skipped.append(f"source files (no {ann.get('manifest')})")
+        return
+    sha, _, _ = file_digests(manifest)
+    if sha != desc["digest"]["sha256"]:
+        return  # the manifest's own mismatch is reported with its artifact; its rows are not to be trusted
+    base = source_root or (root / ann["source_root"] if ann.get("source_root") else root)
+    missing = 0
+    with open(manifest, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            p = base / row["source_path"]
+            if not p.is_file():
+                missing += 1
+                continue
+            if p.resolve() in res.seen:
+                continue
+            actual, _, _ = file_digests(p)
+            res.checked += 1
+            if actual != row["sha256"]:
+                res.mismatch(f"source {row['source_path']}", f"sha256 {row['sha256']}", f"sha256 {actual}")
+    if missing:
+        res.skipped.append(f"{missing} source files not present under {base}")
+
+
+def _lock_md5s(root: Path) -> dict[str, str] | None:
+    p = root / "dvc.lock"
+    if not p.is_file():
+        return None
+    try:
+        lock = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise MedtlError(f"{p} cannot be parsed as YAML: {e}") from e
+    out = {}
+    for st in (lock.get("stages") or {}).values():
+        for o in (st or {}).get("outs") or []:
+            out[o["path"]] = o.get("md5")
+    return out
+
+
+def verify(evidence: str | Path, root: str | Path = ".", pub_key: str | Path | None = None, source_root: str | Path | None = None) -> Result:
+    evidence, root = Path(evidence), Path(root)
+    statement, raw, envelope, payload = load_evidence(evidence)
+    res = Result()
+
+    if envelope is not None:
+        if payload != raw:
+            res.mismatches.append(f"MISMATCH signature: {evidence.name} differs from the payload signed in {envelope_path_for(evidence).name}")
+        elif pub_key is None:
+            res.mismatches.append("MISMATCH signature: the evidence is signed but no --pub-key was given to check it")
+        else:
+            why = signing.check_envelope(envelope, payload, signing.load_public_key(pub_key))
+            if why:
+                res.mismatches.append(f"MISMATCH signature: {why}")
+            else:
+                res.notes.append(f"signature valid (key {signing.keyid(signing.load_public_key(pub_key))[:16]}…)")
+    elif pub_key is not None:
+        res.mismatches.append(f"MISMATCH signature: --pub-key given but {evidence.name} is not signed (no {envelope_path_for(evidence).name})")
+
+    pred = statement.get("predicate") or {}
+    deps = (pred.get("buildDefinition") or {}).get("resolvedDependencies") or []
+    byproducts = (pred.get("runDetails") or {}).get("byproducts") or []
+    current_lock = _lock_md5s(root)
+    sources: list[dict] = []  # after the artifacts, so a source file inside one is reported once, by its path
+    for desc in list(statement.get("subject") or []) + deps + byproducts:
+        ann = desc.get("annotations") or {}
+        kind = ann.get("medtl.kind")
+        if kind in ("model", "artifact", "params", "pipeline", "lockfile", "stage-record"):
+            before = len(res.mismatches)
+            md5 = _check_artifact(res, root, desc)
+            locked = ann.get("dvc_md5")
+            if locked and current_lock is not None and desc["name"] in current_lock and current_lock[desc["name"]] != locked:
+                res.mismatch(f"dvc.lock {desc['name']}", f"md5 {locked}", f"md5 {current_lock[desc['name']]}")
+            elif locked and md5 and md5 != locked and len(res.mismatches) == before:
+                res.mismatch(f"{desc['name']} (dvc md5)", f"md5 {locked}", f"md5 {md5}")
+        elif kind == "source-data":
+            sources.append(desc)
+        elif kind == "code":
+            expected = (desc.get("digest") or {}).get("gitCommit")
+            actual = env._git(["rev-parse", "HEAD"], root)
+            if actual is None:
+                res.skipped.append("git commit (not a git checkout)")
+            elif actual != expected:
+                res.mismatch("git commit", expected, actual)
+            else:
+                res.checked += 1
+    for desc in sources:
+        _check_sources(res, root, desc, Path(source_root) if source_root else None)
+    if current_lock is None:
+        res.skipped.append("dvc.lock comparison (no dvc.lock)")
+    return res

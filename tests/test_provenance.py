@@ -1,0 +1,313 @@
+"""Provenance end to end on a small fake project: real git, real dvc, real signatures."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medtl.cli import main
+from medtl.io import write_json
+from medtl.provenance import stage_record
+from medtl.provenance.bom import validate_bom
+
+DVC = str(Path(sys.executable).with_name("dvc"))
+FAKE_NAMES = ["Fakename^Patient0001^Demo", "Fakename^Patient0002^Demo", "FAKEMRN04200001", "FAKEMRN04200002"]
+PARAMS = """\
+ingest:
+  source: folder
+  seed: 42
+preprocess:
+  size: 8
+pretrain:
+  weights: imagenet-fake
+finetune:
+  lr: 0.001
+  epochs: 2
+evaluate:
+  bootstrap: 100
+model_card:
+  intended_use: Research demonstration of lesion classification on synthetic CT slices.
+"""
+DVC_YAML = """\
+stages:
+  ingest:
+    cmd: python stages/ingest.py
+    deps: [data/raw, stages/ingest.py]
+    params: [ingest]
+    outs: [data/ingested]
+  preprocess:
+    cmd: python stages/preprocess.py
+    deps: [data/ingested, stages/preprocess.py]
+    params: [preprocess]
+    outs: [data/prepared]
+  pretrain-adapt:
+    cmd: python stages/pretrain-adapt.py
+    deps: [data/prepared, stages/pretrain-adapt.py]
+    params: [pretrain]
+    outs: [models/backbone.pt]
+  fine-tune:
+    cmd: python stages/fine-tune.py
+    deps: [data/prepared, models/backbone.pt, stages/fine-tune.py]
+    params: [finetune]
+    outs: [models/model.pt]
+  evaluate:
+    cmd: python stages/evaluate.py
+    deps: [data/prepared, models/model.pt, stages/evaluate.py]
+    params: [evaluate]
+    outs: [reports/predictions.csv, reports/plots]
+    metrics: [reports/metrics.json]
+"""
+
+
+def run(cmd: list[str], cwd: Path) -> str:
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    assert r.returncode == 0, f"{cmd} failed:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def _source_files(root: Path) -> list[dict]:
+    rows = []
+    for i, (name, mrn) in enumerate(zip(FAKE_NAMES[:2], FAKE_NAMES[2:])):
+        for j in range(3):
+            rel = f"p{i}/img{j}.dcm"
+            p = root / "data/raw" / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            # a fake header with identifiers, which must never reach the evidence
+            p.write_bytes(f"DICM PatientName={name} PatientID={mrn} ".encode() + bytes([i, j]) * 64)
+            rows.append({"image_id": f"im{i}{j}", "source_path": rel, "label": ["normal", "lesion"][i], "group": f"g{i:04d}",
+                         "split": ["train", "train", "test"][j] if i == 0 else ["train", "val", "test"][j]})
+    return rows
+
+
+def _build_outputs(root: Path) -> None:
+    """What the five stages would write, each wrapped in its stage record."""
+    from medtl.io import sha256_file
+
+    rows = _source_files(root)
+    with stage_record("ingest", params={"source": "folder", "seed": 42}, inputs=["data/raw"], outputs=["data/ingested"]) as rec:
+        out = root / "data/ingested"
+        out.mkdir(parents=True)
+        with open(out / "manifest.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image_id", "source_path", "sha256", "label", "group", "split", "modality", "height", "width", "channels", "offset"])
+            w.writeheader()
+            for k, r in enumerate(rows):
+                w.writerow({**r, "sha256": sha256_file(root / "data/raw" / r["source_path"]), "modality": "CT", "height": 8, "width": 8, "channels": 1, "offset": k * 64})
+        np.arange(6 * 64, dtype=np.uint16).tofile(out / "pixels.u16")
+        write_json(out / "report.json", {"images": 6, "quarantined": [], "duplicates": [], "counts": {"train": {"normal": 2, "lesion": 1}}})
+        rec.seeds["split"] = 42
+        rec.extra["source_root"] = "data/raw"
+    with stage_record("preprocess", params={"size": 8}, inputs=["data/ingested"], outputs=["data/prepared"]):
+        out = root / "data/prepared"
+        out.mkdir(parents=True)
+        for split, n in (("train", 3), ("val", 1), ("test", 2)):
+            np.save(out / f"{split}.npy", np.full((n, 1, 8, 8), 0.5, dtype=np.float16))
+            (out / f"{split}.csv").write_text("image_id,label,group\n" + "".join(f"x{i},0,g\n" for i in range(n)))
+        write_json(out / "stats.json", {"classes": ["normal", "lesion"], "size": 8, "channels": 1, "mean": [0.5], "std": [0.1]})
+    weights = {"name": "resnet18.imagenet-fake", "origin": "https://download.pytorch.org/models/resnet18-fake.pth", "sha256": "ab" * 32}
+    with stage_record("pretrain-adapt", params={"weights": "imagenet-fake"}, inputs=["data/prepared"], outputs=["models/backbone.pt"]) as rec:
+        (root / "models").mkdir()
+        torch.save({"arch": "resnet18", "in_channels": 1, "num_features": 4, "state_dict": {"w": torch.zeros(4, 1)}, "weights": weights,
+                    "adaptation": {"method": "adabn", "images": 3, "epochs": 1, "loss_curve": []}}, root / "models/backbone.pt")
+        rec.extra["adaptation"] = {"method": "adabn"}
+    with stage_record("fine-tune", params={"lr": 0.001}, inputs=["data/prepared", "models/backbone.pt"], outputs=["models/model.pt"]) as rec:
+        torch.save({"arch": "resnet18", "in_channels": 1, "num_features": 4, "classes": ["normal", "lesion"],
+                    "state_dict": {"w": torch.ones(4, 1), "head.weight": torch.ones(2, 4)}, "preprocessing": {"size": 8, "channels": 1, "mean": [0.5], "std": [0.1]},
+                    "hardware": {"device": "cpu", "precision": "fp32"}, "strategy": "linear_probe"}, root / "models/model.pt")
+        rec.seeds["torch"] = 7
+        rec.hardware = {"device": torch.device("cpu"), "precision": "fp32"}
+    with stage_record("evaluate", params={"bootstrap": 100}, inputs=["models/model.pt", "data/prepared"], outputs=["reports/metrics.json", "reports/predictions.csv", "reports/plots"]):
+        (root / "reports/plots").mkdir(parents=True)
+        write_json(root / "reports/metrics.json", {"n": 2, "accuracy": {"value": 0.5, "ci_low": 0.1, "ci_high": 0.9},
+                                                   "roc_auc": 0.75, "roc_auc_ci": [0.5, 1.0], "confusion_matrix": [[1, 0], [1, 0]]})
+        write_json(root / "reports/plots/roc.json", [{"fpr": 0.0, "tpr": 0.0}, {"fpr": 0.5, "tpr": 0.9}, {"fpr": 1.0, "tpr": 1.0}])
+        write_json(root / "reports/plots/confusion.json", [{"actual": "normal", "predicted": "normal"}, {"actual": "lesion", "predicted": "normal"}])
+        (root / "reports/predictions.csv").write_text("image_id,label,prob\nx0,0,0.2\nx1,1,0.4\n")
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    run(["git", "init", "-q", "-b", "main"], root)
+    run(["git", "config", "user.email", "t@example.org"], root)
+    run(["git", "config", "user.name", "Test"], root)
+    run([DVC, "init", "-q"], root)
+    (root / "params.yaml").write_text(PARAMS)
+    (root / "dvc.yaml").write_text(DVC_YAML)
+    (root / "uv.lock").write_text('version = 1\n\n[[package]]\nname = "numpy"\nversion = "2.1.0"\nsource = { registry = "https://pypi.org/simple" }\n'
+                                  'sdist = { url = "https://x/numpy.tar.gz", hash = "sha256:' + "cd" * 32 + '" }\n')
+    (root / "stages").mkdir()
+    for s in ("ingest", "preprocess", "pretrain-adapt", "fine-tune", "evaluate"):
+        (root / f"stages/{s}.py").write_text(f"# {s}\n")
+    cwd = Path.cwd()
+    os.chdir(root)
+    try:
+        _build_outputs(root)
+        run([DVC, "commit", "-f", "-q"], root)
+        (root / ".gitignore").write_text("*.provenance.json\n/reports/audit/\n")
+        run(["git", "add", "-A"], root)
+        run(["git", "commit", "-q", "-m", "pipeline"], root)
+        assert audit() == 0  # once here; tests that need another audit run their own
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def ws(project, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the project, with the audit already written, as the current folder."""
+    root = tmp_path / "ws"
+    shutil.copytree(project, root, symlinks=True)
+    monkeypatch.chdir(root)
+    return root
+
+
+def audit(*args: str) -> int:
+    return main(["audit", *args])
+
+
+def verify_lines(capsys, *args: str) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    rc = main(["verify", "reports/audit/provenance.json", *args])
+    return rc, [line for line in capsys.readouterr().out.splitlines() if line.startswith("MISMATCH")]
+
+
+def test_stage_records_hash_inputs_and_outputs(project):
+    rec = json.loads((project / "data/prepared.provenance.json").read_text())
+    assert rec["stage"] == "preprocess" and rec["started"].endswith("Z") and rec["ended"] >= rec["started"]
+    assert rec["inputs"][0]["path"] == "data/ingested" and rec["inputs"][0]["type"] == "dir"
+    assert set(rec["outputs"][0]["files"]) >= {"train.npy", "test.npy", "stats.json"}
+    assert rec["environment"]["packages"]["torch"] and rec["environment"]["uv_lock_sha256"]
+    assert rec["code"]["commit"] is None or len(rec["code"]["commit"]) == 40
+    ft = json.loads((project / "models/model.pt.provenance.json").read_text())
+    assert ft["seeds"] == {"torch": 7} and ft["hardware"] == {"device": "cpu", "precision": "fp32"}
+
+
+def test_audit_writes_evidence_and_verify_passes(ws, capsys):
+    out = ws / "reports/audit"
+    stmt = json.loads((out / "provenance.json").read_text())
+    assert stmt["_type"] == "https://in-toto.io/Statement/v1"
+    assert stmt["predicateType"] == "https://slsa.dev/provenance/v1"
+    assert stmt["subject"][0]["name"] == "models/model.pt"
+    assert stmt["subject"][0]["digest"]["sha256"] == __import__("hashlib").sha256((ws / "models/model.pt").read_bytes()).hexdigest()
+    bd = stmt["predicate"]["buildDefinition"]
+    assert set(bd["externalParameters"]["params"]) >= {"ingest", "preprocess", "pretrain", "finetune", "evaluate"}
+    kinds = {d["annotations"]["medtl.kind"] for d in bd["resolvedDependencies"]}
+    assert {"source-data", "pretrained-weights", "code", "lockfile", "artifact", "params"} <= kinds
+    weights = next(d for d in bd["resolvedDependencies"] if d["annotations"]["medtl.kind"] == "pretrained-weights")
+    assert weights["digest"]["sha256"] == "ab" * 32 and weights["uri"].startswith("https://download.pytorch.org/")
+    assert bd["internalParameters"]["workspace"]["clean"] is True
+
+    bom = json.loads((out / "ml-bom.json").read_text())
+    assert validate_bom(bom) == []
+    assert bom["metadata"]["component"]["type"] == "machine-learning-model" and "modelCard" in bom["metadata"]["component"]
+    assert any(c["type"] == "library" and c["name"] == "numpy" for c in bom["components"])
+    assert any(c["type"] == "data" for c in bom["components"])
+
+    html = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for text in (html, md):
+        assert "Intended use" in text and "Research demonstration" in text
+        assert "roc_auc" in text and "0.5 – 1" in text  # metric with its interval
+        assert "Annex IV" in text and "GMLP" in text and "WORKSPACE NOT CLEAN" not in text
+    assert "<svg" in html and "<script" not in html
+
+    rc, lines = verify_lines(capsys)
+    assert (rc, lines) == (0, [])
+
+
+def test_source_files_outside_the_pipeline_are_checked_from_the_manifest(ws, capsys):
+    # an auditor holding the sources elsewhere points verify at them
+    shutil.move(ws / "data/raw", ws.parent / "sources")
+    src = ws.parent / "sources/p0/img1.dcm"
+    src.write_bytes(src.read_bytes() + b"x")
+    capsys.readouterr()
+    assert main(["verify", "reports/audit/provenance.json", "--source-root", str(ws.parent / "sources")]) == 1
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("MISMATCH")]
+    assert len(lines) == 1 and lines[0].startswith("MISMATCH source p0/img1.dcm: expected sha256 "), lines
+
+
+def test_no_patient_identifiers_in_evidence(ws, capsys):
+    for f in (ws / "reports/audit").iterdir():
+        text = f.read_text()
+        for name in FAKE_NAMES:
+            assert name not in text, f"{name} leaked into {f.name}"
+    for rec in ws.rglob("*.provenance.json"):
+        assert not any(n in rec.read_text() for n in FAKE_NAMES)
+
+
+@pytest.mark.parametrize("victim", ["data/prepared/train.npy", "models/model.pt", "params.yaml", "data/raw/p1/img2.dcm"])
+def test_tampering_names_exactly_that_artifact(ws, capsys, victim):
+    p = ws / victim
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"MISMATCH {victim}: expected sha256 "), lines
+
+
+def test_dirty_workspace_is_flagged(ws, capsys):
+    (ws / "params.yaml").write_text(PARAMS.replace("lr: 0.001", "lr: 0.01"))
+    assert audit() == 1
+    assert "WORKSPACE NOT CLEAN" in (ws / "reports/audit/report.md").read_text().splitlines()[0]
+    assert "WORKSPACE NOT CLEAN" in (ws / "reports/audit/report.html").read_text()
+    stmt = json.loads((ws / "reports/audit/provenance.json").read_text())
+    assert stmt["predicate"]["buildDefinition"]["internalParameters"]["workspace"]["clean"] is False
+    bom = json.loads((ws / "reports/audit/ml-bom.json").read_text())
+    assert bom["metadata"]["properties"][0] == {"name": "medtl:workspace_clean", "value": "false"}
+    assert audit("--allow-dirty") == 0
+
+
+def test_signed_evidence_verifies_and_forgeries_fail(ws, capsys, tmp_path):
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    assert main(["keygen", "--out", str(tmp_path / "other")]) == 0
+    assert audit("--sign-key", str(tmp_path / "k/medtl-signing.key")) == 0
+    env_path = ws / "reports/audit/provenance.dsse.json"
+    envelope = json.loads(env_path.read_text())
+    assert envelope["payloadType"] == "application/vnd.in-toto+json"
+
+    assert verify_lines(capsys, "--pub-key", str(tmp_path / "k/medtl-signing.pub")) == (0, [])
+    rc, lines = verify_lines(capsys)  # signed, but nothing to check it with
+    assert rc == 1 and "no --pub-key" in lines[0]
+    rc, lines = verify_lines(capsys, "--pub-key", str(tmp_path / "other/medtl-signing.pub"))
+    assert rc == 1 and lines[0].startswith("MISMATCH signature: no signature by key")
+
+    # the envelope itself is accepted as evidence
+    capsys.readouterr()
+    assert main(["verify", str(env_path), "--pub-key", str(tmp_path / "k/medtl-signing.pub")]) == 0
+
+    # an altered statement no longer matches the signed payload
+    stmt_path = ws / "reports/audit/provenance.json"
+    original = stmt_path.read_bytes()
+    stmt_path.write_bytes(original.replace(b'"models/model.pt"', b'"models/other.pt"', 1))
+    rc, lines = verify_lines(capsys, "--pub-key", str(tmp_path / "k/medtl-signing.pub"))
+    assert rc == 1 and any("differs from the payload signed" in x for x in lines)
+    stmt_path.write_bytes(original)
+
+    # a forged signature over an altered payload fails
+    import base64
+    forged = json.loads(original)
+    forged["subject"][0]["digest"]["sha256"] = "0" * 64
+    payload = json.dumps(forged, indent=2).encode() + b"\n"
+    stmt_path.write_bytes(payload)
+    envelope["payload"] = base64.b64encode(payload).decode()
+    env_path.write_text(json.dumps(envelope))
+    rc, lines = verify_lines(capsys, "--pub-key", str(tmp_path / "k/medtl-signing.pub"))
+    assert rc == 1 and any(x.startswith("MISMATCH signature: signature by key") for x in lines)
+
+
+def test_experiment_is_recorded(ws, capsys):
+    run([DVC, "exp", "save", "-n", "lr-sweep-1"], ws)
+    assert audit() == 0
+    stmt = json.loads((ws / "reports/audit/provenance.json").read_text())
+    exp = stmt["predicate"]["buildDefinition"]["internalParameters"]["experiment"]
+    assert exp["name"] == "lr-sweep-1" and exp["ref"].startswith("refs/exps/")
