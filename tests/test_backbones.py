@@ -4,6 +4,7 @@ from torchvision.models import get_model
 
 from medtl.backbones import (
     SUPPORTED,
+    _gray_conv,
     Backbone,
     backbone_from_state,
     backbone_state,
@@ -98,6 +99,17 @@ def test_gray_modes_match_the_rgb_network_on_a_gray_image(tmp_path):
     torch.testing.assert_close(_features(repeat_bb, g), rgb)
 
 
+def test_gray_conv_keeps_bias_and_geometry():
+    # vit_b_16's patch projection has a bias and a 16 px stride.
+    rgb = torch.nn.Conv2d(3, 8, 16, stride=16, bias=True)
+    gray = _gray_conv(rgb)
+    assert (gray.in_channels, gray.kernel_size, gray.stride) == (1, (16, 16), (16, 16))
+    torch.testing.assert_close(gray.bias, rgb.bias)
+    g = torch.rand(1, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gray(g), rgb(g.repeat(1, 3, 1, 1)))
+
+
 def test_unknown_arch_lists_the_supported_names():
     with pytest.raises(ParamsError) as e:
         build_backbone("resnet1000")
@@ -129,12 +141,12 @@ def test_input_size_rule():
 
 def test_state_round_trip_through_a_safe_checkpoint(tmp_path):
     torch.manual_seed(0)
-    original = build_backbone("mobilenet_v3_large", 1)
+    original = build_backbone("resnet18", 1)
     path = tmp_path / "backbone.pt"
     save_torch(backbone_state(original), path)
     state = load_torch(path)
     assert {k: state[k] for k in ("arch", "in_channels", "num_features", "grayscale")} == {
-        "arch": "mobilenet_v3_large", "in_channels": 1, "num_features": 1280, "grayscale": "adapt"}
+        "arch": "resnet18", "in_channels": 1, "num_features": 512, "grayscale": "adapt"}
     rng = torch.get_rng_state()
     restored = backbone_from_state(state)
     assert torch.equal(rng, torch.get_rng_state()), "rebuilding must not consume the random generator"
