@@ -98,7 +98,7 @@ def _model_facts(ev: dict) -> list[tuple[str, str]]:
     facts = [
         ("file", m["path"]), ("sha256", m["sha256"]), ("size", f"{m['size']} bytes"),
         ("architecture", str(m.get("arch", "n/a"))), ("classes", ", ".join(map(str, m.get("classes", [])))),
-        ("input channels", str(m.get("in_channels", "n/a"))), ("trainable parameters", str(m.get("parameters", "n/a"))),
+        ("input channels", str(m.get("in_channels", "n/a"))), ("parameters (state_dict elements)", str(m.get("parameters", "n/a"))),
         ("fine-tuning strategy", json.dumps(m.get("strategy")) if not isinstance(m.get("strategy"), str) else m["strategy"]),
         ("preprocessing", json.dumps(m.get("preprocessing"))),
         ("pretrained weights", f"{w.get('name') or 'n/a'} from {w.get('origin') or 'n/a'}, sha256 {w.get('sha256') or 'n/a'}"),
