@@ -14,8 +14,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from medtl.errors import MedtlError
 
 _CHUNK = 1 << 20
@@ -105,12 +103,16 @@ def write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
 def load_torch(path: str | Path) -> Any:
     """Load a checkpoint without unpickling code: a file that carries code is refused."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise MedtlError(f"checkpoint {path} does not exist")

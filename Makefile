@@ -1,0 +1,30 @@
+# `make repro` and `make test` work from a fresh clone: they create or update
+# .venv from uv.lock (installing uv with pip first if it is missing).
+PYTHON ?= python3
+VENV := .venv
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+# Stage commands run `python`: make it the project's interpreter.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Byte-compile at install time: imports of torch & co are then fast in every stage.
+export UV_COMPILE_BYTECODE := 1
+
+.PHONY: env repro test bench clean
+
+env: $(VENV)/.synced
+
+$(VENV)/.synced: pyproject.toml uv.lock
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --frozen --python 3.11
+	@touch $@
+
+repro: env
+	dvc repro
+
+test: env
+	pytest
+
+bench: env
+	python -m benchmarks
+
+clean:
+	rm -rf $(VENV)
