@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import multiprocessing
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ import numpy as np
 from tqdm import tqdm
 
 from medtl import splits as splitting
-from medtl.errors import MedtlError, UnreadableImage
+from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.io import sha256_file, write_json
 from medtl.params import require
+from medtl.phi import filter_metadata, pseudonymise
 from medtl.readers import ReadOptions, read
 from medtl.sources import SOURCES, SourceItem, open_source
 from medtl.store import PixelStoreWriter, quantize
@@ -56,14 +59,85 @@ class DemoParams:
 
 
 @dataclass(frozen=True)
+class ReadParams:
+    """How images are decoded (see medtl.readers.ReadOptions)."""
+
+    window: str | list[float] | None = None  # null: the file's own window; a CT preset name; or [centre, width]
+    frame: str | int = "middle"  # multi-frame DICOM / multi-page TIFF: first, middle or a 0-based index
+    axis: int = 2  # NIfTI volumes: 0 sagittal, 1 coronal, 2 axial
+    slice: str | int = "middle"  # NIfTI volumes: middle, a 0-based index, or all (one image per slice)
+
+    def check(self, key: str) -> None:
+        self.options(key)
+
+    def options(self, key: str = "ingest.read") -> ReadOptions:
+        try:
+            return ReadOptions(window=self.window, frame=self.frame, axis=self.axis, slice=self.slice)
+        except ParamsError as e:
+            raise ParamsError(str(e).replace("read option '", f"params key '{key}.")) from None
+
+
+@dataclass(frozen=True)
+class FolderParams:
+    root: str = ""  # one subfolder per class, or per split (Training/, Testing/) each with one per class
+    layout: Literal["auto", "classes", "splits"] = "auto"
+
+
+@dataclass(frozen=True)
+class CsvParams:
+    manifest: str = ""  # CSV file, one row per image
+    root: str = ""  # folder the paths are relative to; default: the manifest's folder
+    path_column: str = "path"
+    path_template: str | None = None  # instead of path_column, e.g. "{dx}/{image_id}.jpg"
+    label_column: str = "label"
+    group_column: str | None = None  # default: a column named "group" if there is one
+    split_column: str | None = None  # default: a column named "split" if there is one
+    metadata: list[str] = field(default_factory=list)  # extra columns copied into the manifest
+
+
+@dataclass(frozen=True)
+class DicomParams:
+    root: str = ""  # a tree of DICOM files
+    labels: str = ""  # CSV with a key column and a label column
+    key: Literal["path", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID"] = "path"
+    key_column: str | None = None  # default: the key's own name (path, SOPInstanceUID, ...)
+    label_column: str = "label"
+    group: Literal["PatientID", "StudyInstanceUID", "SeriesInstanceUID"] = "PatientID"
+    include: str = "*"  # file-name pattern, e.g. "*.dcm" to leave sidecar files out
+
+
+@dataclass(frozen=True)
+class MedmnistParams:
+    path: str = ""  # e.g. data/raw/pneumoniamnist.npz
+    url: str = ""  # downloaded to `path` when it is missing
+    md5: str = ""  # checked after a download
+
+    def check(self, key: str) -> None:
+        require(not self.md5 or re.fullmatch(r"[0-9a-fA-F]{32}", self.md5) is not None, f"{key}.md5", self.md5,
+                "32 hexadecimal digits")
+        require(not self.url or bool(self.md5), f"{key}.md5", self.md5, "the file's md5 whenever url is set")
+
+
+DEMO_DATA = "medtl/demo.py"
+
+
+@dataclass(frozen=True)
 class IngestParams:
-    source: Literal["demo"] = "demo"
+    source: Literal["demo", "folder", "csv", "dicom", "medmnist"] = "demo"
+    # What dvc tracks as the source data (dvc.yaml interpolates it): your data folder or file.
+    data: str = DEMO_DATA
+    classes: list[str] = field(default_factory=list)  # expected labels in index order; empty: those found
     seed: int = 42
     split: SplitRatios = field(default_factory=SplitRatios)
     duplicates: Literal["drop", "fail"] = "drop"
     max_quarantine_fraction: float = 0.05
     workers: int = 2
+    read: ReadParams = field(default_factory=ReadParams)
     demo: DemoParams = field(default_factory=DemoParams)
+    folder: FolderParams = field(default_factory=FolderParams)
+    csv: CsvParams = field(default_factory=CsvParams)
+    dicom: DicomParams = field(default_factory=DicomParams)
+    medmnist: MedmnistParams = field(default_factory=MedmnistParams)
 
     def check(self, key: str) -> None:
         r = self.split
@@ -73,17 +147,39 @@ class IngestParams:
                 self.max_quarantine_fraction, "a fraction between 0 and 1")
         require(self.workers >= 1, f"{key}.workers", self.workers, "at least 1")
         require(self.source in SOURCES, f"{key}.source", self.source, "one of " + ", ".join(SOURCES))
+        require(len(set(self.classes)) == len(self.classes) and all(c.strip() for c in self.classes),
+                f"{key}.classes", self.classes, "distinct, non-empty class names")
+        require(self.source == "demo" or self.data != DEMO_DATA, f"{key}.data", self.data,
+                f"the folder or file holding your {self.source} data, so that dvc reruns ingest when it changes")
+        required = {"folder": [("folder.root", self.folder.root)],
+                    "csv": [("csv.manifest", self.csv.manifest)],
+                    "dicom": [("dicom.root", self.dicom.root), ("dicom.labels", self.dicom.labels)],
+                    "medmnist": [("medmnist.path", self.medmnist.path)]}.get(self.source, [])
+        for name, value in required:
+            require(bool(value), f"{key}.{name}", value, f"a path (required by source {self.source})")
 
     def read_options(self) -> ReadOptions:
-        return ReadOptions()
+        return self.read.options()
 
     def source_inputs(self) -> list[str]:
         """Files or folders the source reads (recorded with their hashes); the demo reads none."""
-        return []
+        return {
+            "demo": [],
+            "folder": [self.folder.root],
+            "csv": [self.csv.manifest] + ([self.csv.root] if self.csv.root else []),
+            "dicom": [self.dicom.root, self.dicom.labels],
+            "medmnist": [self.medmnist.path],
+        }[self.source]
 
     def source_root(self) -> str | None:
         """The folder that manifest source paths are relative to; None for generated data."""
-        return None
+        return {
+            "demo": None,
+            "folder": self.folder.root,
+            "csv": self.csv.root or str(Path(self.csv.manifest).parent),
+            "dicom": self.dicom.root,
+            "medmnist": str(Path(self.medmnist.path).parent),
+        }[self.source]
 
 
 def _decode(job: tuple[SourceItem, ReadOptions]) -> dict:
@@ -92,13 +188,12 @@ def _decode(job: tuple[SourceItem, ReadOptions]) -> dict:
     out: dict = {"item": item}
     try:
         if item.problem:
-            raise UnreadableImage(item.problem)
+            raise UnreadableImage(item.problem, item.detail)
         if item.pixels is not None:
             decoded = [(item.pixels, {}, {})]
-            out["sha256"] = hashlib.sha256(np.ascontiguousarray(item.pixels).tobytes()).hexdigest()
+            out["sha256"] = item.sha256 or hashlib.sha256(np.ascontiguousarray(item.pixels).tobytes()).hexdigest()
         else:
-            data = item.path.read_bytes()
-            out["sha256"] = hashlib.sha256(data).hexdigest()
+            out["sha256"] = sha256_file(item.path)
             decoded = [(d.pixels, d.metadata, d.identity) for d in read(item.path, options)]
         images = []
         for pixels, meta, identity in decoded:
@@ -113,12 +208,6 @@ def _decode(job: tuple[SourceItem, ReadOptions]) -> dict:
     return out
 
 
-def _pseudonym(value: str) -> str:
-    from medtl.phi import pseudonymise
-
-    return pseudonymise(value)
-
-
 def run_ingest(params: IngestParams, out_dir: Path) -> dict:
     """Write manifest.csv, pixels.u16 and report.json into out_dir (a fresh folder); return the report."""
     source = open_source(params, out_dir)
@@ -129,78 +218,145 @@ def run_ingest(params: IngestParams, out_dir: Path) -> dict:
             source.cleanup()
 
 
+def _label_problem(label: str, classes: list[str]) -> tuple[str, str] | None:
+    if not label:
+        return "no_label", "the label is empty"
+    if classes and label not in classes:
+        return "unknown_label", f"label {label!r} is not one of the classes {', '.join(classes)}"
+    return None
+
+
 def _ingest(params: IngestParams, source, out_dir: Path) -> dict:
     options = params.read_options()
-    jobs = [(item, options) for item in source.items]
+    classes = list(params.classes) or list(source.classes)
+    extra_columns = sorted({c for c in (params.csv.metadata if params.source == "csv" else [])})
+    filter_metadata({}, extra_columns)  # refuses identifying column names before any work
+
+    def jobs():
+        for item in source.items:
+            if not item.problem and item.label is not None and source.resolve is None:
+                item.label = item.label.strip()
+                problem = _label_problem(item.label, classes)
+                if problem:  # not worth decoding
+                    item.problem, item.detail = problem
+            yield item, options
+
+    total = source.count if source.count is not None else len(source.items)
     rows: list[dict] = []
     quarantined: list[dict] = []
     pixel_hashes: list[str] = []
+    counts = Counter()  # items seen, files decoded
     writer = PixelStoreWriter(out_dir / "pixels.u16")
     ctx = multiprocessing.get_context("fork")
-    pool = ctx.Pool(params.workers) if params.workers > 1 and len(jobs) > 1 else None
-    results = pool.imap(_decode, jobs, chunksize=8) if pool else map(_decode, jobs)
+    pool = ctx.Pool(params.workers) if params.workers > 1 and total > 1 else None
+    results = pool.imap(_decode, jobs(), chunksize=8) if pool else map(_decode, jobs())
+
+    def quarantine(item: SourceItem, reason: str, detail: str) -> None:
+        quarantined.append({"source_path": item.source_path, "reason": reason, "detail": _relative(detail, item)})
+
     try:
-        for res in tqdm(results, total=len(jobs), desc="ingest", unit="file", leave=False):
+        for res in tqdm(results, total=total, desc="ingest", unit="file", leave=False, mininterval=1.0):
             item: SourceItem = res["item"]
+            counts["seen"] += 1
             if "problem" in res:
-                reason, detail = res["problem"]
-                quarantined.append({"source_path": item.source_path, "reason": reason, "detail": detail})
+                quarantine(item, *res["problem"])
                 continue
-            for k, (q, meta, identity, pixel_hash) in enumerate(res["images"]):
+            images = res["images"]
+            label, group = item.label, item.group
+            if source.resolve is not None:
+                label, group, reason, detail = source.resolve(item, images[0][2])
+                if reason:
+                    quarantine(item, reason, detail)
+                    continue
+            label = (label or "").strip()
+            problem = _label_problem(label, classes)
+            if problem:
+                quarantine(item, *problem)
+                continue
+            counts["decoded"] += 1
+            for q, meta, identity, pixel_hash in images:
                 offset, h, w, c = writer.append(q)
-                raw_group = item.group or identity.get("PatientID") or item.source_path
+                raw_group = group or identity.get("PatientID") or item.source_path
+                safe = filter_metadata({**meta, **item.extra}, extra_columns + list(item.extra))
                 rows.append({
-                    "source_path": item.source_path + (f"#{k}" if len(res["images"]) > 1 else ""),
+                    "source_path": item.source_path,
                     "sha256": res["sha256"],
-                    "label": item.label,
-                    "group": _pseudonym(raw_group),
+                    "label": label,
+                    "group": pseudonymise(raw_group),
                     "split": item.split,
-                    "modality": meta.get("modality", ""),
                     "height": h, "width": w, "channels": c, "offset": offset,
-                    **{k2: v for k2, v in meta.items() if k2 != "modality"},
-                    **item.extra,
+                    **safe,
+                    "modality": safe.get("modality", ""),
+                    "_file_key": res["sha256"] if item.pixels is None else None,
                 })
                 pixel_hashes.append(pixel_hash)
     finally:
         writer.close()
         if pool:
             pool.terminate()
-    return _finish(params, source, rows, quarantined, pixel_hashes, out_dir)
+    for item in source.unmatched() if source.unmatched else []:
+        counts["seen"] += 1
+        quarantine(item, item.problem or "missing_file", item.detail)
+    return _finish(params, source, classes, rows, quarantined, pixel_hashes, counts, out_dir)
 
 
-def _finish(params, source, rows, quarantined, pixel_hashes, out_dir: Path) -> dict:
-    seen = len(rows) + len(quarantined)  # images, plus files that gave none
+def _relative(detail: str, item: SourceItem) -> str:
+    """Reasons name files by their source path, not by where they lie on this machine."""
+    if item.path is not None and detail:
+        detail = detail.replace(str(item.path), item.source_path)
+    return detail
+
+
+def _offenders(quarantined: list[dict], n: int = 5) -> str:
+    return "; ".join(f"{q['source_path']} ({q['reason']}: {q['detail']})" for q in quarantined[:n])
+
+
+def _finish(params, source, classes, rows, quarantined, pixel_hashes, counts, out_dir: Path) -> dict:
+    seen = counts["seen"]
+    assert seen == counts["decoded"] + len(quarantined)
     if not rows:
-        raise MedtlError(f"ingest found no usable image among {len(quarantined)} file(s); first problems: "
-                         + "; ".join(f"{q['source_path']} ({q['reason']})" for q in quarantined[:5]))
+        raise MedtlError(f"ingest found no usable image among {seen} file(s) of source {params.source}; "
+                         f"first problems: {_offenders(quarantined)}")
     fraction = len(quarantined) / max(seen, 1)
     if fraction > params.max_quarantine_fraction:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(Counter(q["reason"] for q in quarantined).items()))
         raise MedtlError(
-            f"ingest quarantined {len(quarantined)} of {seen} files ({fraction:.1%}), more than "
-            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}; first offenders: "
-            + "; ".join(f"{q['source_path']} ({q['reason']}: {q['detail']})" for q in quarantined[:5])
+            f"ingest quarantined {len(quarantined)} of {seen} files ({fraction:.1%}: {reasons}), more than "
+            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}; first offenders: {_offenders(quarantined)}"
         )
-    ratios = asdict(params.split)
-    split = splitting.assign_splits([r["group"] for r in rows], [r["label"] for r in rows], ratios,
-                                    params.seed, [r["split"] for r in rows])
+    classes = classes or sorted({r["label"] for r in rows})
+    present = {r["label"] for r in rows}
+    empty = [c for c in classes if c not in present]
+    if empty:
+        raise MedtlError(f"class(es) {', '.join(empty)} have no usable image; remove them from ingest.classes "
+                         "or add images for them")
+    _check_fixed_splits(rows)
+    file_keys = [r.pop("_file_key") for r in rows]
+    fixed = [r["split"] for r in rows]
+    groups = [r["group"] for r in rows]
+    split_groups = splitting.link_duplicates(groups, [[k for k in (f, p) if k] for f, p in zip(file_keys, pixel_hashes)],
+                                             fixed)
+    split = splitting.assign_splits(split_groups, [r["label"] for r in rows], asdict(params.split), params.seed, fixed)
     for r, s in zip(rows, split):
         r["split"] = s
-    duplicates = splitting.find_duplicates([r["sha256"] for r in rows], split, "file") + \
-        splitting.find_duplicates(pixel_hashes, split, "pixels")
+    unique = [k or f"row{i}" for i, k in enumerate(file_keys)]  # array items share their container's hash
+    duplicates = splitting.find_duplicates(unique, split, "file")
+    same_file = {d["row"] for d in duplicates}
+    duplicates += [d for d in splitting.find_duplicates(pixel_hashes, split, "pixels") if d["row"] not in same_file]
     cross = [d for d in duplicates if d["cross_split"]]
     if cross and params.duplicates == "fail":
-        first = cross[0]
+        listed = "; ".join(f"{rows[d['row']]['source_path']} ({split[d['row']]}) = "
+                           f"{rows[d['duplicate_of']]['source_path']} ({split[d['duplicate_of']]})" for d in cross[:5])
         raise MedtlError(
-            f"{len(cross)} image(s) are duplicated across splits (ingest.duplicates=fail), e.g. "
-            f"{rows[first['row']]['source_path']} ({split[first['row']]}) duplicates "
-            f"{rows[first['duplicate_of']]['source_path']} ({split[first['duplicate_of']]})"
+            f"{len(cross)} image(s) are duplicated across splits (ingest.duplicates=fail): {listed}; remove the copies "
+            "from the source, or set ingest.duplicates to drop to remove them from the later split"
         )
     dropped = {d["row"] for d in cross}
     dup_report = [
         {"source_path": rows[d["row"]]["source_path"], "duplicate_of": rows[d["duplicate_of"]]["source_path"],
          "kind": d["kind"], "splits": [split[d["row"]], split[d["duplicate_of"]]],
          "action": "removed" if d["cross_split"] else "kept (same split)"}
-        for d in duplicates
+        for d in sorted(duplicates, key=lambda d: d["row"])
     ]
     kept = [r for i, r in enumerate(rows) if i not in dropped]
     for i, r in enumerate(kept):
@@ -208,27 +364,44 @@ def _finish(params, source, rows, quarantined, pixel_hashes, out_dir: Path) -> d
     _write_manifest(kept, out_dir / "manifest.csv")
     report = {
         "source": source.description,
-        "classes": source.classes,
+        "classes": classes,
+        # files_seen = files_decoded + quarantined; images_decoded = images + duplicates_removed
+        # (a NIfTI volume read with slice: all is one file and several images).
         "files_seen": seen,
-        "images": len(kept),
+        "files_decoded": counts["decoded"],
         "quarantined": len(quarantined),
-        "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantined).items())),
+        "images_decoded": len(rows),
         "duplicates_removed": len(dropped),
+        "images": len(kept),
+        "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantined).items())),
         "counts": {
             s: {
                 "images": sum(r["split"] == s for r in kept),
                 "groups": len({r["group"] for r in kept if r["split"] == s}),
-                "per_class": {c: sum(r["split"] == s and r["label"] == c for r in kept) for c in source.classes},
+                "per_class": {c: sum(r["split"] == s and r["label"] == c for r in kept) for c in classes},
             }
             for s in splitting.SPLITS
         },
         "quarantine": quarantined,
         "duplicates": dup_report,
     }
-    from medtl.io import write_json
-
     write_json(out_dir / "report.json", report)
     return report
+
+
+def _check_fixed_splits(rows: list[dict]) -> None:
+    """A source whose own split puts one patient in two splits leaks; say which files."""
+    seen: dict[str, tuple[str, str]] = {}
+    for r in rows:
+        if r["split"] is None:
+            continue
+        s, path = seen.setdefault(r["group"], (r["split"], r["source_path"]))
+        if s != r["split"]:
+            raise MedtlError(
+                f"the source puts one group (patient) in two splits: {path} is in '{s}' and {r['source_path']} in "
+                f"'{r['split']}'; a patient's images must share a split, so fix the split column (or leave it empty "
+                "for these rows and let ingest choose)"
+            )
 
 
 def _write_manifest(rows: list[dict], path: Path) -> None:

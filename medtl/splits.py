@@ -27,7 +27,9 @@ def assign_splits(
     Groups are shuffled per stratum (the group's majority label) with `seed` and
     cut by `ratios`; every split with a positive ratio gets at least one group
     of every class. Images whose source fixed a split keep it, and so does the
-    rest of their group.
+    rest of their group. When the source fixes train (and test) but no val, and
+    val has a positive ratio, val groups are drawn from the source's train
+    groups in the ratio val : train, as published datasets rarely have one.
     """
     fixed = fixed or [None] * len(groups)
     group_split: dict[str, str] = {}
@@ -39,28 +41,81 @@ def assign_splits(
     labels_by_group: dict[str, list[str]] = defaultdict(list)
     for g, y in zip(groups, labels):
         labels_by_group[g].append(y)
+    majority = group_label(labels_by_group)
+    rng = np.random.default_rng(seed)
+
+    free = sorted(g for g in majority if g not in group_split)
+    pools = [(free, {s: ratios.get(s, 0) for s in SPLITS}, "")]
+    fixed_splits = set(group_split.values())
+    if fixed_splits and "val" not in fixed_splits and ratios.get("val", 0) > 0 and "train" in fixed_splits:
+        from_train = sorted(g for g, s in group_split.items() if s == "train")
+        for g in from_train:
+            del group_split[g]
+        pools.append((from_train, {"train": ratios.get("train", 0), "val": ratios["val"]},
+                      " (val is drawn from the source's train split, which the source fixed)"))
+    for members, pool_ratios, note in pools:
+        if members:
+            group_split.update(_assign(members, majority, pool_ratios, rng, note))
+    return [group_split[g] for g in groups]
+
+
+def _assign(members: list[str], majority: dict[str, str], ratios: dict[str, float], rng, note: str) -> dict[str, str]:
     strata: dict[str, list[str]] = defaultdict(list)
-    for g, y in sorted(group_label(labels_by_group).items()):
-        if g not in group_split:
-            strata[y].append(g)
+    for g in members:
+        strata[majority[g]].append(g)
     wanted = [s for s in SPLITS if ratios.get(s, 0) > 0]
     total = sum(ratios[s] for s in wanted)
-    rng = np.random.default_rng(seed)
+    out = {}
     for label in sorted(strata):
-        members = strata[label]
-        if len(members) < len(wanted):
+        group_list = strata[label]
+        if len(group_list) < len(wanted):
             raise MedtlError(
-                f"class '{label}' has {len(members)} group(s) (patients) to split, too few to put at least one "
-                f"in each of the {', '.join(wanted)} splits; add data for this class or change the split ratios"
+                f"class '{label}' has {len(group_list)} group(s) (patients) to split, too few to put at least one "
+                f"in each of the {', '.join(wanted)} splits{note}; add data for this class or change the split ratios"
             )
-        order = [members[i] for i in rng.permutation(len(members))]
+        order = [group_list[i] for i in rng.permutation(len(group_list))]
         counts = _cut(len(order), [ratios[s] / total for s in wanted])
         start = 0
         for split, n in zip(wanted, counts):
             for g in order[start : start + n]:
-                group_split[g] = split
+                out[g] = split
             start += n
-    return [group_split[g] for g in groups]
+    return out
+
+
+def link_duplicates(groups: list[str], keys: list[list[str]], fixed: list[str | None]) -> list[str]:
+    """Groups merged wherever two images share a key (file or pixel hash), for splitting only.
+
+    Copies of one image then land in one split instead of leaking across two.
+    Components that the source fixed to different splits are not merged; such
+    copies are caught afterwards by `find_duplicates`.
+    """
+    parent = {g: g for g in groups}
+    split_of: dict[str, str | None] = {}
+    for g, s in zip(groups, fixed):
+        if s is not None:
+            split_of.setdefault(g, s)
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    first: dict[str, str] = {}
+    for g, ks in zip(groups, keys):
+        for k in ks:
+            other = first.setdefault(k, g)
+            a, b = root(g), root(other)
+            if a == b:
+                continue
+            sa, sb = split_of.get(a), split_of.get(b)
+            if sa is not None and sb is not None and sa != sb:
+                continue
+            a, b = sorted((a, b))  # merge toward the smaller name: the result does not depend on row order
+            parent[b] = a
+            split_of[a] = sa or sb
+    return [root(g) for g in groups]
 
 
 def _cut(n: int, fractions: list[float]) -> list[int]:
