@@ -102,19 +102,21 @@ def link_duplicates(groups: list[str], keys: list[list[str]], fixed: list[str | 
             g = parent[g]
         return g
 
-    first: dict[str, str] = {}
+    holders: dict[str, list[str]] = defaultdict(list)  # key -> groups holding it
     for g, ks in zip(groups, keys):
         for k in ks:
-            other = first.setdefault(k, g)
-            a, b = root(g), root(other)
-            if a == b:
-                continue
-            sa, sb = split_of.get(a), split_of.get(b)
-            if sa is not None and sb is not None and sa != sb:
-                continue
-            a, b = sorted((a, b))  # merge toward the smaller name: the result does not depend on row order
-            parent[b] = a
-            split_of[a] = sa or sb
+            for other in holders[k]:
+                a, b = root(g), root(other)
+                if a == b:
+                    continue
+                sa, sb = split_of.get(a), split_of.get(b)
+                if sa is not None and sb is not None and sa != sb:
+                    continue
+                a, b = sorted((a, b))  # merge toward the smaller name: the result does not depend on row order
+                parent[b] = a
+                split_of[a] = sa or sb
+            if g not in holders[k]:
+                holders[k].append(g)
     return [root(g) for g in groups]
 
 

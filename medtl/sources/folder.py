@@ -22,6 +22,8 @@ def open_source(params, workdir: Path) -> Source:
     if not top:
         raise MedtlError(f"ingest.folder.root {root} has no subfolders; expected one subfolder per class "
                          "(or per split, each holding one subfolder per class)")
+    items: list[SourceItem] = []
+    classes: set[str] = set()
     layout = p.layout
     if layout == "auto":
         layout = "splits" if all(split_name(d.name) for d in top) else "classes"
@@ -31,11 +33,11 @@ def open_source(params, workdir: Path) -> Source:
             raise MedtlError(f"ingest.folder.layout is 'splits' but {root} has top-level folder(s) "
                              f"{', '.join(bad)} that are not split names (expected one of {', '.join(sorted(SPLIT_NAMES))})")
         pairs = [(split_name(d.name), d) for d in top]
+        for f in sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")):
+            items.append(SourceItem(f.name, path=f, problem="no_label", detail="file is not inside a split/class folder"))
     else:
         pairs = [(None, root)]
 
-    items: list[SourceItem] = []
-    classes: set[str] = set()
     for split, base in pairs:
         class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
         loose = sorted(f for f in base.iterdir() if f.is_file() and not f.name.startswith("."))

@@ -1,0 +1,248 @@
+"""Sources on small data written here: folder layouts, CSV manifests (and their path checks), DICOM trees, MedMNIST."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import shutil
+import threading
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.data import get_testdata_file
+
+from medtl.errors import MedtlError, ParamsError
+from medtl.ingest import IngestParams
+from medtl.params import build
+from medtl.sources import open_source
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def params(**raw) -> IngestParams:
+    raw.setdefault("data", "anything")
+    return build(IngestParams, raw, "ingest")
+
+
+def png(path: Path, value: int = 0, size: int = 16) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(path)
+    return path
+
+
+def items(source) -> dict:
+    return {i.source_path: i for i in source.items}
+
+
+# folder
+
+def test_folder_nested_classes_and_problems(tmp_path):
+    png(tmp_path / "benign" / "a.png", 1)
+    png(tmp_path / "benign" / "sub" / "deeper" / "b.png", 2)
+    png(tmp_path / "malignant" / "c.png", 3)
+    (tmp_path / "empty").mkdir()
+    png(tmp_path / "loose.png", 4)
+    (tmp_path / ".hidden").mkdir()
+    png(tmp_path / ".hidden" / "x.png")
+    src = open_source(params(source="folder", folder={"root": str(tmp_path)}), tmp_path)
+    got = items(src)
+    assert src.classes == ["benign", "empty", "malignant"]
+    assert got["benign/sub/deeper/b.png"].label == "benign"
+    assert got["malignant/c.png"].label == "malignant" and got["malignant/c.png"].split is None
+    assert got["empty/"].problem == "empty_class_folder"
+    assert got["loose.png"].problem == "no_label"
+    assert not any(".hidden" in k for k in got)
+
+
+def test_folder_split_layout_is_detected(tmp_path):
+    png(tmp_path / "Training" / "glioma" / "a.jpg", 1)
+    png(tmp_path / "Training" / "notumor" / "b.jpg", 2)
+    png(tmp_path / "Testing" / "glioma" / "c.jpg", 3)
+    src = open_source(params(source="folder", folder={"root": str(tmp_path)}), tmp_path)
+    got = items(src)
+    assert src.description["layout"] == "splits"
+    assert (got["Training/glioma/a.jpg"].split, got["Training/glioma/a.jpg"].label) == ("train", "glioma")
+    assert (got["Testing/glioma/c.jpg"].split, got["Testing/glioma/c.jpg"].label) == ("test", "glioma")
+    with pytest.raises(MedtlError, match="not split names"):
+        png(tmp_path / "extra" / "x" / "d.png")
+        open_source(params(source="folder", folder={"root": str(tmp_path), "layout": "splits"}), tmp_path)
+
+
+def test_folder_refuses_a_symlink_leaving_the_root(tmp_path):
+    outside = png(tmp_path / "outside.png")
+    root = tmp_path / "root"
+    png(root / "a" / "ok.png")
+    os.symlink(outside, root / "a" / "escape.png")
+    with pytest.raises(MedtlError, match="outside the data root"):
+        list(open_source(params(source="folder", folder={"root": str(root)}), tmp_path).items)
+
+
+def test_missing_root_and_required_params_are_clear(tmp_path):
+    with pytest.raises(MedtlError, match="ingest.folder.root"):
+        open_source(params(source="folder", folder={"root": str(tmp_path / "nope")}), tmp_path)
+    with pytest.raises(ParamsError, match="ingest.csv.manifest"):
+        params(source="csv")
+    with pytest.raises(ParamsError, match="ingest.data"):
+        build(IngestParams, {"source": "folder", "folder": {"root": "x"}}, "ingest")
+    with pytest.raises(ParamsError, match="ingest.read.window"):
+        params(read={"window": "liver"})
+
+
+# csv
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text.strip() + "\n")
+    return path
+
+
+def test_csv_columns_groups_splits_and_metadata(tmp_path):
+    png(tmp_path / "img" / "a.png", 1)
+    png(tmp_path / "img" / "b.png", 2)
+    m = write_csv(tmp_path / "m.csv", """
+path,label,group,split,site,age
+img/a.png,pos,P1,train,north,44
+img/b.png, neg ,P2,,south,51
+img/gone.png,neg,P3,,south,60
+""")
+    src = open_source(params(source="csv", csv={"manifest": str(m), "metadata": ["site", "age"]}), tmp_path)
+    got = items(src)
+    assert (got["img/a.png"].group, got["img/a.png"].split, got["img/a.png"].extra) == ("P1", "train", {"site": "north", "age": "44"})
+    assert got["img/b.png"].split is None
+    assert got["img/gone.png"].problem == "missing_file"
+
+
+def test_csv_path_template_and_explicit_columns(tmp_path):
+    png(tmp_path / "data" / "mel" / "ISIC_1.jpg", 1)
+    m = write_csv(tmp_path / "meta.csv", "lesion_id,image_id,dx\nL1,ISIC_1,mel\n")
+    src = open_source(params(source="csv", csv={"manifest": str(m), "root": str(tmp_path / "data"),
+                                                "path_template": "{dx}/{image_id}.jpg", "label_column": "dx",
+                                                "group_column": "lesion_id"}), tmp_path)
+    (item,) = src.items
+    assert (item.source_path, item.label, item.group) == ("mel/ISIC_1.jpg", "mel", "L1")
+    with pytest.raises(MedtlError, match="group_column' names column 'patient'"):
+        open_source(params(source="csv", csv={"manifest": str(m), "group_column": "patient", "path_template": "{dx}",
+                                              "label_column": "dx"}), tmp_path)
+
+
+@pytest.mark.parametrize("bad", ["../outside.png", "img/../../outside.png", "/etc/passwd", "img/link.png"])
+def test_csv_path_traversal_is_refused(tmp_path, bad):
+    root = tmp_path / "root"
+    png(root / "img" / "a.png")
+    png(tmp_path / "outside.png")
+    os.symlink(tmp_path / "outside.png", root / "img" / "link.png")
+    m = write_csv(root / "m.csv", f"path,label\nimg/a.png,x\n{bad},y\n")
+    with pytest.raises(MedtlError, match="m.csv line 3") as info:
+        open_source(params(source="csv", csv={"manifest": str(m)}), tmp_path)
+    assert "absolute" in str(info.value) or "outside the data root" in str(info.value)
+
+
+def test_csv_refuses_identifying_metadata_and_bad_splits(tmp_path):
+    png(tmp_path / "a.png")
+    m = write_csv(tmp_path / "m.csv", "path,label,PatientName,split\na.png,x,DOE^JOHN,holdout\n")
+    with pytest.raises(ParamsError, match="PatientName"):
+        open_source(params(source="csv", csv={"manifest": str(m), "metadata": ["PatientName"]}), tmp_path)
+    with pytest.raises(MedtlError, match="'holdout'"):
+        open_source(params(source="csv", csv={"manifest": str(m)}), tmp_path)
+
+
+# dicom
+
+def dicom_tree(tmp_path) -> Path:
+    root = tmp_path / "dicom"
+    for sub, name in (("s1", "CT_small.dcm"), ("s1", "MR_small.dcm"), ("s2", "rtplan.dcm")):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(get_testdata_file(name), root / sub / name)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_dicom_labels_by_path(tmp_path):
+    root = dicom_tree(tmp_path)
+    labels = write_csv(tmp_path / "labels.csv", "path,label\ns1/CT_small.dcm,a\ns1/MR_small.dcm,b\ns9/gone.dcm,a\n")
+    src = open_source(params(source="dicom", dicom={"root": str(root), "labels": str(labels)}), tmp_path)
+    got = items(src)
+    assert got["s1/CT_small.dcm"].label == "a"
+    assert got["s2/rtplan.dcm"].problem == "no_label"
+    assert got["labels.csv line 4"].problem == "missing_file"
+    only = open_source(params(source="dicom", dicom={"root": str(root), "labels": str(labels), "include": "*.dcm"}), tmp_path)
+    assert "notes.txt" not in items(only)
+
+
+def test_dicom_labels_by_uid_are_resolved_from_headers(tmp_path):
+    root = dicom_tree(tmp_path)
+    ct = pydicom.dcmread(root / "s1" / "CT_small.dcm")
+    labels = write_csv(tmp_path / "labels.csv", f"uid,label\n{ct.SOPInstanceUID},a\n1.2.3.4,b\n")
+    src = open_source(params(source="dicom", dicom={"root": str(root), "labels": str(labels), "key": "SOPInstanceUID",
+                                                    "key_column": "uid"}), tmp_path)
+    item = items(src)["s1/CT_small.dcm"]
+    assert src.resolve(item, {"SOPInstanceUID": ct.SOPInstanceUID, "PatientID": "X1"}) == ("a", "X1", None, "")
+    assert src.resolve(item, {"SOPInstanceUID": "9.9", "PatientID": "X1"})[2] == "no_label"
+    (missing,) = src.unmatched()
+    assert missing.source_path == "labels.csv line 3" and "1.2.3.4" not in missing.detail
+
+
+# medmnist
+
+def npz(path: Path, flat: bool = False, rgb: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 12), ("val", 4), ("test", 4)):
+        shape = (n, 28, 28, 3) if rgb else (n, 28, 28)
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 2
+        arrays[f"{split}_labels"] = labels if flat else labels[:, None]
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_medmnist_official_splits(tmp_path, flat):
+    path = npz(tmp_path / "mini.npz", flat=flat)
+    src = open_source(params(source="medmnist", medmnist={"path": str(path)}, classes=["normal", "pneumonia"]), tmp_path)
+    got = list(src.items)
+    assert src.count == 20 and len(got) == 20
+    assert [i.split for i in got].count("val") == 4
+    assert got[1].label == "pneumonia" and got[0].pixels.dtype == np.float32 and got[0].pixels.max() <= 1.0
+    assert got[0].sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_medmnist_refuses_multilabel(tmp_path):
+    path = tmp_path / "chest.npz"
+    z = np.zeros((3, 28, 28), np.uint8)
+    np.savez(path, **{f"{s}_images": z for s in ("train", "val", "test")},
+             **{f"{s}_labels": np.zeros((3, 14), np.uint8) for s in ("train", "val", "test")})
+    with pytest.raises(MedtlError, match="multi-label"):
+        open_source(params(source="medmnist", medmnist={"path": str(path)}), tmp_path)
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
+    www = tmp_path / "www"
+    www.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield www, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_medmnist_downloads_when_missing_and_checks_md5(tmp_path, served):
+    www, base = served
+    md5 = hashlib.md5(npz(www / "mini.npz").read_bytes()).hexdigest()
+    dest = tmp_path / "raw" / "mini.npz"
+    with pytest.raises(MedtlError, match="md5"):
+        open_source(params(source="medmnist", medmnist={"path": str(dest), "url": f"{base}/mini.npz", "md5": "0" * 32}), tmp_path)
+    assert not dest.exists() and not list(dest.parent.iterdir())  # nothing half-written is left
+    with pytest.raises(MedtlError, match="cannot download"):
+        open_source(params(source="medmnist", medmnist={"path": str(dest), "url": f"{base}/absent.npz", "md5": md5}), tmp_path)
+    src = open_source(params(source="medmnist", medmnist={"path": str(dest), "url": f"{base}/mini.npz", "md5": md5}), tmp_path)
+    assert dest.read_bytes() == (www / "mini.npz").read_bytes() and src.count == 20
+    with pytest.raises(MedtlError, match="ingest.medmnist.path"):
+        open_source(params(source="medmnist", medmnist={"path": str(tmp_path / "none.npz")}), tmp_path)
