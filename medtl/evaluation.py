@@ -1,21 +1,74 @@
-"""evaluate: the model on the test split -> metrics, predictions and plot data."""
+"""evaluate: the model on validation and test -> metrics with intervals, operating point, plots, saliency.
+
+Everything fitted (the operating threshold, the temperature) is fitted on the
+validation split and applied unchanged to the reported split, so the test
+split is looked at exactly once, by the final numbers.
+"""
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_curve
 
 from medtl import hardware
+from medtl.errors import MedtlError
 from medtl.finetune import forward_batches
-from medtl.io import atomic_dir, atomic_path, write_json
-from medtl.metrics import compute_metrics
+from medtl.io import atomic_dir, atomic_path, sha256_file, write_json
+from medtl.metrics import (
+    apply_temperature, curve_points, evaluate_split, fit_temperature, operating_point, predict_labels,
+)
 from medtl.model import load_classifier
 from medtl.params import Device, Precision, require
-from medtl.preprocess import load_split, load_stats
+from medtl.preprocess import PreparedSplit, load_split, load_stats
+
+OPERATING_POINT_FORMAT = "medtl-operating-point/1"
+# Metadata columns that may be asked for as subgroups; age_band is derived from `age`.
+AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 65, "40-64"), (65, 200, "65+"))
+
+
+@dataclass(frozen=True)
+class ThresholdParams:
+    """How the operating threshold on the positive-class probability is chosen on validation."""
+
+    rule: Literal["youden", "sensitivity", "specificity", "fixed"] = "youden"
+    target: float | None = None  # the sensitivity/specificity to reach, or the fixed threshold
+
+    def check(self, key: str) -> None:
+        if self.rule in ("sensitivity", "specificity"):
+            require(self.target is not None and 0 < self.target <= 1, f"{key}.target", self.target,
+                    f"the {self.rule} to reach on validation, a number in (0, 1]")
+        elif self.rule == "fixed":
+            require(self.target is None or 0 <= self.target <= 1, f"{key}.target", self.target,
+                    "the threshold itself, a number in [0, 1] (null: 0.5)")
+        else:
+            require(self.target is None, f"{key}.target", self.target, "null: rule 'youden' takes no target")
+
+
+@dataclass(frozen=True)
+class BootstrapParams:
+    n_resamples: int = 1000
+    seed: int = 0
+    alpha: float = 0.05
+
+    def check(self, key: str) -> None:
+        require(self.n_resamples >= 10, f"{key}.n_resamples", self.n_resamples, "an integer of at least 10")
+        require(0 < self.alpha < 0.5, f"{key}.alpha", self.alpha, "a number in (0, 0.5); 0.05 gives 95% intervals")
+
+
+@dataclass(frozen=True)
+class SaliencyParams:
+    enabled: bool = True
+    per_case: int = 2  # images per case (TP, FP, TN, FN)
+    size: int = 256  # side of the written overlay in pixels
+
+    def check(self, key: str) -> None:
+        require(0 <= self.per_case <= 50, f"{key}.per_case", self.per_case, "an integer between 0 and 50")
+        require(64 <= self.size <= 1024, f"{key}.size", self.size, "a side in pixels between 64 and 1024")
 
 
 @dataclass(frozen=True)
@@ -24,58 +77,213 @@ class EvaluateParams:
     batch_size: int = 64
     device: Device = "auto"
     precision: Precision = "auto"
+    threshold: ThresholdParams = field(default_factory=ThresholdParams)
+    temperature_scaling: bool = False
+    bootstrap: BootstrapParams = field(default_factory=BootstrapParams)
+    subgroups: list[str] = field(default_factory=lambda: ["sex", "age_band", "manufacturer", "view_position", "site"])
+    min_subgroup_size: int = 30
+    calibration_bins: int = 10
+    saliency: SaliencyParams = field(default_factory=SaliencyParams)
 
     def check(self, key: str) -> None:
         require(self.split in ("val", "test"), f"{key}.split", self.split, "'test' (or 'val' while developing)")
         require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "a positive integer")
+        require(self.min_subgroup_size >= 1, f"{key}.min_subgroup_size", self.min_subgroup_size, "a positive integer")
+        require(2 <= self.calibration_bins <= 100, f"{key}.calibration_bins", self.calibration_bins,
+                "an integer between 2 and 100")
+        require(len(set(self.subgroups)) == len(self.subgroups), f"{key}.subgroups", self.subgroups,
+                "a list of distinct metadata column names")
 
 
-def predict_probs(model_path: Path, prepared: Path, split: str, batch_size: int, hw: hardware.Hardware):
+def predict_logits(model, images: np.ndarray, batch_size: int, hw: hardware.Hardware, desc: str) -> np.ndarray:
+    """(N, K) float64 logits; temperature scaling needs logits, not probabilities."""
+    if len(images) == 0:
+        return np.zeros((0, model.head[-1].out_features))
+    return forward_batches(model, images, batch_size, hw, desc).numpy().astype(np.float64).reshape(len(images), -1)
+
+
+def _load_model(model_path: Path, prepared: Path, hw: hardware.Hardware):
     model, ckpt = load_classifier(model_path)
     stats = load_stats(prepared)
     for key in ("size", "channels"):
         if stats[key] != ckpt["preprocessing"][key]:
-            from medtl.errors import MedtlError
-
             raise MedtlError(f"{model_path} expects {key} {ckpt['preprocessing'][key]} but {prepared} has {stats[key]}; "
                              "rerun the pipeline (dvc repro) so model and data match")
-    data = load_split(prepared, split)
     model.to(hw.device)
     if hw.channels_last:
         model.to(memory_format=torch.channels_last)
-    logits = forward_batches(model, data.images, batch_size, hw, f"evaluate {split}")
-    return torch.softmax(logits, dim=1).numpy().astype(np.float64), data, ckpt
+    return model, ckpt
+
+
+def predict_probs(model_path: Path, prepared: Path, split: str, batch_size: int, hw: hardware.Hardware):
+    model, ckpt = _load_model(model_path, prepared, hw)
+    data = load_split(prepared, split)
+    logits = predict_logits(model, data.images, batch_size, hw, f"evaluate {split}")
+    return apply_temperature(logits, 1.0), data, ckpt
+
+
+def age_band(value: str) -> str:
+    try:
+        years = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(years):
+        return ""
+    return next(label for lo, hi, label in AGE_BANDS if lo <= years < hi or hi == 200)
+
+
+def subgroup_columns(rows: list[dict], wanted: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Values per requested column that the prepared CSV has (and that is not all empty), and the ones skipped."""
+    out, skipped = {}, []
+    for name in wanted:
+        if name == "age_band":
+            values = [age_band(r.get("age", "")) for r in rows]
+        elif rows and name in rows[0]:
+            values = [r.get(name, "") for r in rows]
+        else:
+            values = []
+        if any(v not in ("", None) for v in values):
+            out[name] = values
+        else:
+            skipped.append(name)
+    return out, skipped
+
+
+def fit_operating_point(params: EvaluateParams, val_labels: np.ndarray, val_probs: np.ndarray) -> dict | None:
+    """The operating point from the VALIDATION split only; None for K > 2 (argmax)."""
+    if val_probs.shape[1] != 2:
+        return None
+    t = params.threshold
+    return operating_point(val_labels, val_probs, t.rule, t.target)
+
+
+def flat_metrics(report: dict, params: EvaluateParams, skipped_subgroups: list[str]) -> dict:
+    """metrics.json: headline numbers and their bounds as flat top-level keys (columns in `dvc exp show`),
+    detail nested below."""
+    detail_keys = ("operating_point", "bootstrap", "per_class", "confusion_matrix", "confusion_matrix_normalized",
+                   "calibration", "subgroups", "classes")
+    flat = {"split": params.split, **{k: v for k, v in report.items() if k not in detail_keys}}
+    flat["temperature"] = report["calibration"]["temperature"]
+    flat["detail"] = {k: report[k] for k in detail_keys}
+    flat["detail"]["subgroups_skipped"] = skipped_subgroups
+    flat["detail"]["subgroup_flags"] = {
+        f"{col}={value}": entry["reason"]
+        for col, table in report["subgroups"].items() for value, entry in table.items() if entry["too_small"]
+    }
+    return flat
 
 
 def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path) -> dict:
+    """Write metrics.json, operating_point.json, predictions.csv, plots/ and saliency/ into out_dir."""
     hw = hardware.select(params.device, params.precision, key="evaluate.device")
-    probs, data, ckpt = predict_probs(model_path, prepared, params.split, params.batch_size, hw)
-    classes = ckpt["classes"]
-    metrics = compute_metrics(data.labels, probs, classes)
-    metrics = {"split": params.split, **metrics}
+    model, ckpt = _load_model(model_path, prepared, hw)
+    classes = list(ckpt["classes"])
+    val = load_split(prepared, "val")
+    data = val if params.split == "val" else load_split(prepared, params.split)
+    if len(data.labels) == 0:
+        raise MedtlError(f"{prepared / (params.split + '.npy')} has no images; evaluate needs a non-empty {params.split} split")
+    if len(val.labels) == 0:
+        raise MedtlError(f"{prepared / 'val.npy'} has no images; the operating threshold and temperature are fitted "
+                         "on validation, so ingest.split.val must be above 0")
+    val_logits = predict_logits(model, val.images, params.batch_size, hw, "evaluate val")
+    logits = val_logits if data is val else predict_logits(model, data.images, params.batch_size, hw, f"evaluate {params.split}")
+
+    temperature = fit_temperature(val_logits, val.labels) if params.temperature_scaling else None
+    t = 1.0 if temperature is None else temperature
+    val_probs, probs = apply_temperature(val_logits, t), apply_temperature(logits, t)
+    op = fit_operating_point(params, val.labels, val_probs)
+
+    subgroups, skipped = subgroup_columns(data.rows, params.subgroups)
+    report = evaluate_split(
+        data.labels, probs, classes, groups=[r["group"] for r in data.rows], subgroups=subgroups, operating=op,
+        n_resamples=params.bootstrap.n_resamples, seed=params.bootstrap.seed, alpha=params.bootstrap.alpha,
+        n_bins=params.calibration_bins, min_subgroup_size=params.min_subgroup_size, temperature=temperature,
+    )
+    metrics = flat_metrics(report, params, skipped)
+    threshold = report["threshold"]
+
     with atomic_dir(out_dir / "plots") as plots:
-        _write_plots(plots, data.labels, probs, classes)
+        write_plots(plots, data.labels, probs, classes, threshold, report["calibration"]["reliability"])
     with atomic_path(out_dir / "predictions.csv") as tmp:
-        _write_predictions(tmp, data, probs, classes)
+        write_predictions(tmp, data, probs, classes, threshold)
+    with atomic_dir(out_dir / "saliency") as sal:
+        metrics["detail"]["saliency"] = _saliency(params, model, hw, data, probs, classes, threshold, sal)
+    write_json(out_dir / "operating_point.json",
+               operating_point_record(model_path, ckpt, op, temperature, prepared))
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 
-def _write_predictions(path: Path, data, probs: np.ndarray, classes: list[str]) -> None:
+def _saliency(params, model, hw, data, probs, classes, threshold, out: Path) -> dict:
+    from medtl import saliency
+
+    if not params.saliency.enabled or params.saliency.per_case == 0:
+        (out / "README.txt").write_text("saliency disabled (evaluate.saliency)\n")
+        return {"enabled": False}
+    try:
+        written = saliency.write_overlays(model, data, probs, classes, threshold, out, params.saliency.per_case,
+                                          params.saliency.size, hw.device)
+    except saliency.NoTargetLayer as e:
+        (out / "README.txt").write_text(f"no saliency maps: {e}\n")
+        return {"enabled": True, "maps": 0, "note": str(e)}
+    return {"enabled": True, "method": "grad-cam", "maps": len(written), "files": written}
+
+
+def operating_point_record(model_path: Path, ckpt: dict, op: dict | None, temperature: float | None,
+                           prepared: Path) -> dict:
+    """What `medtl predict` needs besides the model: threshold, temperature, and what data the model knows."""
+    modalities, photometric = set(), set()
+    for split in ("train", "val", "test"):
+        path = prepared / f"{split}.csv"
+        if not path.is_file():
+            continue
+        with open(path, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                if r.get("modality"):
+                    modalities.add(r["modality"].upper())
+                if r.get("photometric"):
+                    photometric.add(r["photometric"].upper())
+    colour = {"gray" if p.startswith("MONOCHROME") else "colour" for p in photometric}
+    return {
+        "format": OPERATING_POINT_FORMAT,
+        "model_sha256": sha256_file(model_path),
+        "classes": list(ckpt["classes"]),
+        "positive_class": ckpt["classes"][1] if len(ckpt["classes"]) == 2 else None,
+        "rule": op["rule"] if op else "argmax",
+        "target": op["target"] if op else None,
+        "threshold": op["threshold"] if op else None,
+        "fitted_on": op["fitted_on"] if op else None,
+        "val_sensitivity": op.get("val_sensitivity") if op else None,
+        "val_specificity": op.get("val_specificity") if op else None,
+        "temperature": temperature,
+        "data": {"modalities": sorted(modalities), "colour": sorted(colour)},
+    }
+
+
+def write_predictions(path: Path, data: PreparedSplit, probs: np.ndarray, classes: list[str],
+                      threshold: float | None) -> None:
+    pred = predict_labels(probs, threshold)
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["image_id", "group", "label", "predicted"] + [f"prob_{c}" for c in classes])
-        for row, y, p in zip(data.rows, data.labels, probs):
-            w.writerow([row["image_id"], row["group"], classes[y], classes[int(p.argmax())]] + [f"{v:.6f}" for v in p])
+        w.writerow(["image_id", "group", "label", "predicted", "above_threshold"] + [f"prob_{c}" for c in classes])
+        for row, y, yp, p in zip(data.rows, data.labels, pred, probs):
+            above = "" if threshold is None else str(bool(p[1] >= threshold)).lower()
+            w.writerow([row["image_id"], row["group"], classes[y], classes[yp], above] + [f"{v:.6f}" for v in p])
 
 
-def _write_plots(plots: Path, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> None:
-    pred = probs.argmax(1)
+def write_plots(plots: Path, labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float | None,
+                reliability: list[dict]) -> None:
+    """JSON rows for the templates named in dvc.yaml's top-level `plots`."""
+    pred = predict_labels(probs, threshold)
     write_json(plots / "confusion.json", [{"actual": classes[a], "predicted": classes[b]} for a, b in zip(labels, pred)])
-    rows = []
-    if len(np.unique(labels)) > 1:
-        # one-vs-rest curve for the positive class (binary) or the first class otherwise
-        pos = 1 if len(classes) == 2 else 0
-        fpr, tpr, thr = roc_curve(labels == pos, probs[:, pos])
-        rows = [{"fpr": float(a), "tpr": float(b), "threshold": float(min(c, 1.0))} for a, b, c in zip(fpr, tpr, thr)]
-    write_json(plots / "roc.json", rows)
+    curves = curve_points(labels, probs, classes) if len(np.unique(labels)) > 1 else {"roc": [], "pr": []}
+    # Vega-Lite draws a missing value as a gap; the curve's end points carry no threshold.
+    write_json(plots / "roc.json", [{**r, "threshold": r["threshold"] if r["threshold"] is not None else 1.0}
+                                    for r in curves["roc"]])
+    write_json(plots / "pr.json", [{**r, "threshold": r["threshold"] if r["threshold"] is not None else 1.0}
+                                   for r in curves["pr"]])
+    write_json(plots / "reliability.json", [
+        {"mean_predicted": r["mean_predicted"], "observed": r["observed"], "perfect": r["mean_predicted"],
+         "count": r["count"], "bin_centre": r["bin_centre"]}
+        for r in reliability if r["count"]
+    ])

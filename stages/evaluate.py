@@ -1,4 +1,4 @@
-"""evaluate: models/model.pt on the test split -> reports/metrics.json, predictions and plots."""
+"""evaluate: models/model.pt on validation and test -> reports/ (metrics, operating point, predictions, plots, saliency)."""
 from pathlib import Path
 
 from medtl.evaluation import EvaluateParams, run_evaluate
@@ -7,16 +7,26 @@ from medtl.provenance import stage_record
 from medtl.stage import main
 
 MODEL, PREPARED, OUT = Path("models/model.pt"), Path("data/prepared"), Path("reports")
-OUTPUTS = [OUT / "metrics.json", OUT / "predictions.csv", OUT / "plots"]
+OUTPUTS = [OUT / "metrics.json", OUT / "operating_point.json", OUT / "predictions.csv", OUT / "plots", OUT / "saliency"]
+
+
+def _fmt(m: dict, name: str) -> str:
+    if m.get(name) is None:
+        return "n/a"
+    low, high = m.get(f"{name}_ci_low"), m.get(f"{name}_ci_high")
+    return f"{m[name]:.3f}" + (f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else "")
 
 
 def run() -> str:
     params = load_section("evaluate", EvaluateParams)
     with stage_record("evaluate", params, inputs=[MODEL, PREPARED], outputs=OUTPUTS):
         m = run_evaluate(params, MODEL, PREPARED, OUT)
-    auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
-    return f"{params.split} split, {m['n']} images: ROC AUC {auc}, accuracy {m['accuracy']:.3f}, " \
-           f"balanced accuracy {m['balanced_accuracy']:.3f}"
+    line = f"{params.split} split, {m['n']} images / {m['n_groups']} patients: ROC AUC {_fmt(m, 'roc_auc')}, " \
+           f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
+    if m.get("threshold") is not None:
+        line += f"; at threshold {m['threshold']:.3f} ({m['threshold_rule']}, fitted on val): " \
+                f"sensitivity {_fmt(m, 'sensitivity')}, specificity {_fmt(m, 'specificity')}"
+    return line
 
 
 if __name__ == "__main__":
