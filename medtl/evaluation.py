@@ -157,24 +157,25 @@ def fit_operating_point(params: EvaluateParams, val_labels: np.ndarray, val_prob
     return operating_point(val_labels, val_probs, t.rule, t.target)
 
 
-def flat_metrics(report: dict, params: EvaluateParams, skipped_subgroups: list[str]) -> dict:
-    """metrics.json: headline numbers and their bounds as flat top-level keys (columns in `dvc exp show`),
-    detail nested below."""
-    detail_keys = ("operating_point", "bootstrap", "per_class", "confusion_matrix", "confusion_matrix_normalized",
-                   "calibration", "subgroups", "classes")
-    flat = {"split": params.split, **{k: v for k, v in report.items() if k not in detail_keys}}
-    flat["temperature"] = report["calibration"]["temperature"]
-    flat["detail"] = {k: report[k] for k in detail_keys}
-    flat["detail"]["subgroups_skipped"] = skipped_subgroups
-    flat["detail"]["subgroup_flags"] = {
+def split_report(report: dict, params: EvaluateParams, skipped_subgroups: list[str]) -> tuple[dict, dict]:
+    """(metrics, details). metrics.json holds only scalars, so that `dvc exp show` and `dvc metrics diff`
+    show the headline numbers and their bounds as a handful of readable columns; everything nested
+    (per class, confusion, calibration bins, subgroups) goes to evaluation.json."""
+    nested = ("operating_point", "bootstrap", "per_class", "confusion_matrix", "confusion_matrix_normalized",
+              "calibration", "subgroups", "classes")
+    flags = {
         f"{col}={value}": entry["reason"]
         for col, table in report["subgroups"].items() for value, entry in table.items() if entry["too_small"]
     }
-    return flat
+    metrics = {"split": params.split, **{k: v for k, v in report.items() if k not in nested}}
+    metrics["temperature"] = report["calibration"]["temperature"]
+    metrics["subgroups_too_small"] = len(flags)
+    details = {"split": params.split, **report, "subgroups_skipped": skipped_subgroups, "subgroups_too_small": flags}
+    return metrics, details
 
 
 def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path) -> dict:
-    """Write metrics.json, operating_point.json, predictions.csv, plots/ and saliency/ into out_dir."""
+    """Write metrics.json, evaluation.json, operating_point.json, predictions.csv, plots/ and saliency/ into out_dir."""
     hw = hardware.select(params.device, params.precision, key="evaluate.device")
     model, ckpt = _load_model(model_path, prepared, hw)
     classes = list(ckpt["classes"])
@@ -199,7 +200,7 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
         n_resamples=params.bootstrap.n_resamples, seed=params.bootstrap.seed, alpha=params.bootstrap.alpha,
         n_bins=params.calibration_bins, min_subgroup_size=params.min_subgroup_size, temperature=temperature,
     )
-    metrics = flat_metrics(report, params, skipped)
+    metrics, details = split_report(report, params, skipped)
     threshold = report["threshold"]
 
     with atomic_dir(out_dir / "plots") as plots:
@@ -207,9 +208,10 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     with atomic_path(out_dir / "predictions.csv") as tmp:
         write_predictions(tmp, data, probs, classes, threshold)
     with atomic_dir(out_dir / "saliency") as sal:
-        metrics["detail"]["saliency"] = _saliency(params, model, hw, data, probs, classes, threshold, sal)
+        details["saliency"] = _saliency(params, model, hw, data, probs, classes, threshold, sal)
     write_json(out_dir / "operating_point.json",
                operating_point_record(model_path, ckpt, op, temperature, prepared))
+    write_json(out_dir / "evaluation.json", details)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 

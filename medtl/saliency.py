@@ -117,7 +117,7 @@ def write_overlays(model: nn.Module, data, probs: np.ndarray, classes: list[str]
     layer = target_layer(model)
     cases = pick_cases(data.labels, probs, threshold, per_case)
     pred = predict_labels(probs, threshold)
-    # The map explains the positive class for a binary task (what the threshold reads), else the predicted class.
+    # Each map explains the class the model called: where the evidence for its decision lies.
     written = []
     rows = [i for idx in cases.values() for i in idx]
     if not rows:
@@ -125,13 +125,13 @@ def write_overlays(model: nn.Module, data, probs: np.ndarray, classes: list[str]
     model.to(device)
     images = torch.from_numpy(np.asarray(data.images[sorted(rows)], dtype=np.float32)).to(device)
     position = {i: k for k, i in enumerate(sorted(rows))}
-    target = [1 if probs.shape[1] == 2 else int(pred[i]) for i in sorted(rows)]
+    target = [int(pred[i]) for i in sorted(rows)]
     cams = grad_cam(model, images, target, layer)
     for case, idx in cases.items():
         for rank, i in enumerate(idx):
             k = position[i]
             if probs.shape[1] == 2:
-                caption = f"{case}  p({classes[1]})={probs[i, 1]:.3f}  t={threshold:.3f}"
+                caption = f"{case}  p({classes[1]})={probs[i, 1]:.3f}  t={threshold:.3f}  map: {classes[int(pred[i])]}"
             else:
                 caption = f"{case}  {classes[int(pred[i])]} p={probs[i].max():.3f} (true {classes[int(data.labels[i])]})"
             name = f"{case}_{rank}_{data.rows[i]['image_id']}.png"
