@@ -1,0 +1,116 @@
+"""`medtl predict` on files written here: real readers, a real (untrained) ResNet-18, the real command line."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from PIL import Image
+
+from medtl import cli, demo
+from medtl.evaluation import operating_point_record
+from medtl.model import load_classifier
+from medtl.predict import prepare_image
+from medtl.preprocess import resize, to_channels
+from medtl.readers import read
+from medtl.store import PixelStore, PixelStoreWriter, quantize
+from tests.test_evaluation import write_model, write_prepared
+
+
+@pytest.mark.parametrize("shape, channels, mode", [((45, 70), 1, "pad"), ((50, 40, 3), 1, "crop"),
+                                                    ((37, 61), 3, "stretch")])
+def test_prepare_image_is_bit_for_bit_the_pipeline(tmp_path, shape, channels, mode):
+    pixels = np.random.default_rng(1).random(shape, dtype=np.float32)
+    # The pipeline: ingest quantises into the store, preprocess reads it back, converts, resizes, stores float16.
+    writer = PixelStoreWriter(tmp_path / "pixels.u16")
+    offset, h, w, c = writer.append(quantize(pixels))
+    writer.close()
+    img = PixelStore(tmp_path / "pixels.u16").get(offset, h, w, c)
+    arr = np.zeros((1, channels, 32, 32), dtype=np.float16)
+    arr[0] = resize(to_channels(img, channels), 32, mode).transpose(2, 0, 1)
+    got = prepare_image(pixels, {"size": 32, "channels": channels, "resize": mode})
+    assert got.dtype == np.float16 and np.array_equal(got, arr[0])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("predict")
+    model = write_model(root / "model.pt")
+    _, ckpt = load_classifier(model)
+    prepared = write_prepared(root / "prepared", {"train": 2, "val": 8, "test": 2})
+    op = {"rule": "youden", "target": None, "threshold": 0.4, "fitted_on": "validation"}
+    (root / "op.json").write_text(json.dumps(operating_point_record(model, ckpt, op, 1.5, prepared)))
+    images = root / "images"
+    patient = demo.fake_patients(1, 0.5, 3)[0]
+    dcm = demo.write_patient_images(patient, 2, (40, 60), 3, images)
+    mr = pydicom.dcmread(dcm[1])
+    mr.Modality = "MR"
+    mr.save_as(dcm[1])
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((50, 44)) * 255).astype(np.uint8)).save(images / "gray.png")
+    gray_rgb = np.repeat((rng.random((30, 30, 1)) * 255).astype(np.uint8), 3, axis=2)
+    Image.fromarray(gray_rgb).save(images / "gray_as_rgb.png")
+    Image.fromarray((rng.random((30, 30, 3)) * 255).astype(np.uint8)).save(images / "photo.jpg")
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (images / "notes.txt").write_text("not an image")
+    return {"root": root, "model": model, "op": root / "op.json", "images": images, "dcm": dcm}
+
+
+def run_cli(*args) -> int:
+    return cli.main(["predict", *map(str, args)])
+
+
+def rows_of(path) -> dict[str, dict]:
+    return {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(path, newline=""))}
+
+
+def test_predict_folder_rows_probabilities_and_refusals(files, tmp_path, capsys):
+    out = tmp_path / "pred.csv"
+    code = run_cli(files["model"], files["images"], "--out", out, "--operating-point", files["op"],
+                   "--batch-size", 2, "--device", "cpu", "--precision", "fp32")
+    assert code == 0
+    rows = rows_of(out)
+    assert set(rows) == {"image0.dcm", "image1.dcm", "gray.png", "gray_as_rgb.png", "photo.jpg", "broken.png", "notes.txt"}
+    status = {k: r["status"] for k, r in rows.items()}
+    assert status == {"image0.dcm": "ok", "image1.dcm": "refused", "gray.png": "ok", "gray_as_rgb.png": "ok",
+                      "photo.jpg": "refused", "broken.png": "error", "notes.txt": "error"}
+    assert "modality MR" in rows["image1.dcm"]["error"] and "CT" in rows["image1.dcm"]["error"]
+    assert "colour image" in rows["photo.jpg"]["error"]
+    assert rows["broken.png"]["error"] and rows["notes.txt"]["error"].startswith("not_an_image")
+
+    # Each probability is the model on the pipeline's preprocessing, with the recorded temperature 1.5.
+    model, ckpt = load_classifier(files["model"])
+    for name, path in (("image0.dcm", files["dcm"][0]), ("gray.png", files["images"] / "gray.png")):
+        x = torch.from_numpy(prepare_image(read(path)[0].pixels, ckpt["preprocessing"]).astype(np.float32))[None]
+        with torch.no_grad():
+            p = torch.softmax(model(x) / 1.5, dim=1)[0].numpy()
+        r = rows[name]
+        assert [float(r["prob_normal"]), float(r["prob_lesion"])] == pytest.approx(p.tolist(), abs=1e-6)
+        assert r["above_threshold"] == str(bool(p[1] >= 0.4)).lower() and float(r["threshold"]) == 0.4
+        assert r["predicted"] == ("lesion" if p[1] >= 0.4 else "normal")
+    assert "3 image(s) predicted, 2 unreadable, 2 refused" in capsys.readouterr().out
+
+    # --allow-mismatch predicts what was refused; --threshold overrides the operating point.
+    code = run_cli(files["model"], files["dcm"][1], files["images"] / "photo.jpg", "--out", out, "--operating-point",
+                   files["op"], "--allow-mismatch", "--threshold", "0.0", "--device", "cpu", "--precision", "fp32")
+    assert code == 0
+    assert all(r["status"] == "ok" and r["above_threshold"] == "true" for r in rows_of(out).values())
+
+
+def test_predict_refuses_an_operating_point_of_another_model(files, tmp_path, capsys):
+    other = write_model(tmp_path / "other.pt", seed=1)
+    code = run_cli(other, files["dcm"][0], "--out", tmp_path / "p.csv", "--operating-point", files["op"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "different model" in err and str(files["op"]) in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_with_nothing_readable_or_a_missing_input_fails_clearly(files, tmp_path, capsys):
+    assert run_cli(files["model"], files["images"] / "notes.txt", "--out", tmp_path / "p.csv") == 2
+    assert "no image could be predicted" in capsys.readouterr().err
+    assert run_cli(files["model"], tmp_path / "missing.dcm", "--out", tmp_path / "q.csv") == 2
+    assert "missing.dcm does not exist" in capsys.readouterr().err
