@@ -1,10 +1,11 @@
 """pretrain-adapt: a pretrained backbone, adapted to the target images without their labels."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -13,8 +14,12 @@ from medtl import hardware
 from medtl.backbones import Backbone, build_backbone, check_arch, check_input_size
 from medtl.data import iter_batches
 from medtl.model import Normalize
+from medtl.errors import MedtlError
 from medtl.params import Device, Precision, require
-from medtl.preprocess import load_split, load_stats
+from medtl.preprocess import load_stats
+from medtl.ssl import ImagePool, SSLParams, extra_pool, temporary_workdir, train_ssl
+
+ADAPT_METHODS = ("none", "adabn", "ssl")
 
 
 @dataclass(frozen=True)
@@ -23,11 +28,12 @@ class PretrainParams:
     weights: str = "none"  # none, imagenet, or a path to a state dict pinned by sha256
     sha256: str | None = None
     grayscale: Literal["adapt", "repeat"] = "adapt"
-    adapt: Literal["none", "adabn"] = "none"
-    batch_size: int = 64
+    adapt: Literal["none", "adabn", "ssl"] = "none"
+    batch_size: int = 64  # adabn's batches
     seed: int = 0
     device: Device = "auto"
     precision: Precision = "auto"
+    ssl: SSLParams = field(default_factory=SSLParams)
 
     def check(self, key: str) -> None:
         check_arch(self.arch)
@@ -47,6 +53,7 @@ def adabn(backbone: Backbone, normalize: Normalize, images, batch_size: int, hw:
     if not bns:
         return {"method": "adabn", "images": 0, "batchnorm_layers": 0, "note": f"{backbone.arch} has no batch-norm layers"}
     backbone.eval()
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
@@ -57,23 +64,47 @@ def adabn(backbone: Backbone, normalize: Normalize, images, batch_size: int, hw:
         with hw.autocast():
             backbone(x)
         n += len(x)
-    for m in bns:
-        m.momentum = 0.1
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
     backbone.eval()
-    return {"method": "adabn", "images": n, "batchnorm_layers": len(bns)}
+    return {"method": "adabn", "images": n, "image_sources": {"train": n}, "batchnorm_layers": len(bns)}
 
 
-def run_pretrain(params: PretrainParams, prepared: Path) -> tuple[Backbone, dict]:
+def load_train_images(prepared: Path) -> np.ndarray:
+    """The prepared training images only (memory-mapped): adaptation never opens labels or other splits."""
+    path = prepared / "train.npy"
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise MedtlError(f"cannot read the prepared training images {path}: {e}; run the preprocess stage") from e
+
+
+def run_pretrain(
+    params: PretrainParams, prepared: Path, on_epoch: Callable[[int, float], None] | None = None
+) -> tuple[Backbone, dict]:
+    """Build the backbone and adapt it to `prepared`'s training images; `on_epoch(epoch, loss)` sees ssl's progress."""
     stats = load_stats(prepared)
     check_input_size(params.arch, stats["size"])
     torch.manual_seed(params.seed)
     hw = hardware.select(params.device, params.precision, key="pretrain.device")
     backbone = build_backbone(params.arch, stats["channels"], params.weights, params.sha256, params.grayscale)
     record: dict = {"method": params.adapt, "hardware": hw.describe()}
+    if params.adapt == "none":
+        return backbone, record
+    train = load_train_images(prepared)
+    normalize = Normalize(stats["mean"], stats["std"]).to(hw.device)
     if params.adapt == "adabn":
-        train = load_split(prepared, "train")  # images only; labels are never read here
-        normalize = Normalize(stats["mean"], stats["std"]).to(hw.device)
         backbone.to(hw.device)
-        record.update(adabn(backbone, normalize, train.images, params.batch_size, hw))
+        record.update(adabn(backbone, normalize, train, params.batch_size, hw))
         backbone.cpu()
+    elif params.adapt == "ssl":
+        with temporary_workdir() as tmp:
+            extra, extra_info = extra_pool(params.ssl, stats["size"], stats["channels"], stats.get("resize", "pad"), Path(tmp))
+            pool = ImagePool([train, *extra])
+            record.update(train_ssl(backbone, normalize, pool, params.ssl, hw, on_epoch))
+            del pool, extra  # release the memory map before its folder goes
+        record["images"] = len(train) + (extra_info["images"] if extra_info else 0)
+        record["image_sources"] = {"train": len(train), "extra": extra_info}
+    else:  # PretrainParams' Literal already refuses other names
+        raise MedtlError(f"pretrain.adapt: unknown method {params.adapt!r}; choose one of {', '.join(ADAPT_METHODS)}")
     return backbone, record

@@ -1,27 +1,53 @@
 """pretrain-adapt: a pretrained backbone adapted to the target images -> models/backbone.pt."""
 from pathlib import Path
 
+from dvclive import Live
+
 from medtl.adaptation import PretrainParams, run_pretrain
 from medtl.backbones import backbone_state
-from medtl.io import save_torch
+from medtl.io import save_torch, write_text
 from medtl.params import load_section
 from medtl.provenance import stage_record
+from medtl.provenance.hashing import describe
 from medtl.stage import main
 
-IN, OUT = Path("data/prepared"), Path("models/backbone.pt")
+PREPARED, OUT, LIVE = Path("data/prepared"), Path("models/backbone.pt"), "dvclive_pretrain"
+# Adaptation reads only these; labels, val and test stay unopened.
+READS = [PREPARED / "train.npy", PREPARED / "stats.json"]
 
 
 def run() -> str:
     params = load_section("pretrain", PretrainParams)
-    inputs = [IN] + ([params.weights] if params.weights not in ("none", "imagenet") else [])
+    inputs = list(READS)
+    if params.weights not in ("none", "imagenet"):
+        inputs.append(Path(params.weights))
     with stage_record("pretrain-adapt", params, inputs=inputs, outputs=[OUT]) as rec:
-        backbone, record = run_pretrain(params, IN)
+        # DVC owns the experiment; DVCLive only writes the loss files dvc.yaml declares.
+        with Live(LIVE, save_dvc_exp=False, dvcyaml=False) as live:
+            def on_epoch(epoch: int, loss: float) -> None:
+                live.log_metric("ssl_loss", loss)
+                live.next_step()
+
+            backbone, record = run_pretrain(params, PREPARED, on_epoch)
+            live.summary["adapt_images"] = record.get("images", 0)
+        if params.adapt != "ssl":
+            # The declared plot file exists for every method, so `dvc plots show` never trips on it.
+            write_text(Path(LIVE) / "plots" / "metrics" / "ssl_loss.tsv", "step\tssl_loss\n")
         save_torch({**backbone_state(backbone), "adaptation": record}, OUT)
         rec.seeds["torch"] = params.seed
+        if params.adapt == "ssl":
+            rec.seeds["ssl"] = params.ssl.seed
+            if params.ssl.extra_images:
+                # Hashed as a whole: file names in a hospital folder may identify patients.
+                folder = describe(params.ssl.extra_images)
+                folder.pop("files")
+                rec.extra["ssl_extra_images"] = folder
         rec.hardware = record["hardware"]
         rec.extra["adaptation"] = record
         rec.extra["weights"] = backbone.weights_info
-    return f"{params.arch} ({backbone.num_features} features), weights {params.weights}, adaptation {params.adapt}"
+    done = f", ssl loss {record['loss'][0]:.3f} -> {record['loss'][-1]:.3f}" if params.adapt == "ssl" else ""
+    return (f"{params.arch} ({backbone.num_features} features), weights {params.weights}, "
+            f"adaptation {params.adapt} on {record.get('images', 0)} images{done}")
 
 
 if __name__ == "__main__":

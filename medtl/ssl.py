@@ -1,0 +1,309 @@
+"""Self-supervised continued pretraining (SimCLR) on unlabelled target images.
+
+Two augmented views of each image are pulled together and pushed away from
+the other images of the batch (NT-Xent loss) through a small projection head
+that is discarded afterwards. The augmentations are medical-safe: a random
+resized crop with a conservative scale, flips, a small rotation, mild
+brightness/contrast, gaussian noise and blur; never hue or colour jitter,
+which would change what a stain or a window means.
+
+Only images are read: no labels, no validation or test split. Augmentation
+draws come from a seeded generator, so on the CPU two runs with the same seed
+give the same backbone.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from medtl import hardware
+from medtl.backbones import Backbone
+from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.params import require
+
+
+@dataclass(frozen=True)
+class SSLAugment:
+    """Medical-safe view generation; every value is a maximum or a probability."""
+
+    crop_scale: float = 0.5  # smallest crop, as a fraction of the image area
+    aspect_limit: float = 0.15  # crop aspect ratio within [1/(1+a), 1+a]: anatomy is barely stretched
+    hflip: float = 0.5
+    vflip: float = 0.0
+    rotate_limit: float = 10.0  # degrees
+    brightness_contrast: float = 0.15
+    noise_std: float = 0.03  # on intensities in [0, 1]
+    blur_p: float = 0.3
+    blur_sigma: float = 1.0  # pixels
+
+    def check(self, key: str) -> None:
+        require(0.05 <= self.crop_scale <= 1.0, f"{key}.crop_scale", self.crop_scale, "a fraction of the image area in [0.05, 1]")
+        for name in ("hflip", "vflip", "blur_p"):
+            v = getattr(self, name)
+            require(0.0 <= v <= 1.0, f"{key}.{name}", v, "a probability in [0, 1]")
+        require(0.0 <= self.aspect_limit <= 0.5, f"{key}.aspect_limit", self.aspect_limit, "a number in [0, 0.5]")
+        require(0.0 <= self.rotate_limit <= 45.0, f"{key}.rotate_limit", self.rotate_limit, "degrees in [0, 45]")
+        require(0.0 <= self.brightness_contrast <= 0.5, f"{key}.brightness_contrast", self.brightness_contrast, "a mild change in [0, 0.5]")
+        require(0.0 <= self.noise_std <= 0.2, f"{key}.noise_std", self.noise_std, "a standard deviation in [0, 0.2]")
+        require(0.0 <= self.blur_sigma <= 5.0, f"{key}.blur_sigma", self.blur_sigma, "a sigma in pixels in [0, 5]")
+
+
+@dataclass(frozen=True)
+class SSLParams:
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.0003
+    weight_decay: float = 0.0001
+    temperature: float = 0.2
+    projection_dim: int = 128
+    seed: int = 0
+    # A folder of unlabelled images (any format medtl reads) used beside the training images.
+    extra_images: str | None = None
+    augment: SSLAugment = field(default_factory=SSLAugment)
+
+    def check(self, key: str) -> None:
+        require(self.epochs >= 1, f"{key}.epochs", self.epochs, "a positive integer")
+        # Batch norm and the contrastive loss both need at least two images per batch.
+        require(self.batch_size >= 2, f"{key}.batch_size", self.batch_size, "an integer >= 2 (batch norm and the contrastive loss need two images)")
+        require(0 < self.lr <= 1, f"{key}.lr", self.lr, "a learning rate in (0, 1]")
+        require(0 <= self.weight_decay <= 1, f"{key}.weight_decay", self.weight_decay, "a number in [0, 1]")
+        require(0.01 <= self.temperature <= 10, f"{key}.temperature", self.temperature, "a temperature in [0.01, 10]")
+        require(self.projection_dim >= 2, f"{key}.projection_dim", self.projection_dim, "an integer >= 2")
+        require(self.extra_images is None or self.extra_images.strip() != "", f"{key}.extra_images",
+                self.extra_images, "null or the path of a folder of images")
+
+
+# ---------------------------------------------------------------- images
+
+
+class ImagePool:
+    """Images (N, C, S, S) in [0, 1] from several arrays (memory-mapped), addressed by one index."""
+
+    def __init__(self, arrays: list[np.ndarray]):
+        self.arrays = [a for a in arrays if len(a)]
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        out = []
+        for i in indices:
+            k = int(np.searchsorted(self.starts, i, side="right")) - 1
+            out.append(np.asarray(self.arrays[k][i - self.starts[k]], dtype=np.float32))
+        return torch.from_numpy(np.stack(out))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def read_image_folder(folder: str | Path, size: int, channels: int, mode: str, out: Path) -> tuple[np.ndarray, dict]:
+    """Decode every readable image under `folder` to (N, channels, size, size) float16 in `out` (memory-mapped).
+
+    Unreadable files are skipped and counted by reason; file names are not
+    kept, since they may carry patient identifiers.
+    """
+    from medtl.preprocess import resize, to_channels
+    from medtl.readers import read
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ParamsError(f"pretrain.ssl.extra_images: {folder} is not a folder; expected null or a folder of unlabelled images")
+    files = _image_files(folder)
+    skipped: Counter[str] = Counter()
+    images: list[np.ndarray] = []
+    for path in tqdm(files, desc="ssl extra images", unit="file", leave=False):
+        try:
+            decoded = read(path)
+        except UnreadableImage as e:
+            skipped[e.reason] += 1
+            continue
+        for d in decoded:
+            px = d.pixels[:, :, None] if d.pixels.ndim == 2 else d.pixels
+            img = resize(to_channels(px.astype(np.float32), channels), size, mode)
+            images.append(np.clip(img, 0.0, 1.0).transpose(2, 0, 1).astype(np.float16))
+    if not images:
+        raise ParamsError(
+            f"pretrain.ssl.extra_images: no readable image in {folder} ({len(files)} file(s), skipped: "
+            f"{dict(skipped) or 'none'}); expected DICOM, NIfTI, PNG, JPEG, BMP or TIFF files"
+        )
+    arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(images), channels, size, size))
+    for i, img in enumerate(images):
+        arr[i] = img
+    arr.flush()
+    return arr, {"files": len(files), "images": len(images), "skipped": dict(sorted(skipped.items()))}
+
+
+# ---------------------------------------------------------------- views
+
+
+def _gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
+    """(N, 2r+1) normalised 1D gaussians; a sigma of 0 gives the identity kernel."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    s = sigmas.clamp_min(1e-3)[:, None]
+    k = torch.exp(-0.5 * (x[None, :] / s) ** 2)
+    return k / k.sum(dim=1, keepdim=True)
+
+
+def make_views(x: torch.Tensor, aug: SSLAugment, gen: torch.Generator) -> torch.Tensor:
+    """One random medical-safe view of each image in `x` (N, C, H, W) in [0, 1]."""
+    n, c, h, w = x.shape
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    # Random resized crop, flips and rotation in one resampling: theta maps output to input coordinates.
+    area = uniform(aug.crop_scale, 1.0)
+    log_ratio = math.log(1 + aug.aspect_limit)
+    ratio = torch.exp(uniform(-log_ratio, log_ratio))
+    sw = torch.sqrt(area * ratio).clamp(max=1.0)
+    sh = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (1 - sw) * uniform(-1.0, 1.0)
+    cy = (1 - sh) * uniform(-1.0, 1.0)
+    fx = torch.where(torch.rand(n, generator=gen) < aug.hflip, -1.0, 1.0)
+    fy = torch.where(torch.rand(n, generator=gen) < aug.vflip, -1.0, 1.0)
+    angle = torch.deg2rad(uniform(-aug.rotate_limit, aug.rotate_limit))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([
+        torch.stack([cos * sw * fx, -sin * sh * fy, cx], dim=1),
+        torch.stack([sin * sw * fx, cos * sh * fy, cy], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, (n, c, h, w), align_corners=False)
+    # Zero outside the image, like preprocess's padding.
+    v = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    if aug.blur_p > 0 and aug.blur_sigma > 0:
+        radius = max(1, math.ceil(3 * aug.blur_sigma))
+        sigma = torch.where(torch.rand(n, generator=gen) < aug.blur_p, uniform(0.1, aug.blur_sigma), torch.zeros(n))
+        k = _gaussian_kernels(sigma, radius).repeat_interleave(c, dim=0)  # (N*C, K)
+        flat = v.reshape(1, n * c, h, w)
+        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), k[:, None, :, None], groups=n * c)
+        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), k[:, None, None, :], groups=n * c)
+        v = flat.reshape(n, c, h, w)
+
+    if aug.brightness_contrast > 0:
+        bc = aug.brightness_contrast
+        contrast = uniform(1 - bc, 1 + bc).view(n, 1, 1, 1)
+        brightness = uniform(-bc, bc).view(n, 1, 1, 1)
+        mean = v.mean(dim=(1, 2, 3), keepdim=True)
+        v = (v - mean) * contrast + mean + brightness
+
+    if aug.noise_std > 0:
+        std = uniform(0.0, aug.noise_std).view(n, 1, 1, 1)
+        v = v + std * torch.randn(v.shape, generator=gen)
+    return v.clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------- loss and training
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's normalised temperature-scaled cross entropy over 2N views (each view's positive is its twin)."""
+    n = len(z1)
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def projection_head(num_features: int, dim: int) -> nn.Module:
+    """SimCLR's two-layer MLP; trained with the backbone, then thrown away."""
+    return nn.Sequential(nn.Linear(num_features, num_features), nn.ReLU(inplace=True), nn.Linear(num_features, dim))
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[np.ndarray]:
+    order = torch.randperm(n, generator=gen).numpy()
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) >= 2:  # a lone image has no negative and breaks batch norm
+            yield idx
+
+
+def train_ssl(
+    backbone: Backbone,
+    normalize: nn.Module,
+    pool: ImagePool,
+    params: SSLParams,
+    hw: hardware.Hardware,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> dict:
+    """Continue pretraining `backbone` in place with SimCLR on `pool`; return what was done."""
+    if len(pool) < 2:
+        raise MedtlError(f"ssl needs at least 2 unlabelled images, got {len(pool)}")
+    torch.manual_seed(params.seed)  # the projection head's init
+    head = projection_head(backbone.num_features, params.projection_dim)
+    gen = torch.Generator().manual_seed(params.seed)
+    backbone.to(hw.device)
+    head.to(hw.device)
+    normalize.to(hw.device)
+    if hw.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    model_params = [*backbone.parameters(), *head.parameters()]
+    opt = torch.optim.AdamW(model_params, lr=params.lr, weight_decay=params.weight_decay)
+    steps_per_epoch = len(pool) // params.batch_size + (1 if len(pool) % params.batch_size >= 2 else 0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, params.epochs * steps_per_epoch))
+    backbone.train()
+    head.train()
+    losses: list[float] = []
+    for epoch in range(params.epochs):
+        total, count = 0.0, 0
+        for idx in tqdm(_batches(len(pool), params.batch_size, gen), total=steps_per_epoch, desc=f"ssl epoch {epoch + 1}", leave=False):
+            x = pool.take(idx)
+            views = torch.cat([make_views(x, params.augment, gen), make_views(x, params.augment, gen)])
+            views = normalize(views.to(hw.device, non_blocking=True))
+            if hw.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last)
+            with hw.autocast():
+                z = head(backbone(views))
+            z1, z2 = z.chunk(2)
+            loss = nt_xent(z1, z2, params.temperature)
+            if not torch.isfinite(loss):
+                raise MedtlError(f"ssl loss became {loss.item()} in epoch {epoch + 1}; lower pretrain.ssl.lr (now {params.lr})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            count += len(idx)
+        losses.append(round(total / count, 6))
+        if on_epoch is not None:
+            on_epoch(epoch, losses[-1])
+    backbone.eval()
+    backbone.to("cpu", memory_format=torch.contiguous_format)
+    return {
+        "method": "ssl",
+        "objective": "simclr_nt_xent",
+        "epochs": params.epochs,
+        "steps": params.epochs * steps_per_epoch,
+        "batch_size": params.batch_size,
+        "lr": params.lr,
+        "temperature": params.temperature,
+        "seed": params.seed,
+        "augment": {k: getattr(params.augment, k) for k in SSLAugment.__dataclass_fields__},
+        "loss": losses,
+    }
+
+
+def extra_pool(params: SSLParams, size: int, channels: int, mode: str, workdir: Path) -> tuple[list[np.ndarray], dict | None]:
+    """The extra unlabelled images, decoded into `workdir`, or nothing when none are configured."""
+    if params.extra_images is None:
+        return [], None
+    arr, info = read_image_folder(params.extra_images, size, channels, mode, workdir / "extra.npy")
+    return [arr], {"folder": params.extra_images, **info}
+
+
+def temporary_workdir() -> tempfile.TemporaryDirectory:
+    """Scratch space for decoded extra images (honours TMPDIR)."""
+    return tempfile.TemporaryDirectory(prefix="medtl-ssl-")
