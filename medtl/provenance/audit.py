@@ -196,16 +196,33 @@ def sources_of(manifest: Path) -> list[tuple[str, str]]:
         return [(r["source_path"], r["sha256"]) for r in csv.DictReader(f)]
 
 
+def _count_parameters(obj) -> int:
+    """Elements of every tensor in a (nested) state dict: backbone and head may be stored apart."""
+    if hasattr(obj, "numel") and callable(obj.numel):
+        return int(obj.numel())
+    if isinstance(obj, dict):
+        return sum(_count_parameters(v) for v in obj.values())
+    return 0
+
+
 def model_details(path: Path) -> dict:
     from medtl.io import load_torch
 
     ckpt = load_torch(path)
     if not isinstance(ckpt, dict):
         raise MedtlError(f"{path} is not a medtl model checkpoint (expected a dict with arch, classes, state_dict)")
-    details = {k: ckpt[k] for k in ("arch", "in_channels", "num_features", "classes", "preprocessing", "hardware", "strategy") if k in ckpt}
-    sd = ckpt.get("state_dict")
-    if isinstance(sd, dict):
-        details["parameters"] = int(sum(getattr(t, "numel", lambda: 0)() for t in sd.values()))
+    keys = ("format", "arch", "in_channels", "num_features", "classes", "preprocessing", "hardware", "strategy", "best_epoch", "validation")
+    details = {k: ckpt[k] for k in keys if k in ckpt}
+    backbone = ckpt.get("backbone") if isinstance(ckpt.get("backbone"), dict) else {}
+    for k in ("in_channels", "num_features", "grayscale"):
+        if k not in details and k in backbone:
+            details[k] = backbone[k]
+    weights = {k: v for k, v in ckpt.items() if k in ("state_dict", "head")}
+    if "state_dict" in backbone:
+        weights["backbone"] = backbone["state_dict"]
+    n = _count_parameters(weights)
+    if n:
+        details["parameters"] = n
     return details
 
 
@@ -252,6 +269,37 @@ def find_experiment(root: Path, model: str, model_md5: str | None, records: dict
     if named:
         return {"name": named, "ref": None, "commit": None, "matched_by": "stage record (ref not found; the experiment may not be saved)"}
     return None
+
+
+def evaluation_metrics(artifacts: dict[str, dict], lock: dict[str, dict], stage_names: list[str], model: str) -> str | None:
+    """The metrics.json of the stage that evaluates the model (it reads the model); training curves' metrics otherwise."""
+    candidates = [p for p, d in artifacts.items() if d["type"] == "file" and p.endswith("metrics.json") and d.get("role") == "output"]
+    candidates += [f"{p}/metrics.json" for p, d in artifacts.items() if d["type"] == "dir" and "metrics.json" in d.get("files", {})]
+    evaluators = {n for n in stage_names if model in lock.get(n, {}).get("deps", {})}
+    for p in candidates:
+        stage = artifacts.get(p, {}).get("stage")
+        if stage in evaluators:
+            return p
+    return candidates[-1] if candidates else None
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".json")
+
+
+def evaluation_plots(root: Path, artifacts: dict[str, dict], metrics_path: str | None) -> list[str]:
+    """Plot data and images the evaluating stage wrote: its folder outputs, and plots/ and saliency/ beside metrics.json."""
+    if not metrics_path:
+        return []
+    stage = (artifacts.get(metrics_path) or {}).get("stage")
+    folders = {p for p, d in artifacts.items() if d["type"] == "dir" and d.get("role") == "output" and stage and d.get("stage") == stage}
+    base = Path(metrics_path).parent
+    folders |= {(base / name).as_posix() for name in ("plots", "saliency") if (root / base / name).is_dir()}
+    out = []
+    for folder in sorted(folders):
+        for p in sorted((root / folder).rglob("*")):
+            if p.is_file() and p.suffix.lower() in PLOT_SUFFIXES:
+                out.append(p.relative_to(root).as_posix())
+    return out
 
 
 def collect(root: Path, model: str) -> dict:
@@ -314,6 +362,15 @@ def collect(root: Path, model: str) -> dict:
     if model not in artifacts:
         raise MedtlError(f"{model} is not in dvc.lock")
 
+    # outputs a stage recorded but dvc.yaml does not declare (e.g. evaluate's saliency images) are evidence too
+    for name, rec in records.items():
+        for o in rec.get("outputs", []):
+            path = o.get("path")
+            if path and path not in artifacts and (root / path).exists() and (root / path).resolve().is_relative_to(root):
+                d = describe(root / path, path, with_md5=True)
+                d.update(dvc_md5=None, stage=name, role="output", kind="artifact", declared=False)
+                artifacts[path] = d
+
     # a record whose output hashes differ from the files is from another run (e.g. after dvc checkout)
     for name, rec in records.items():
         for o in rec.get("outputs", []):
@@ -343,14 +400,14 @@ def collect(root: Path, model: str) -> dict:
     if weights is None:
         weights = next(((r.get("extra") or {}).get("weights") for r in records.values() if (r.get("extra") or {}).get("weights")), None)
 
-    metrics_path = next((p for p in artifacts if p.endswith("metrics.json")), None)
-    if metrics_path is None:
-        metrics_path = next((f"{p}/metrics.json" for p, d in artifacts.items() if d["type"] == "dir" and "metrics.json" in d["files"]), None)
-    plots = []
-    if metrics_path and (root / metrics_path).with_name("plots").is_dir():
-        for p in sorted((root / metrics_path).with_name("plots").rglob("*")):
-            if p.is_file() and p.suffix.lower() in (".png", ".svg", ".json"):
-                plots.append(p.relative_to(root).as_posix())
+    metrics_path = evaluation_metrics(artifacts, lock, stage_names, model)
+    metrics = load_json(root / metrics_path) if metrics_path else None
+    details = None
+    if metrics_path and (root / metrics_path).with_name("evaluation.json").is_file():
+        details = load_json((root / metrics_path).with_name("evaluation.json"))
+    elif isinstance(metrics, dict) and isinstance(metrics.get("detail"), dict):
+        details = metrics["detail"]  # older evaluate: detail nested in metrics.json
+    plots = evaluation_plots(root, artifacts, metrics_path)
     ingest_report = None
     if manifest and (root / manifest).with_name("report.json").is_file():
         ingest_report = load_json((root / manifest).with_name("report.json"))
@@ -374,7 +431,8 @@ def collect(root: Path, model: str) -> dict:
         "hardware": model_rec.get("hardware"),
         "packages": uv_packages(root / "uv.lock"),
         "metrics_path": metrics_path,
-        "metrics": load_json(root / metrics_path) if metrics_path else None,
+        "metrics": metrics,
+        "evaluation": details if isinstance(details, dict) else None,
         "ingest_report": ingest_report,
         "plots": plots,
         "records": [{"path": r["_path"], "sha256": describe(root / r["_path"])["sha256"]} for r in sorted(records.values(), key=lambda r: r["_path"])],

@@ -101,3 +101,62 @@ def limitations(ev: dict) -> list[str]:
     if isinstance(src, dict) and src.get("source") == "demo":
         lim.append("Trained and evaluated on the built-in synthetic demo dataset: not for clinical use.")
     return lim
+
+
+# ---- evaluation: headline numbers, per class, subgroups (evaluate's output, read defensively) ----
+
+def headline(metrics) -> tuple[list[dict], list[dict]]:
+    """(metrics with a confidence interval, other numeric facts) from metrics.json, leaving nested detail aside."""
+    if not isinstance(metrics, dict):
+        return [], []
+    top = {k: v for k, v in metrics.items() if k != "detail"}
+    rows = [r for r in metric_rows(top) if "." not in r["name"] or r["low"] is not None]
+    return [r for r in rows if r["low"] is not None], [r for r in rows if r["low"] is None]
+
+
+def per_class(details) -> tuple[list[str], list[list]]:
+    """Header and rows of the per-class table in evaluate's report (support, sensitivity, ...)."""
+    table = (details or {}).get("per_class") if isinstance(details, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        return [], []
+    cols: list[str] = []
+    for v in table.values():
+        cols += [k for k, x in v.items() if k not in cols and (_num(x) or x is None)]
+    return ["class"] + cols, [[c] + [fmt(v.get(k)) for k in cols] for c, v in table.items()]
+
+
+def subgroups(details, metric: str = "roc_auc") -> list[dict]:
+    """One row per subgroup value: n, patients, the metric with its interval, and why it is flagged."""
+    table = (details or {}).get("subgroups") if isinstance(details, dict) else None
+    out = []
+    if not isinstance(table, dict):
+        return out
+    for col, values in table.items():
+        if not isinstance(values, dict):
+            continue
+        for value, e in values.items():
+            if not isinstance(e, dict):
+                continue
+            iv, _ = _interval(e, metric)
+            out.append({"column": str(col), "value": str(value), "n": e.get("n"), "patients": e.get("n_groups"),
+                        "metric": e.get(metric), "low": iv[0] if iv else None, "high": iv[1] if iv else None,
+                        "flag": e.get("reason") if e.get("too_small") else ""})
+    return out
+
+
+def confusion(ev: dict) -> tuple[list[str], list[list]] | None:
+    """(class labels, matrix) from evaluate's report, or the first matrix in metrics.json."""
+    details = ev.get("evaluation") or {}
+    mat = details.get("confusion_matrix") if isinstance(details, dict) else None
+    if not (isinstance(mat, list) and mat and all(isinstance(r, list) for r in mat)):
+        found = matrices(ev.get("metrics") or {})
+        mat = next((m for name, m in found.items() if "normalized" not in name), None)
+    if not mat:
+        return None
+    classes = [str(c) for c in (ev.get("model") or {}).get("classes") or []]
+    labels = classes if len(classes) == len(mat) else [str(i) for i in range(len(mat))]
+    return labels, mat
+
+
+def ci_text(r: dict) -> str:
+    return f"{fmt(r['low'])} – {fmt(r['high'])}" if r.get("low") is not None else ""
