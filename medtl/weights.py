@@ -61,11 +61,14 @@ def fetch_imagenet(arch: str) -> StateDict:
         _verify_cached(cached)
     try:
         return enum.get_state_dict(progress=True, check_hash=True, weights_only=True)
-    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+    except (urllib.error.URLError, OSError) as e:  # OSError covers refused, reset and timed-out sockets
+        pinned = f"models/pretrained/{arch}-imagenet.pt"
         raise MedtlError(
-            f"cannot download ImageNet weights for {arch} from {enum.url} ({e}). On an offline machine, run "
-            f"`medtl weights pull {arch}` on a connected one, copy the file over and set pretrain.weights "
-            f"to its path and pretrain.sha256 to its hash"
+            f"cannot download ImageNet weights for {arch} from {enum.url} ({e}), and no copy is cached at "
+            f"{cached}. On an offline machine, replace pretrain.weights: imagenet by a pinned file: "
+            f"on a connected machine run `medtl weights pull {arch}`, carry {pinned} (and its .sha256) here, "
+            f"track it with `dvc add {pinned}`, and set pretrain.weights: {pinned} and pretrain.sha256: "
+            f"<the hash it printed> in params.yaml (see docs/transfer.md)"
         ) from e
     except RuntimeError as e:
         if "hash" in str(e):

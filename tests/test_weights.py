@@ -119,6 +119,35 @@ def test_imagenet_offline_points_to_weights_pull(no_network):
         build_backbone("resnet18", weights="imagenet")
     msg = str(e.value)
     assert "medtl weights pull resnet18" in msg and "download.pytorch.org" in msg
+    # The whole round trip: where the cache would be, how to track the file, which params to pin.
+    assert str(weights.hub_cache_path("resnet18")) in msg
+    assert "dvc add models/pretrained/resnet18-imagenet.pt" in msg
+    assert "pretrain.weights: models/pretrained/resnet18-imagenet.pt" in msg and "pretrain.sha256" in msg
+
+
+def test_imagenet_offline_stage_params_fail_before_any_output(tmp_path, monkeypatch, no_network):
+    """`weights: imagenet` on an offline machine stops the stage with exit code 2 and writes nothing."""
+    import json
+    import subprocess
+    import sys
+
+    import numpy as np
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    prepared = tmp_path / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    np.save(prepared / "train.npy", np.zeros((2, 1, 32, 32), np.float16))
+    (prepared / "stats.json").write_text(json.dumps({"classes": ["a", "b"], "size": 32, "channels": 1, "mean": [0.5], "std": [0.2]}))
+    (tmp_path / "params.yaml").write_text("pretrain:\n  weights: imagenet\n")
+    # A real offline machine: the download goes to an address that cannot resolve.
+    env = {**os.environ, "PYTHONPATH": str(root), "TORCH_HOME": str(tmp_path / "th"),
+           "https_proxy": "http://offline.invalid:9", "HTTPS_PROXY": "http://offline.invalid:9"}
+    res = subprocess.run([sys.executable, str(root / "stages" / "pretrain-adapt.py")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr
+    assert "medtl weights pull resnet18" in res.stderr and "pretrain.sha256" in res.stderr
+    assert not (tmp_path / "models" / "backbone.pt").exists()
 
 
 def test_imagenet_cached_file_that_fails_the_hash_check_is_reported(no_network):
