@@ -1,0 +1,102 @@
+"""Params validation: a wrong key, type or name stops a stage before it writes anything."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import yaml
+
+from medtl.adaptation import PretrainParams
+from medtl.errors import ParamsError
+from medtl.evaluation import EvaluateParams
+from medtl.finetune import FinetuneParams
+from medtl.ingest import IngestParams
+from medtl.params import build, load_section
+from medtl.preprocess import PreprocessParams
+from tests.project import ROOT
+
+SECTIONS = {
+    "ingest": IngestParams, "preprocess": PreprocessParams, "pretrain": PretrainParams,
+    "finetune": FinetuneParams, "evaluate": EvaluateParams,
+}
+
+
+def test_the_shipped_params_file_is_valid():
+    for name, cls in SECTIONS.items():
+        load_section(name, cls, ROOT / "params.yaml")
+
+
+@dataclass(frozen=True)
+class Inner:
+    rate: float = 0.5
+
+
+@dataclass(frozen=True)
+class Outer:
+    mode: Literal["a", "b"] = "a"
+    count: int = 1
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+
+@pytest.mark.parametrize(
+    "raw, key, expected",
+    [
+        ({"mdoe": "a"}, "mdoe", "allowed keys are count, flag, inner, mode"),
+        ({"mode": "c"}, "x.mode", "one of 'a', 'b'"),
+        ({"count": "3"}, "x.count", "an integer"),
+        ({"count": True}, "x.count", "an integer"),
+        ({"flag": "yes"}, "x.flag", "true or false"),
+        ({"inner": {"rate": "fast"}}, "x.inner.rate", "a number"),
+        ({"inner": {"speed": 1}}, "speed", "allowed keys are rate"),
+        ({"inner": 3}, "x.inner", "a mapping with keys rate"),
+    ],
+)
+def test_errors_name_the_key_the_value_and_what_is_allowed(raw, key, expected):
+    with pytest.raises(ParamsError) as e:
+        build(Outer, raw, "x")
+    assert key in str(e.value) and expected in str(e.value)
+
+
+def test_numbers_accept_integers_and_keep_defaults():
+    o = build(Outer, {"inner": {"rate": 1}}, "x")
+    assert o.inner.rate == 1.0 and isinstance(o.inner.rate, float) and o.mode == "a"
+
+
+@pytest.mark.parametrize(
+    "section, key, value, allowed",
+    [
+        ("pretrain", "arch", "resnet1000", "resnet18"),
+        ("pretrain", "adapt", "magic", "adabn"),
+        ("pretrain", "weights", "models/w.pt", "sha256"),
+        ("finetune", "strategy", "everything", "linear"),
+        ("ingest", "source", "pacs", "demo"),
+        ("finetune", "lr", "fast", "a number"),
+        ("finetune", "epochs", 0, "a positive integer"),
+        ("preprocess", "size", 3, "between 16 and 1024"),
+    ],
+)
+def test_bad_names_and_values_in_each_section(tmp_path, section, key, value, allowed):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw[section][key] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError) as e:
+        load_section(section, SECTIONS[section], path)
+    assert f"{section}.{key}" in str(e.value) or key in str(e.value)
+    assert allowed in str(e.value)
+
+
+def test_a_stage_with_a_bad_param_exits_with_one_paragraph_and_writes_nothing(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["ingest"]["workres"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    res = subprocess.run([sys.executable, str(ROOT / "stages" / "ingest.py")], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert "'workres'" in res.stderr and "ingest" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
