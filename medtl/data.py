@@ -1,8 +1,8 @@
-"""Batches from the prepared arrays: plain slicing for inference, a Dataset with augmentation for training."""
+"""Batches from the prepared arrays: plain slicing for inference, gathered and augmented batches for training."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import albumentations as A
 import numpy as np
@@ -62,3 +62,35 @@ def iter_batches(images: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
     """Consecutive float32 batches straight from the (memory-mapped) array: no per-item overhead."""
     for start in range(0, len(images), batch_size):
         yield torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
+
+
+class TrainBatches:
+    """Training batches gathered from the (memory-mapped) arrays by index lists, augmented per image.
+
+    One fancy-index read per batch instead of a DataLoader's per-item calls and
+    collation; augmentation is the only per-image work. `reseed` restarts the
+    augmentation's random streams, so an epoch's augmentations depend only on
+    the seed given for that epoch.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: A.Compose | None, pin_memory: bool = False):
+        self.images, self.labels, self.augment, self.pin_memory = images, np.asarray(labels), augment, pin_memory
+
+    def reseed(self, seed: int) -> None:
+        if self.augment is not None:
+            self.augment.set_random_seed(seed)
+
+    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = np.asarray(index, dtype=np.int64)
+        x = np.asarray(self.images[idx], dtype=np.float32)
+        if self.augment is not None:
+            for i in range(len(x)):
+                x[i] = np.clip(self.augment(image=x[i].transpose(1, 2, 0))["image"], 0.0, 1.0).transpose(2, 0, 1)
+        xt, yt = torch.from_numpy(x), torch.from_numpy(self.labels[idx].astype(np.int64))
+        if self.pin_memory:
+            xt, yt = xt.pin_memory(), yt.pin_memory()
+        return xt, yt
+
+    def __call__(self, batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in batches:
+            yield self.batch(index)

@@ -1,8 +1,17 @@
-"""fine-tune: models/backbone.pt + data/prepared/ -> models/model.pt, with DVCLive training curves."""
+"""fine-tune: models/backbone.pt + data/prepared/ -> models/model.pt, with DVCLive training curves.
+
+Resumable: the state after each epoch goes to models/finetune.ckpt (not a DVC
+output, so DVC leaves it in place); a rerun after a crash continues from it.
+Distributed: run under `torchrun --nproc_per_node N`, or set finetune.nproc.
+"""
+import os
+import sys
 from pathlib import Path
 
 from dvclive import Live
 
+from medtl import distributed
+from medtl.errors import MedtlError
 from medtl.finetune import FinetuneParams, run_finetune
 from medtl.io import save_torch
 from medtl.params import load_section
@@ -10,26 +19,51 @@ from medtl.provenance import stage_record
 from medtl.stage import main
 
 BACKBONE, PREPARED, OUT, LIVE = Path("models/backbone.pt"), Path("data/prepared"), Path("models/model.pt"), "dvclive"
+RESUME = Path("models/finetune.ckpt")
+
+
+def train(params: FinetuneParams, world: distributed.World, live: Live | None) -> tuple[dict, dict]:
+    def log(epoch: int, row: dict) -> None:
+        for name, value in row.items():
+            if name != "epoch":
+                live.log_metric(name, value)
+        live.next_step()
+
+    return run_finetune(params, BACKBONE, PREPARED, log if live else None, resume_path=RESUME, world=world)
 
 
 def run() -> str:
     params = load_section("finetune", FinetuneParams)
-    with stage_record("fine-tune", params, inputs=[BACKBONE, PREPARED], outputs=[OUT]) as rec:
-        with Live(LIVE, save_dvc_exp=False, dvcyaml=False) as live:
-            def log(epoch: int, row: dict) -> None:
-                for name, value in row.items():
-                    if name != "epoch":
-                        live.log_metric(name, value)
-                live.next_step()
-
-            ckpt, summary = run_finetune(params, BACKBONE, PREPARED, log)
-        save_torch(ckpt, OUT)
-        rec.seeds["torch"] = params.seed
-        rec.hardware = ckpt["hardware"]
-        rec.extra["training"] = {k: summary[k] for k in ("best_epoch", "epochs_run", "best")}
-    best = summary["best"]
-    return f"{params.strategy} {ckpt['arch']} on {ckpt['hardware']['device']}/{ckpt['hardware']['precision']}: " \
-           f"best epoch {summary['best_epoch'] + 1}/{summary['epochs_run']}, val AUC {best['val_auc']:.3f}, " \
+    if params.nproc > 1 and not distributed.under_torchrun():
+        code = distributed.relaunch_with_torchrun(params.nproc, __file__)
+        if code != 0:
+            raise MedtlError(f"the {params.nproc} torchrun workers failed (exit code {code}); their messages are above")
+        return f"trained by {params.nproc} processes under torchrun"
+    world = distributed.world_from_env()
+    if not world.is_main:
+        sys.stdout = open(os.devnull, "w")  # one summary line, from rank 0
+        try:
+            train(params, world, None)
+        finally:
+            distributed.shutdown()
+        return ""
+    try:
+        with stage_record("fine-tune", params, inputs=[BACKBONE, PREPARED], outputs=[OUT]) as rec:
+            # Curves restart with the run; rows of resumed epochs are replayed from the checkpoint.
+            with Live(LIVE, save_dvc_exp=False, dvcyaml=False) as live:
+                ckpt, summary = train(params, world, live)
+            save_torch(ckpt, OUT)
+            RESUME.unlink(missing_ok=True)
+            rec.seeds["torch"] = params.seed
+            rec.hardware = ckpt["hardware"]
+            rec.extra["training"] = {k: summary[k] for k in ("best_epoch", "epochs_run", "best", "resumed_from")}
+    finally:
+        distributed.shutdown()
+    best, hw = summary["best"], ckpt["hardware"]
+    resumed = f", resumed at epoch {summary['resumed_from'] + 1}" if summary["resumed_from"] is not None else ""
+    procs = f" x{hw['processes']}" if hw["processes"] > 1 else ""
+    return f"{params.strategy} {ckpt['arch']} on {hw['device']}/{hw['precision']}{procs}: " \
+           f"best epoch {summary['best_epoch'] + 1}/{summary['epochs_run']}{resumed}, val AUC {best['val_auc']:.3f}, " \
            f"val accuracy {best['val_accuracy']:.3f}"
 
 
