@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from medtl import hardware
+from torchvision.models import get_model
+
+from medtl import hardware, weights
 from medtl.adaptation import PretrainParams, adabn, run_pretrain
 from medtl.backbones import build_backbone
 from medtl.errors import ParamsError
@@ -59,10 +61,17 @@ def test_vit_needs_224_pixels(tmp_path):
         run_pretrain(PretrainParams(arch="vit_b_16", device="cpu"), prepared)
 
 
-def test_stage_runs_ssl_under_dvc_and_records_what_it_did(project):
-    project.update_params({"pretrain": {"adapt": "ssl", "precision": "fp32",
+def test_stage_runs_ssl_from_pinned_weights_under_dvc_and_records_what_it_did(project):
+    # The air-gapped round trip: a pulled file, tracked with `dvc add`, pinned in params.
+    torch.manual_seed(3)
+    state = get_model("resnet18", weights=None).state_dict()
+    pulled = weights.pull("resnet18", project.path / "models" / "pretrained", fetch=lambda arch: state)
+    rel = "models/pretrained/resnet18-imagenet.pt"
+    project.dvc("add", rel)
+    project.update_params({"pretrain": {"weights": rel, "sha256": pulled.sha256, "adapt": "ssl", "precision": "fp32",
                                         "ssl": {"epochs": 2, "batch_size": 16, "lr": 0.001}}})
-    project.commit("ssl")
+    project.commit("ssl from pinned weights")
+    assert rel + ".dvc" in project.git("ls-files").stdout
     res = project.dvc("repro", "pretrain-adapt")
     assert "adaptation ssl on" in res.stdout
 
@@ -74,9 +83,12 @@ def test_stage_runs_ssl_under_dvc_and_records_what_it_did(project):
     assert record["images"] == n_train and record["image_sources"] == {"train": n_train, "extra": None}
     assert record["hardware"]["precision"] == "fp32"
 
+    assert ckpt["weights"] == {"name": "file", "origin": rel, "sha256": pulled.sha256}
+
     prov = json.loads((root / "models" / "backbone.pt.provenance.json").read_text())
     assert prov["extra"]["adaptation"] == record
-    assert [i["path"] for i in prov["inputs"]] == ["data/prepared/train.npy", "data/prepared/stats.json"]
+    assert [i["path"] for i in prov["inputs"]] == ["data/prepared/train.npy", "data/prepared/stats.json", rel]
+    assert prov["inputs"][2]["sha256"] == pulled.sha256
 
     metrics = json.loads((root / "dvclive_pretrain" / "metrics.json").read_text())
     assert metrics["ssl_loss"] == record["loss"][-1] and metrics["adapt_images"] == n_train
