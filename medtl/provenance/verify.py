@@ -32,6 +32,7 @@ class Result:
     notes: list[str] = field(default_factory=list)
     seen: set[Path] = field(default_factory=set)  # files already re-hashed, so a file listed twice is reported once
     md5s: dict[Path, str] = field(default_factory=dict)
+    changed: set[Path] = field(default_factory=set)  # files already reported, so their DVC md5 is not reported again
 
     def mismatch(self, what: str, expected: str, actual: str) -> None:
         self.mismatches.append(f"MISMATCH {what}: expected {expected}, actual {actual}")
@@ -80,6 +81,7 @@ def _check_file(res: Result, root: Path, name: str, expected: str) -> str | None
     res.seen.add(p.resolve())
     if sha != expected:
         res.mismatch(name, f"sha256 {expected}", f"sha256 {sha}")
+        res.changed.add(p.resolve())
     return md5
 
 
@@ -186,7 +188,7 @@ def verify(evidence: str | Path, root: str | Path = ".", pub_key: str | Path | N
             locked = ann.get("dvc_md5")
             if locked and current_lock is not None and desc["name"] in current_lock and current_lock[desc["name"]] != locked:
                 res.mismatch(f"dvc.lock {desc['name']}", f"md5 {locked}", f"md5 {current_lock[desc['name']]}")
-            elif locked and md5 and md5 != locked and len(res.mismatches) == before:
+            elif locked and md5 and md5 != locked and len(res.mismatches) == before and (root / desc["name"]).resolve() not in res.changed:
                 res.mismatch(f"{desc['name']} (dvc md5)", f"md5 {locked}", f"md5 {md5}")
         elif kind == "source-data":
             sources.append(desc)
