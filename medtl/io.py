@@ -105,8 +105,10 @@ def write_json(path: str | Path, obj: Any) -> None:
 def save_torch(obj: Any, path: str | Path) -> None:
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Through a file object: given a path, torch names the zip's root folder after the (random)
+    # temporary name, and the same weights would hash differently on every run.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 def load_torch(path: str | Path) -> Any:
