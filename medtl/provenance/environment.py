@@ -14,12 +14,14 @@ from medtl.provenance.hashing import file_digests
 PACKAGES = ("torch", "torchvision", "dvc", "dvclive", "numpy", "scikit-learn", "pydicom", "medtl")
 
 
-def _git(args: list[str], cwd: str | Path = ".") -> str | None:
+def _git(args: list[str], cwd: str | Path = ".", strip: bool = True) -> str | None:
     try:
         r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    return r.stdout.strip() if r.returncode == 0 else None
+    if r.returncode != 0:
+        return None
+    return r.stdout.strip() if strip else r.stdout
 
 
 def _strip_credentials(url: str) -> str:
@@ -37,7 +39,8 @@ def git_state(cwd: str | Path = ".") -> dict:
     commit = _git(["rev-parse", "HEAD"], cwd)
     if commit is None:
         return {"commit": None, "dirty": None}
-    status = _git(["status", "--porcelain"], cwd) or ""
+    # porcelain lines are "XY path": a stripped first line would lose a column
+    status = _git(["status", "--porcelain"], cwd, strip=False) or ""
     # provenance records are written beside outputs during the run; they are not code
     changed = [line[3:] for line in status.splitlines() if not line.endswith(".provenance.json")]
     state = {"commit": commit, "dirty": bool(changed), "changed": changed[:50]}
