@@ -1,0 +1,160 @@
+"""`make bench` / `python -m benchmarks`: medtl against the classic recipe and the machine's own limits.
+
+Prints a table and writes reports/bench.json. Every comparison is a ratio of
+two measurements taken in this run on the same data. See docs/performance.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCHMARKS = ("linear_probe", "train_path", "precision", "ingest_scale", "dvc_overhead", "predict")
+
+# Smallest sizes that still exercise every code path (the smoke test runs these).
+QUICK = {"patients": 12, "size": 32, "linear_epochs": [1, 2], "train_epochs": 1, "precision_epochs": 1,
+         "precision_steps": 2, "batch_size": 8, "ingest_sizes": [16, 32], "dvc_images": 96, "dvc_targets": ["preprocess"],
+         "predict_images": 16, "dataloader_workers": 0}
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated subset of: " + ", ".join(BENCHMARKS))
+    p.add_argument("--out", type=Path, default=Path("reports/bench.json"))
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed after)")
+    p.add_argument("--quick", action="store_true", help="smallest sizes: proves the suite runs, measures nothing useful")
+    p.add_argument("--large", action="store_true", help="the issue's full sizes: ingest 1k/10k/50k, dvc on 50k images")
+    # One thread by default: on a shared 2-core machine two spinning OpenMP threads ran 5x slower than one.
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides of every ratio "
+                                                          "(default: %(default)s; 0: torch's default, one per core)")
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--patients", type=int, default=160, help="demo patients (2-4 images each) for 1, 2, 3")
+    p.add_argument("--size", type=int, default=64, help="image side for 1, 2, 3, 6 (params.yaml's preprocess.size)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--linear-epochs", type=_ints, default=[10, 30])
+    p.add_argument("--dataloader-workers", type=int, default=2, help="the classic recipe's DataLoader workers")
+    p.add_argument("--train-epochs", type=int, default=3)
+    p.add_argument("--precision-epochs", type=int, default=3)
+    p.add_argument("--precision-steps", type=int, default=8)
+    p.add_argument("--auc-tolerance", type=float, default=0.05)
+    p.add_argument("--ingest-sizes", type=_ints, default=[1000, 5000, 10000])
+    p.add_argument("--ingest-formats", default="dicom,png")
+    p.add_argument("--ingest-image-side", type=_ints, default=[64, 128], help="MIN,MAX side of the synthetic sources")
+    p.add_argument("--dvc-images", type=int, default=10000)
+    p.add_argument("--predict-images", type=int, default=512)
+    args = p.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
+        args.ingest_image_side = [32, 48]
+    else:
+        args.dvc_targets = []
+    if args.large:
+        args.ingest_sizes, args.dvc_images = [1000, 10000, 50000], 50000
+    unknown = set(args.only.split(",")) - set(BENCHMARKS)
+    if unknown:
+        p.error(f"--only: unknown benchmark(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCHMARKS)}")
+    return args
+
+
+def table(results: list) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"\n== {r.title}  ({r.seconds:.0f} s)")
+        for row in r.rows:
+            lines.append(f"  {row['measure']:<58} {row['value']!s:>16} {row['unit']}")
+        for c in r.checks:
+            mark = "ok" if c["ok"] else "MISS"
+            lines.append(f"  {c['check']:<58} {c['value']!s:>16}   target {c['target']:<10} {mark}")
+        for note in r.notes:
+            lines.append(f"  note: {note}")
+    return "\n".join(lines)
+
+
+def write_report(args, results: list, started: float) -> dict:
+    import torch
+
+    from benchmarks import common
+    from medtl.io import write_json
+
+    report = {"format": "medtl-bench/1", "machine": common.machine(), "quick": args.quick, "large": args.large,
+              "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+              "seconds": round(time.time() - started, 1),
+              "load_average": list(os.getloadavg()),
+              "benchmarks": {r.name: r.to_json() for r in results},
+              "gpu": "not measured: no GPU on this machine" if not torch.cuda.is_available() else "see rows"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, report)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    import torch
+
+    from benchmarks import common
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    selected = [b for b in BENCHMARKS if b in args.only.split(",")]
+    work = args.work or Path(tempfile.mkdtemp(prefix="medtl-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started, results = time.time(), []
+    try:
+        prepared = None
+        if {"linear_probe", "train_path", "precision", "predict"} & set(selected):
+            print(f"bench: demo data, {args.patients} patients at {args.size} px", file=sys.stderr)
+            prepared = common.demo_prepared(work / "demo", args.patients, args.size)
+        for name in selected:
+            print(f"bench: {name}", file=sys.stderr)
+            t0 = time.perf_counter()
+            if name == "linear_probe":
+                from benchmarks import linear_probe
+                r = linear_probe.run(work / "linear", prepared, args.linear_epochs, args.batch_size,
+                                     args.dataloader_workers, args.auc_tolerance, args.arch)
+            elif name == "train_path":
+                from benchmarks import train_path
+                r = train_path.run(prepared, args.train_epochs, args.batch_size, args.arch)
+            elif name == "precision":
+                from benchmarks import precision
+                r = precision.run(prepared, args.precision_epochs, args.batch_size, args.precision_steps,
+                                  args.auc_tolerance, args.arch)
+            elif name == "ingest_scale":
+                from benchmarks import ingest_scale
+                r = ingest_scale.run(work / "ingest", args.ingest_sizes, args.ingest_formats.split(","),
+                                     *args.ingest_image_side)
+            elif name == "dvc_overhead":
+                from benchmarks import dvc_overhead
+                r = dvc_overhead.run(work / "dvc", args.dvc_images, args.dvc_targets)
+            else:
+                from benchmarks import predict_throughput
+                r = predict_throughput.run(work / "predict", prepared, args.predict_images, max(args.batch_size, 8) * 2,
+                                           args.arch)
+            r.seconds = time.perf_counter() - t0
+            results.append(r)
+            print(table([r]), file=sys.stderr)
+            write_report(args, results, started)  # after each benchmark: a long run cut short keeps what it measured
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report = write_report(args, results, started)
+    m = report["machine"]
+    print(f"medtl benchmarks on {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+          f"AMX bf16 {m.get('amx_bf16')}, GPU {m['cuda'] or 'none'}; {report['seconds']:.0f} s")
+    print(table(results))
+    missed = [f"{r.name}: {c['check']}" for r in results for c in r.checks if not c["ok"]]
+    print(f"\n{sum(len(r.checks) for r in results) - len(missed)} checks met, {len(missed)} missed -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

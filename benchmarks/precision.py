@@ -1,0 +1,79 @@
+"""3. Precision: fp32 vs bf16 autocast + channels_last on this CPU, speed and accuracy, and what `auto` picks.
+
+Throughput is forward (+ backward + step) on batches already in memory. The
+accuracy of each is the demo's test AUC after the same full fine-tuning run
+(`medtl.finetune.fit`, same seed and epochs) in that precision.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import Result, Timer, auc
+from benchmarks.train_path import memory_batches, raw_train
+from medtl.preprocess import load_split, load_stats
+
+NAME = "precision"
+
+
+def infer_seconds(model, batches, hw, warmup: int = 1) -> float:
+    model.eval()
+    with torch.no_grad(), hw.autocast():
+        for x, _ in batches[:warmup]:
+            model(x)
+        with Timer() as t:
+            for x, _ in batches:
+                model(x)
+    return t.seconds
+
+
+def build(arch: str, stats: dict, hw):
+    from medtl.backbones import build_backbone
+    from medtl.model import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(build_backbone(arch, stats["channels"], "none"), len(stats["classes"]), stats["mean"], stats["std"])
+    if hw.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def run(prepared: Path, epochs: int, batch_size: int, steps: int, auc_tolerance: float, arch: str = "resnet18") -> Result:
+    from medtl import hardware
+    from medtl.finetune import FinetuneParams, fit, forward_batches
+
+    stats = load_stats(prepared)
+    train, val, test = (load_split(prepared, s) for s in ("train", "val", "test"))
+    auto = hardware.select("auto", "auto")
+    res = Result(NAME, "Precision: fp32 vs bf16 + channels_last",
+                 {"arch": arch, "size": stats["size"], "batch_size": batch_size, "timed_steps": steps,
+                  "accuracy_epochs": epochs, "cpu_amx_bf16": hardware.cpu_has_amx_bf16()})
+    speed, scores = {}, {}
+    for precision in ("fp32", "bf16"):
+        hw = hardware.Hardware(torch.device("cpu"), precision)
+        bs = min(batch_size, len(train.labels))
+        batches = memory_batches(train.images, train.labels, bs, steps, hw)
+        train_ips = steps * bs / raw_train(build(arch, stats, hw), batches, hw, warmup=1)
+        infer_ips = steps * bs / infer_seconds(build(arch, stats, hw), batches, hw)
+        model = build(arch, stats, hw)
+        params = FinetuneParams(strategy="full", epochs=epochs, batch_size=batch_size, patience=epochs, seed=0,
+                                device="cpu", precision=precision)
+        fit(params, model, train, val, hw)
+        probs = torch.softmax(forward_batches(model, test.images, 64, hw, "test"), 1).numpy()
+        speed[precision] = (train_ips, infer_ips)
+        scores[precision] = (auc(test.labels, probs[:, 1]), float((probs.argmax(1) == test.labels).mean()))
+        label = precision + (" + channels_last" if hw.channels_last else "")
+        res.add(f"train {label}", round(train_ips, 1), "img/s")
+        res.add(f"inference {label}", round(infer_ips, 1), "img/s")
+        res.add(f"test AUC / accuracy {label}", f"{scores[precision][0]:.3f} / {scores[precision][1]:.3f}")
+    res.add("bf16 / fp32 train speed", round(speed["bf16"][0] / speed["fp32"][0], 2), "x")
+    res.add("bf16 / fp32 inference speed", round(speed["bf16"][1] / speed["fp32"][1], 2), "x")
+    res.check("|test AUC bf16 - fp32|", round(abs(scores["bf16"][0] - scores["fp32"][0]), 3), "<=", auc_tolerance)
+    fastest = max(speed, key=lambda p: speed[p][0])
+    res.check(f"precision auto picks the faster one ({fastest})", auto.precision, "==", fastest)
+    if not hardware.cpu_has_amx_bf16():
+        res.notes.append("this CPU has no AMX: bf16 runs through emulated kernels and is slower; "
+                         "precision auto stays on fp32 here")
+    return res
