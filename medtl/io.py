@@ -6,6 +6,7 @@ into place, so a crash never leaves a half-written file at an output path.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -31,6 +32,35 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _temp_prefix(path: Path) -> str:
+    # The writer's pid is in the name, so a later write can tell a crashed writer's leftovers from a live one's.
+    return f".{path.name}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _sweep_leftovers(path: Path) -> None:
+    """Remove temporaries beside `path` left by writers that were killed (SIGKILL, power loss)."""
+    with contextlib.suppress(OSError):
+        for p in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            parts = p.name[len(path.name) + 2:].split(".")
+            stale = p.name == f".{path.name}.old" or (
+                len(parts) >= 3 and parts[-1] == "tmp" and parts[0].isdigit() and not _alive(int(parts[0])))
+            if stale:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -46,7 +76,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
         raise MedtlError(f"cannot write {path}: {e.strerror or e}") from e
@@ -57,6 +87,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
+        _sweep_leftovers(path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise MedtlError(f"cannot write {path}: {e.strerror or e}") from e
@@ -71,7 +102,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise MedtlError(f"cannot write {path}: {e.strerror or e}") from e
     try:
@@ -85,6 +116,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         _fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        _sweep_leftovers(path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise MedtlError(f"cannot write {path}: {e.strerror or e}") from e
