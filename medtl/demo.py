@@ -88,7 +88,7 @@ def synth_image(rng: np.random.Generator, h: int, w: int, lesion: bool, patient_
         ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.6)
         ly, lx = cy + np.sin(ang) * rad * ry, cx + np.cos(ang) * rad * rx
         r = s * rng.uniform(0.05, 0.09)
-        img += rng.uniform(0.04, 0.3) * np.exp(-(((yy - ly) ** 2 + (xx - lx) ** 2) / (2 * r**2)))
+        img += rng.uniform(0.05, 0.4) * np.exp(-(((yy - ly) ** 2 + (xx - lx) ** 2) / (2 * r**2)))
     img += rng.normal(0, 0.045, (h, w)).astype(np.float32)
     return np.clip(img, 0, 1)
 
