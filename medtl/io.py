@@ -134,6 +134,24 @@ def write_json(path: str | Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
+def open_npy(path: str | Path, dtype: Any, shape: tuple[int, ...]):
+    """A new .npy file memory-mapped for writing, its blocks reserved on disk first.
+
+    Writing into a mapped page the disk has no room for kills the process with SIGBUS;
+    reserving the space up front turns a full disk into an OSError (ENOSPC) here instead.
+    """
+    import numpy as np
+
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    try:
+        with open(path, "rb+") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except OSError:
+        del arr
+        raise
+    return arr
+
+
 def save_torch(obj: Any, path: str | Path) -> None:
     import torch
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from medtl.errors import MedtlError
 from medtl.ingest import read_manifest
+from medtl.io import open_npy
 from medtl.params import require
 from medtl.splits import SPLITS
 from medtl.store import PixelStore
@@ -83,8 +84,7 @@ def run_preprocess(params: PreprocessParams, ingested: Path, out_dir: Path) -> d
     for split in SPLITS:
         part = [r for r in rows if r["split"] == split]
         counts[split] = len(part)
-        arr = np.lib.format.open_memmap(out_dir / f"{split}.npy", mode="w+", dtype=np.float16,
-                                        shape=(len(part), params.channels, params.size, params.size))
+        arr = open_npy(out_dir / f"{split}.npy", np.float16, (len(part), params.channels, params.size, params.size))
         for i, r in enumerate(tqdm(part, desc=f"preprocess {split}", unit="img", leave=False)):
             img = store.get(int(r["offset"]), int(r["height"]), int(r["width"]), int(r["channels"]))
             img = resize(to_channels(img, params.channels), params.size, params.resize)
