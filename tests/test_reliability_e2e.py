@@ -179,7 +179,7 @@ def test_two_queued_experiments_run_in_parallel_and_are_both_listed(reference, t
     p = Project(tmp_path / "queue")
     shutil.copytree(ref.path, p.path, symlinks=True)
     for name, lr in (("rel-slow", "0.0002"), ("rel-fast", "0.005")):
-        p.dvc("exp", "run", "--queue", "-n", name, "-S", f"finetune.lr={lr}")
+        p.dvc("exp", "run", "--queue", "-n", name, "-S", f"finetune.lr={lr}", "-S", "finetune.epochs=1")
     p.dvc("queue", "start", "-j", "2")
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
