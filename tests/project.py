@@ -79,3 +79,10 @@ def make_project(dest: Path, params: dict | None = None) -> Project:
     p.dvc("config", "core.analytics", "false")
     p.commit("project")
     return p
+
+
+def copy_project(src: Project, dest: Path) -> Project:
+    """An independent copy of a project that already ran (git history, dvc cache and outputs included)."""
+    shutil.copytree(src.path, dest, symlinks=True,
+                    ignore=lambda d, names: ["tmp"] if Path(d).name == ".dvc" else [])
+    return Project(dest)

@@ -16,7 +16,7 @@ from PIL import Image
 from medtl import demo
 from medtl.cli import main
 from medtl.provenance.bom import validate_bom
-from tests.project import TINY_PARAMS, Project, make_project
+from tests.project import Project, copy_project
 
 CHROMIUM = Path("/usr/bin/chromium")
 RECORDS = ["data/ingested.provenance.json", "data/prepared.provenance.json", "models/backbone.pt.provenance.json",
@@ -33,11 +33,9 @@ def in_dir(path: Path, *argv: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Project:
+def run(tiny_run, tmp_path_factory) -> Project:
     """The pipeline run once, committed, and audited; tests only read it (or copy it)."""
-    p = make_project(tmp_path_factory.mktemp("audit-e2e") / "project", TINY_PARAMS)
-    p.dvc("repro")
-    p.commit("run")
+    p = copy_project(tiny_run, tmp_path_factory.mktemp("audit-e2e") / "project")
     assert p.git("status", "--porcelain").stdout.strip() == ""
     assert in_dir(p.path, "audit") == 0
     return p

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from medtl import demo
-from tests.project import TINY_PARAMS, make_project
+from tests.project import copy_project
 
 DECLARED_OUTPUTS = [
     "data/ingested/manifest.csv", "data/ingested/pixels.u16", "data/ingested/report.json",
@@ -20,11 +20,8 @@ DECLARED_OUTPUTS = [
 
 
 @pytest.fixture(scope="module")
-def ran(tmp_path_factory):
-    p = make_project(tmp_path_factory.mktemp("e2e") / "project", TINY_PARAMS)
-    p.dvc("repro")
-    p.commit("first run")
-    return p
+def ran(tiny_run, tmp_path_factory):
+    return copy_project(tiny_run, tmp_path_factory.mktemp("e2e") / "project")
 
 
 def stages_run(output: str) -> list[str]:
