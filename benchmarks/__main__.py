@@ -49,7 +49,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ingest-formats", default="dicom,png")
     p.add_argument("--ingest-image-side", type=_ints, default=[64, 128], help="MIN,MAX side of the synthetic sources")
     p.add_argument("--dvc-images", type=int, default=10000)
-    p.add_argument("--predict-images", type=int, default=512)
+    p.add_argument("--predict-images", type=int, default=2000)
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():

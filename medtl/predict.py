@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
+import multiprocessing
 import sys
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -132,10 +135,33 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
+def _decode_file(path: Path, read_options: ReadOptions, pre: dict, op: Operating, allow_mismatch: bool):
+    """Decode and prepare one file: (path, error or [(image, refusal or None, prepared array)])."""
+    try:
+        decoded = read(path, read_options)
+    except UnreadableImage as e:
+        return path, str(e)
+    out = []
+    for k, d in enumerate(decoded):
+        image = d.metadata.get("slice") or d.metadata.get("frame") or ("" if len(decoded) == 1 else str(k))
+        why = None if allow_mismatch else misfit(d.pixels, d.metadata, op)
+        out.append((image, why, None if why else prepare_image(d.pixels, pre)))
+    return path, out
+
+
+def _decoded(files: list[Path], decode, workers: int) -> Iterator:
+    """Decoded files in order; with workers, decoding runs in other processes while the model infers."""
+    if workers < 1 or len(files) < 2:
+        yield from map(decode, files)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(decode, files, chunksize=4)
+
+
 def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32, *,
             operating_point: Path | None = None, threshold: float | None = None,
             hw: hardware.Hardware | None = None, read_options: ReadOptions = ReadOptions(),
-            allow_mismatch: bool = False) -> dict:
+            allow_mismatch: bool = False, workers: int = 1) -> dict:
     """Write one CSV row per image (or per unreadable file) to `out`; return counts."""
     if batch_size < 1:
         raise MedtlError(f"--batch-size must be a positive integer, got {batch_size}")
@@ -180,22 +206,20 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        for path in tqdm(files, desc="predict", unit="file"):
+        decode = functools.partial(_decode_file, read_options=read_options, pre=pre, op=op,
+                                   allow_mismatch=allow_mismatch)
+        for path, result in tqdm(_decoded(files, decode, workers), total=len(files), desc="predict", unit="file"):
             name = str(path)
-            try:
-                decoded = read(path, read_options)
-            except UnreadableImage as e:
+            if isinstance(result, str):
                 flush(writer)
-                writer.writerow(row(name, "", "error", str(e)))
+                writer.writerow(row(name, "", "error", result))
                 continue
-            for k, d in enumerate(decoded):
-                image = d.metadata.get("slice") or d.metadata.get("frame") or ("" if len(decoded) == 1 else str(k))
-                why = None if allow_mismatch else misfit(d.pixels, d.metadata, op)
+            for image, why, prepared in result:
                 if why:
                     flush(writer)
                     writer.writerow(row(name, image, "refused", f"{name}: {why}"))
                     continue
-                pending.append((name, image, prepare_image(d.pixels, pre)))
+                pending.append((name, image, prepared))
                 if len(pending) >= batch_size:
                     flush(writer)
         flush(writer)
@@ -230,6 +254,9 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=None, help="positive-class threshold; overrides the operating point")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="predict images whose modality or colour differs from the model's data instead of refusing them")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that decode files while the model predicts; 0 decodes in the main process "
+                        "(default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     g = p.add_argument_group("read options (use the values of ingest.read the model was trained with)")
@@ -244,7 +271,8 @@ def _main(args) -> int:
     options = ReadOptions(window=args.window, frame=args.frame, axis=args.axis, slice=args.slice)
     hw = hardware.select(args.device, args.precision, key="--device")
     res = predict(args.model, args.inputs, args.out, args.batch_size, operating_point=args.operating_point,
-                  threshold=args.threshold, hw=hw, read_options=options, allow_mismatch=args.allow_mismatch)
+                  threshold=args.threshold, hw=hw, read_options=options, allow_mismatch=args.allow_mismatch,
+                  workers=args.workers)
     print(f"medtl predict: {res['ok']} image(s) predicted, {res['error']} unreadable, {res['refused']} refused, "
           f"threshold {res['threshold']} ({res['threshold_source']}) -> {args.out}")
     if res["ok"] == 0:
