@@ -26,6 +26,7 @@ FAST = deep_update(TINY_PARAMS, {"evaluate": {"saliency": {"enabled": False}, "b
 STAGES = ["ingest", "preprocess", "pretrain-adapt", "fine-tune", "evaluate"]
 # Logs DVCLive appends to while training; between epochs they hold complete rows only.
 LOGS = ("dvclive", "dvclive_pretrain")
+RESUME = "models/finetune.ckpt"  # fine-tune's state after each epoch (not a DVC output)
 
 
 def lock_outs(p: Project, stage: str | None = None) -> dict[str, str]:
@@ -90,7 +91,13 @@ def test_sigkill_at_a_random_point_of_each_stage_then_repro_completes_identicall
             proc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro", "--force", "--single-item", stage], cwd=p.path,
                                     env=p.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True)
-            time.sleep(delay)
+            if stage == "fine-tune":  # land the kill after a saved epoch, so that the rerun resumes
+                end = time.monotonic() + 2 * durations[stage]
+                while not (p.path / RESUME).exists() and proc.poll() is None and time.monotonic() < end:
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 0.5) / 2 ** attempt)
+            else:
+                time.sleep(delay)
             running = proc.poll() is None
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage's python together, as on power loss
@@ -110,6 +117,8 @@ def test_sigkill_at_a_random_point_of_each_stage_then_repro_completes_identicall
                     assert got == want, f"{stage} killed after {delay:.1f} s left a half-written {rel}"
         res = p.dvc("repro", "--single-item", stage)
         assert lock_outs(p, stage) == lock_outs(ref, stage), f"{stage} after a kill differs:\n{res.stdout[-2000:]}"
+        if stage == "fine-tune":
+            assert "resumed at epoch" in res.stdout, res.stdout[-2000:]
     assert lock_outs(p) == lock_outs(ref)
     assert leftovers(p) == []
     assert p.dvc("status", "--json").stdout.strip() in ("{}", "")
