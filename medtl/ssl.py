@@ -29,6 +29,7 @@ from tqdm import tqdm
 from medtl import hardware
 from medtl.backbones import Backbone
 from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.io import open_npy
 from medtl.params import require
 
 
@@ -138,7 +139,7 @@ def read_image_folder(folder: str | Path, size: int, channels: int, mode: str, o
             f"pretrain.ssl.extra_images: no readable image in {folder} ({len(files)} file(s), skipped: "
             f"{dict(skipped) or 'none'}); expected DICOM, NIfTI, PNG, JPEG, BMP or TIFF files"
         )
-    arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(len(images), channels, size, size))
+    arr = open_npy(out, np.float16, (len(images), channels, size, size))
     for i, img in enumerate(images):
         arr[i] = img
     arr.flush()
