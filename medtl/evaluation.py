@@ -207,6 +207,8 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
         write_plots(plots, data.labels, probs, classes, threshold, report["calibration"]["reliability"])
     with atomic_path(out_dir / "predictions.csv") as tmp:
         write_predictions(tmp, data, probs, classes, threshold)
+    with atomic_path(out_dir / "val_predictions.csv") as tmp:  # out-of-fold predictions for `medtl cv report`
+        write_predictions(tmp, val, val_probs, classes, threshold)
     with atomic_dir(out_dir / "saliency") as sal:
         details["saliency"] = _saliency(params, model, hw, data, probs, classes, threshold, sal)
     write_json(out_dir / "operating_point.json",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -17,8 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from medtl.errors import MedtlError
+from medtl.folds import CvParams, assign_fold
 from medtl.ingest import read_manifest
-from medtl.io import open_npy
+from medtl.io import open_npy, write_json
 from medtl.params import require
 from medtl.splits import SPLITS
 from medtl.store import PixelStore
@@ -31,6 +32,7 @@ class PreprocessParams:
     size: int = 64
     channels: Literal[1, 3] = 1
     resize: Literal["pad", "stretch", "crop"] = "pad"
+    cv: CvParams = field(default_factory=CvParams)  # cross-validation fold (see medtl.folds)
 
     def check(self, key: str) -> None:
         require(16 <= self.size <= 1024, f"{key}.size", self.size, "an image side in pixels between 16 and 1024")
@@ -73,6 +75,9 @@ def resize(img: np.ndarray, size: int, mode: str) -> np.ndarray:
 
 def run_preprocess(params: PreprocessParams, ingested: Path, out_dir: Path) -> dict:
     rows = read_manifest(ingested / "manifest.csv")
+    if params.cv.folds:  # this fold's train/val over the development data; test untouched
+        rows, cv = assign_fold(rows, params.cv, ingested)
+        write_json(out_dir / "cv.json", cv)
     classes = json.loads((ingested / "report.json").read_text())["classes"]
     index = {c: i for i, c in enumerate(classes)}
     store = PixelStore(ingested / "pixels.u16")

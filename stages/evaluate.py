@@ -8,7 +8,7 @@ from medtl.stage import main
 
 MODEL, PREPARED, OUT = Path("models/model.pt"), Path("data/prepared"), Path("reports")
 OUTPUTS = [OUT / "metrics.json", OUT / "evaluation.json", OUT / "operating_point.json", OUT / "predictions.csv",
-           OUT / "plots", OUT / "saliency"]
+           OUT / "val_predictions.csv", OUT / "plots", OUT / "saliency"]
 
 
 def _fmt(m: dict, name: str) -> str:

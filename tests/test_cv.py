@@ -1,0 +1,96 @@
+"""Cross-validation by patient: the fold partition (unit), and `medtl cv run` / `report` through the real dvc queue."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from medtl.errors import MedtlError, ParamsError
+from medtl.folds import CvParams, assign_fold
+from medtl.ingest import read_manifest
+from medtl.params import build
+from medtl.preprocess import PreprocessParams
+from tests.project import TINY_PARAMS, deep_update, make_project
+
+
+def test_folds_partition_development_patients_and_leave_test_alone(tiny_run):
+    ingested = tiny_run.path / "data/ingested"
+    rows = read_manifest(ingested / "manifest.csv")
+    val_groups: list[set] = []
+    for fold in range(3):
+        out, summary = assign_fold(rows, CvParams(folds=3, fold=fold, seed=1), ingested)
+        again, _ = assign_fold(rows, CvParams(folds=3, fold=fold, seed=1), ingested)
+        assert out == again  # deterministic given the seed
+        assert [(a["image_id"], a["split"]) for a, b in zip(out, rows) if b["split"] == "test"] == \
+               [(b["image_id"], "test") for b in rows if b["split"] == "test"]
+        val = {r["group"] for r in out if r["split"] == "val"}
+        train = {r["group"] for r in out if r["split"] == "train"}
+        assert val and not val & train, "a patient in both train and val"
+        assert {r["label"] for r in out if r["split"] == "val"} == {"normal", "lesion"}
+        assert sum(f["images"] for f in summary["per_fold"]) == sum(r["split"] != "test" for r in rows)
+        val_groups.append(val)
+    dev = {r["group"] for r in rows if r["split"] != "test"}
+    assert set().union(*val_groups) == dev and sum(len(v) for v in val_groups) == len(dev)
+    other, _ = assign_fold(rows, CvParams(folds=3, fold=0, seed=2), ingested)
+    assert {r["group"] for r in other if r["split"] == "val"} != val_groups[0]
+
+    with pytest.raises(MedtlError, match="fewer patient groups than folds"):
+        assign_fold(rows, CvParams(folds=len(dev) - 1, fold=0), ingested)
+
+
+def test_cv_params_are_checked():
+    with pytest.raises(ParamsError, match=r"preprocess\.cv\.fold"):
+        build(PreprocessParams, {"cv": {"folds": 3, "fold": 3}}, "preprocess")
+    with pytest.raises(ParamsError, match=r"preprocess\.cv\.folds"):
+        build(PreprocessParams, {"cv": {"folds": 1}}, "preprocess")
+    assert build(PreprocessParams, {}, "preprocess").cv.folds == 0
+
+
+# More patients than the shared tiny run, one or two images each, so that a single split's
+# validation fold holds enough patients for an interval at all.
+CV_PARAMS = deep_update(TINY_PARAMS, {
+    "ingest": {"demo": {"patients": 60, "min_images_per_patient": 1, "max_images_per_patient": 2}},
+    "evaluate": {"bootstrap": {"n_resamples": 200}, "saliency": {"enabled": False}},
+})
+
+
+@pytest.mark.e2e
+def test_cv_run_queues_fold_experiments_and_report_pools_them(tmp_path):
+    p = make_project(tmp_path / "project", CV_PARAMS)
+    p.dvc("repro")
+    p.commit("single split")
+    medtl = (sys.executable, "-m", "medtl.cli")
+    p.run(*medtl, "cv", "run", "--folds", "3", "-j", "1")
+
+    shown = p.dvc("exp", "show", "--csv", "--no-pager").stdout
+    for i in range(3):
+        assert f"cv3-fold{i}," in shown, shown[-2000:]
+
+    res = p.run(*medtl, "cv", "report")
+    print(res.stdout)
+    out = p.path / "reports/cv"
+    summary = json.loads((out / "summary.json").read_text())
+    pooled, single = summary["pooled_out_of_fold"], summary["single_split"]
+    widths = summary["roc_auc_interval_width"]
+    print("pooled out-of-fold ROC AUC interval width", widths["pooled_out_of_fold"],
+          "single split val", widths["single_split_val"], "single split test", widths["single_split_test"])
+    # Every development image is predicted once, by the fold that held it out.
+    dev = sum(1 for line in (p.path / "data/prepared/train.csv").open()) - 1 + \
+        sum(1 for line in (p.path / "data/prepared/val.csv").open()) - 1
+    assert pooled["n"] == dev and pooled["n_groups"] > single["val"]["n_groups"]
+    assert widths["pooled_out_of_fold"] < widths["single_split_val"]
+    assert widths["pooled_out_of_fold"] < widths["single_split_test"]
+    assert summary["across_folds"]["test"]["roc_auc"]["n"] == 3
+    folds_of = Counter(line.split(",")[0] for line in (out / "oof_predictions.csv").read_text().splitlines()[1:])
+    assert set(folds_of) == {"0", "1", "2"}
+    assert "pooled out-of-fold" in (out / "chart.html").read_text()
+
+    # Deterministic given the seeds: a second report is identical.
+    p.run(*medtl, "cv", "report", "--out", "reports/cv-again")
+    assert json.loads((p.path / "reports/cv-again/summary.json").read_text()) == summary
+
+    again = p.run(*medtl, "cv", "run", "--folds", "3", check=False)
+    assert again.returncode == 2 and "already exist" in again.stderr
