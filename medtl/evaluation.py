@@ -17,6 +17,7 @@ import torch
 
 from medtl import hardware
 from medtl.errors import MedtlError
+from medtl import external as ext
 from medtl.finetune import forward_batches
 from medtl.io import atomic_dir, atomic_path, sha256_file, write_json
 from medtl.metrics import (
@@ -25,6 +26,7 @@ from medtl.metrics import (
 from medtl.model import load_classifier
 from medtl.params import Device, Precision, require
 from medtl.preprocess import PreparedSplit, load_split, load_stats
+from medtl.readers import ReadOptions
 
 OPERATING_POINT_FORMAT = "medtl-operating-point/1"
 # Metadata columns that may be asked for as subgroups; age_band is derived from `age`.
@@ -84,6 +86,9 @@ class EvaluateParams:
     min_subgroup_size: int = 30
     calibration_bins: int = 10
     saliency: SaliencyParams = field(default_factory=SaliencyParams)
+    external: list[ext.ExternalSet] = field(default_factory=list)  # labelled external sets (medtl.external)
+    external_data: str = "medtl/demo.py"  # what dvc tracks as their data: the folder that holds them
+    shift: ext.ShiftParams = field(default_factory=ext.ShiftParams)
 
     def check(self, key: str) -> None:
         require(self.split in ("val", "test"), f"{key}.split", self.split, "'test' (or 'val' while developing)")
@@ -93,6 +98,7 @@ class EvaluateParams:
                 "an integer between 2 and 100")
         require(len(set(self.subgroups)) == len(self.subgroups), f"{key}.subgroups", self.subgroups,
                 "a list of distinct metadata column names")
+        ext.check_external(self.external, self.external_data, key)
 
 
 def predict_logits(model, images: np.ndarray, batch_size: int, hw: hardware.Hardware, desc: str) -> np.ndarray:
@@ -174,7 +180,8 @@ def split_report(report: dict, params: EvaluateParams, skipped_subgroups: list[s
     return metrics, details
 
 
-def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path) -> dict:
+def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path,
+                 read_options: ReadOptions = ReadOptions()) -> dict:
     """Write metrics.json, evaluation.json, operating_point.json, predictions.csv, plots/ and saliency/ into out_dir."""
     hw = hardware.select(params.device, params.precision, key="evaluate.device")
     model, ckpt = _load_model(model_path, prepared, hw)
@@ -202,9 +209,16 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     )
     metrics, details = split_report(report, params, skipped)
     threshold = report["threshold"]
+    external = ext.run_external(params, model, hw, classes, ckpt["preprocessing"], temperature, op, read_options,
+                                prepared, params.split, data.images, data.labels, probs, report)
+    metrics.update(external.metrics)
+    details.update(external.details)
 
     with atomic_dir(out_dir / "plots") as plots:
         write_plots(plots, data.labels, probs, classes, threshold, report["calibration"]["reliability"])
+        write_json(plots / "sets.json", external.plot_rows)
+    with atomic_path(out_dir / "external_predictions.csv") as tmp:
+        ext.write_predictions(tmp, external, classes)
     with atomic_path(out_dir / "predictions.csv") as tmp:
         write_predictions(tmp, data, probs, classes, threshold)
     with atomic_path(out_dir / "val_predictions.csv") as tmp:  # out-of-fold predictions for `medtl cv report`

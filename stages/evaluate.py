@@ -2,13 +2,14 @@
 from pathlib import Path
 
 from medtl.evaluation import EvaluateParams, run_evaluate
-from medtl.params import load_section
+from medtl.ingest import ReadParams
+from medtl.params import build, load_section, read_params_file
 from medtl.provenance import stage_record
 from medtl.stage import main
 
 MODEL, PREPARED, OUT = Path("models/model.pt"), Path("data/prepared"), Path("reports")
 OUTPUTS = [OUT / "metrics.json", OUT / "evaluation.json", OUT / "operating_point.json", OUT / "predictions.csv",
-           OUT / "val_predictions.csv", OUT / "plots", OUT / "saliency"]
+           OUT / "val_predictions.csv", OUT / "external_predictions.csv", OUT / "plots", OUT / "saliency"]
 
 
 def _fmt(m: dict, name: str) -> str:
@@ -20,13 +21,19 @@ def _fmt(m: dict, name: str) -> str:
 
 def run() -> str:
     params = load_section("evaluate", EvaluateParams)
+    # External sets are decoded as ingest decoded the model's data.
+    read_options = build(ReadParams, read_params_file().get("ingest", {}).get("read") or {}, "ingest.read").options()
     with stage_record("evaluate", params, inputs=[MODEL, PREPARED], outputs=OUTPUTS):
-        m = run_evaluate(params, MODEL, PREPARED, OUT)
+        m = run_evaluate(params, MODEL, PREPARED, OUT, read_options)
     line = f"{params.split} split, {m['n']} images / {m['n_groups']} patients: ROC AUC {_fmt(m, 'roc_auc')}, " \
            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
     if m.get("threshold") is not None:
         line += f"; at threshold {m['threshold']:.3f} ({m['threshold_rule']}, fitted on val): " \
                 f"sensitivity {_fmt(m, 'sensitivity')}, specificity {_fmt(m, 'specificity')}"
+    for name, e in m.get("external", {}).items():
+        flags = [f for f in ("intensity_shift", "operating_point_shift") if e.get(f)]
+        line += f"; external {name}, {e['n']} images: ROC AUC {_fmt(e, 'roc_auc')}" + \
+                (f" [{', '.join(flags)}]" if flags else "")
     return line
 
 

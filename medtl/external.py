@@ -1,0 +1,268 @@
+"""External validation: labelled sets from elsewhere, evaluated exactly as the test split, and shift statistics.
+
+Each set in `evaluate.external` is any ingest source (folder, csv, dicom,
+medmnist, demo). Its files are decoded with the pipeline's read options
+(`ingest.read`) and prepared with the preprocessing recorded in the model, and
+the model is applied with the threshold and temperature fitted on validation:
+nothing is refitted on external data. Every set, the internal test split
+included, gets shift statistics: how far its intensity distribution lies from
+the training images', its true and predicted prevalence, and whether the
+threshold's validation sensitivity or specificity falls outside the set's own
+interval.
+"""
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from medtl.errors import MedtlError, UnreadableImage
+from medtl.ingest import CsvParams, DemoParams, DicomParams, FolderParams, IngestParams, MedmnistParams
+from medtl.metrics import apply_temperature, evaluate_split, predict_labels
+from medtl.params import require
+from medtl.phi import pseudonymise
+from medtl.readers import ReadOptions, read
+from medtl.sources import open_source
+
+HIST_BINS = 100  # intensity histogram bins over [0, 1]
+MAX_HIST_IMAGES = 2000  # images sampled (evenly) for an intensity histogram, so memory and time stay flat
+RESERVED_NAMES = {"val", "test", "train"}
+SET_METRICS = ("n", "n_groups", "threshold", "threshold_rule")
+
+
+@dataclass(frozen=True)
+class ShiftParams:
+    # Wasserstein-1 distance between a set's and the training images' intensity distributions (intensities in
+    # [0, 1], as the model sees them) above which the set is flagged.
+    max_intensity_distance: float = 0.05
+
+    def check(self, key: str) -> None:
+        require(0 < self.max_intensity_distance <= 1, f"{key}.max_intensity_distance", self.max_intensity_distance,
+                "a distance in (0, 1] on the [0, 1] intensity scale")
+
+
+@dataclass(frozen=True)
+class ExternalSet:
+    """One labelled external set: a name and an ingest source with that source's params."""
+
+    name: str = ""
+    source: Literal["demo", "folder", "csv", "dicom", "medmnist"] = "folder"
+    split: Literal["train", "val", "test"] | None = None  # only what the source puts in this split; null: all
+    demo: DemoParams = field(default_factory=DemoParams)
+    folder: FolderParams = field(default_factory=FolderParams)
+    csv: CsvParams = field(default_factory=CsvParams)
+    dicom: DicomParams = field(default_factory=DicomParams)
+    medmnist: MedmnistParams = field(default_factory=MedmnistParams)
+
+    def check(self, key: str) -> None:
+        require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)) and self.name not in RESERVED_NAMES,
+                f"{key}.name", self.name, "a name of letters, digits, '.', '_' or '-', other than train, val and test")
+        self.ingest_params().check(key)
+
+    def ingest_params(self) -> IngestParams:
+        """The set as ingest params, so that the ingest sources read it."""
+        return IngestParams(source=self.source, data=self.name, demo=self.demo, folder=self.folder, csv=self.csv,
+                            dicom=self.dicom, medmnist=self.medmnist)
+
+
+def check_external(sets: list[ExternalSet], data: str, key: str) -> None:
+    """Distinct names, and every set's files inside `data`, the one path dvc tracks for them."""
+    names = [s.name for s in sets]
+    require(len(set(names)) == len(names), f"{key}.external", names, "sets with distinct names")
+    root = Path(data).resolve()
+    for i, s in enumerate(sets):
+        for path in s.ingest_params().source_inputs():
+            require(Path(path).resolve().is_relative_to(root), f"{key}.external[{i}].{s.source}", path,
+                    f"a path inside {key}.external_data ({data!r}), which dvc tracks so that evaluate reruns when "
+                    "an external set changes; set external_data to the folder holding your external sets")
+
+
+# ---------------------------------------------------------------- shift statistics
+
+
+def intensity_histogram(images: np.ndarray) -> np.ndarray:
+    """Normalised histogram of the pixel intensities of (N, C, S, S) images in [0, 1], up to MAX_HIST_IMAGES of them."""
+    counts = np.zeros(HIST_BINS, dtype=np.float64)
+    if len(images) == 0:
+        return counts
+    for i in np.unique(np.linspace(0, len(images) - 1, min(len(images), MAX_HIST_IMAGES)).astype(np.int64)):
+        counts += np.histogram(np.asarray(images[i], dtype=np.float32), bins=HIST_BINS, range=(0.0, 1.0))[0]
+    return counts / max(counts.sum(), 1.0)
+
+
+def distribution_distance(a: np.ndarray, b: np.ndarray) -> dict:
+    """Wasserstein-1 (area between the CDFs, intensity units) and Kolmogorov-Smirnov (largest CDF gap)."""
+    gap = np.abs(np.cumsum(a) - np.cumsum(b))
+    return {"intensity_wasserstein": float(gap.sum() / HIST_BINS), "intensity_ks": float(gap.max())}
+
+
+def shift_statistics(images: np.ndarray, labels: np.ndarray, probs: np.ndarray, report: dict, op: dict | None,
+                     train_hist: np.ndarray, params: ShiftParams) -> dict:
+    """Intensity distance to train, true vs predicted prevalence, and the flags, for one evaluated set."""
+    out = distribution_distance(intensity_histogram(images), train_hist)
+    out["intensity_shift"] = out["intensity_wasserstein"] > params.max_intensity_distance
+    binary = probs.shape[1] == 2
+    called = predict_labels(probs, report["threshold"])
+    out["prevalence"] = float(np.mean(labels == 1)) if binary else None
+    out["predicted_prevalence"] = float(np.mean(called == 1)) if binary else None
+    out["mean_probability"] = float(np.mean(probs[:, 1])) if binary else None
+    moved = {}
+    for m in ("sensitivity", "specificity"):
+        val, low, high = (op or {}).get(f"val_{m}"), report.get(f"{m}_ci_low"), report.get(f"{m}_ci_high")
+        if val is None or low is None or high is None:
+            continue
+        moved[m] = {"val": val, "low": low, "high": high, "outside": not low <= val <= high}
+    out["operating_point_shift"] = any(v["outside"] for v in moved.values()) if moved else None
+    out["operating_point_moves"] = moved
+    return out
+
+
+# ---------------------------------------------------------------- loading a set
+
+
+@dataclass
+class ExternalData:
+    images: np.ndarray  # (N, C, S, S) float16, prepared as the model's own data
+    labels: np.ndarray  # (N,) int64
+    rows: list[dict]  # image_id, group (pseudonymous), whitelisted metadata
+    skipped: dict[str, int]  # files not used, by reason
+
+
+def model_input(pixels: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """Decoded [0, 1] pixels -> the model's (C, S, S) input, by the model's preprocessing record."""
+    from medtl.predict import prepare_image
+
+    return prepare_image(pixels, preprocessing)
+
+
+def _decoded(item, options: ReadOptions) -> list[tuple[np.ndarray, dict, dict]]:
+    if item.pixels is not None:
+        return [(item.pixels, {}, {})]
+    return [(d.pixels, d.metadata, d.identity) for d in read(item.path, options)]
+
+
+def load_external(spec: ExternalSet, key: str, classes: list[str], preprocessing: dict,
+                  options: ReadOptions) -> ExternalData:
+    """Decode and prepare every labelled image of the set; unreadable files are counted, unknown labels refused."""
+    index = {c: i for i, c in enumerate(classes)}
+    workdir = Path(tempfile.mkdtemp(prefix="medtl-external-"))
+    images, labels, rows, skipped = [], [], [], Counter()
+    try:
+        try:
+            source = open_source(spec.ingest_params(), workdir)
+        except MedtlError as e:
+            raise MedtlError(f"{key} ({spec.name}): " + str(e).replace("ingest.", f"{key}.")) from None
+        try:
+            for item in source.items:
+                if spec.split is not None and item.split != spec.split:
+                    continue
+                if item.problem:
+                    skipped[item.problem] += 1
+                    continue
+                try:
+                    decoded = _decoded(item, options)
+                except UnreadableImage as e:
+                    skipped[e.reason] += 1
+                    continue
+                label, group = item.label, item.group
+                if source.resolve is not None:
+                    label, group, problem, _ = source.resolve(item, decoded[0][2])
+                    if problem:
+                        skipped[problem] += 1
+                        continue
+                label = (label or "").strip()
+                if not label:
+                    skipped["no_label"] += 1
+                    continue
+                if label not in index:
+                    raise MedtlError(f"{key} ({spec.name}) has label {label!r} ({item.source_path}), which the model "
+                                     f"does not know; its classes are {', '.join(classes)}")
+                for pixels, metadata, identity in decoded:
+                    raw_group = group or identity.get("PatientID") or item.source_path
+                    images.append(model_input(pixels, preprocessing))
+                    labels.append(index[label])
+                    rows.append({**metadata, "image_id": f"{spec.name}-{len(rows):06d}",
+                                 "group": pseudonymise(raw_group)})
+        finally:
+            if source.cleanup:
+                source.cleanup()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if not images:
+        raise MedtlError(f"{key} ({spec.name}) has no usable labelled image (skipped: {dict(skipped) or 'none'})")
+    return ExternalData(np.stack(images), np.array(labels, dtype=np.int64), rows, dict(sorted(skipped.items())))
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@dataclass
+class ExternalResults:
+    metrics: dict  # for metrics.json: scalars per set, nested under "external" (dvc exp show flattens them)
+    details: dict  # for evaluation.json
+    predictions: list[list]  # rows for external_predictions.csv
+    plot_rows: list[dict]  # per set and metric, for reports/plots/sets.json
+
+
+def set_metrics(report: dict, shift: dict) -> dict:
+    """The scalar columns of one set: counts, threshold, headline metrics with bounds, shift statistics and flags."""
+    out = {k: report[k] for k in SET_METRICS}
+    out.update({k: v for k, v in report.items() if k.endswith(("_ci_low", "_ci_high")) or f"{k}_ci_low" in report})
+    out.update({k: v for k, v in shift.items() if k != "operating_point_moves"})
+    return out
+
+
+def run_external(params, model, hw, classes: list[str], preprocessing: dict, temperature: float | None,
+                 op: dict | None, options: ReadOptions, prepared: Path, test_name: str, test_images: np.ndarray,
+                 test_labels: np.ndarray, test_probs: np.ndarray, test_report: dict) -> ExternalResults:
+    """Shift statistics of the reported split, and every external set evaluated with the validation-fitted operating point."""
+    from medtl.evaluation import predict_logits, subgroup_columns
+
+    train_hist = intensity_histogram(np.load(prepared / "train.npy", mmap_mode="r"))
+    test_shift = shift_statistics(test_images, test_labels, test_probs, test_report, op, train_hist, params.shift)
+    metrics = {"shift": {k: v for k, v in test_shift.items() if k != "operating_point_moves"}, "external": {}}
+    details = {"shift": test_shift, "external": {}}
+    predictions, plot_rows = [], _plot_rows(test_name, test_report)
+    boot = params.bootstrap
+    for i, spec in enumerate(params.external):
+        key = f"evaluate.external[{i}]"
+        data = load_external(spec, key, classes, preprocessing, options)
+        logits = predict_logits(model, data.images, params.batch_size, hw, f"evaluate {spec.name}")
+        probs = apply_temperature(logits, 1.0 if temperature is None else temperature)
+        subgroups, skipped_subgroups = subgroup_columns(data.rows, params.subgroups)
+        report = evaluate_split(
+            data.labels, probs, classes, groups=[r["group"] for r in data.rows], subgroups=subgroups, operating=op,
+            n_resamples=boot.n_resamples, seed=boot.seed, alpha=boot.alpha, n_bins=params.calibration_bins,
+            min_subgroup_size=params.min_subgroup_size, temperature=temperature,
+        )
+        shift = shift_statistics(data.images, data.labels, probs, report, op, train_hist, params.shift)
+        metrics["external"][spec.name] = set_metrics(report, shift)
+        details["external"][spec.name] = {"source": spec.source, "skipped_files": data.skipped, "shift": shift,
+                                          "subgroups_skipped": skipped_subgroups, **report}
+        called = predict_labels(probs, report["threshold"])
+        for row, y, yp, p in zip(data.rows, data.labels, called, probs):
+            above = "" if report["threshold"] is None or len(classes) != 2 else str(bool(p[1] >= report["threshold"])).lower()
+            predictions.append([spec.name, row["image_id"], row["group"], classes[y], classes[yp], above] +
+                               [f"{v:.6f}" for v in p])
+        plot_rows += _plot_rows(spec.name, report)
+    return ExternalResults(metrics, details, predictions, plot_rows)
+
+
+def _plot_rows(name: str, report: dict) -> list[dict]:
+    return [{"set": name, "metric": m, "label": f"{name}: {m}", "value": report[m],
+             "low": report.get(f"{m}_ci_low"), "high": report.get(f"{m}_ci_high")}
+            for m in ("roc_auc", "sensitivity", "specificity") if report.get(m) is not None]
+
+
+def write_predictions(path: Path, results: ExternalResults, classes: list[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["set", "image_id", "group", "label", "predicted", "above_threshold"] + [f"prob_{c}" for c in classes])
+        w.writerows(results.predictions)

@@ -1,0 +1,87 @@
+"""External validation through the real evaluate stage: a shifted site is flagged, thresholds come from validation."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medtl import demo
+from medtl.errors import ParamsError
+from medtl.evaluation import EvaluateParams
+from medtl.external import distribution_distance, intensity_histogram
+from medtl.params import build
+from medtl.readers import read
+from tests.project import copy_project
+
+
+def write_shifted_site(root, seed: int) -> None:
+    """Demo patients exported as 8-bit PNG by a 'scanner' that renders everything brighter and flatter."""
+    for p in demo.fake_patients(16, 0.5, seed):
+        label = demo.CLASSES[int(p.diseased)]
+        for path in demo.write_patient_images(p, 2, (48, 64), seed, root / label):
+            shifted = np.clip(read(path)[0].pixels * 0.5 + 0.45, 0, 1)
+            Image.fromarray(np.round(shifted * 255).astype(np.uint8)).save(path.with_suffix(".png"))
+            path.unlink()
+
+
+def test_intensity_distance_measures_a_shift():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.0, 0.6, size=(20, 1, 8, 8))
+    same = distribution_distance(intensity_histogram(a), intensity_histogram(rng.uniform(0.0, 0.6, size=(20, 1, 8, 8))))
+    moved = distribution_distance(intensity_histogram(a), intensity_histogram(a + 0.3))
+    assert same["intensity_wasserstein"] < 0.02 and abs(moved["intensity_wasserstein"] - 0.3) < 0.02
+    assert moved["intensity_ks"] > 0.4
+
+
+def test_external_sets_are_checked():
+    with pytest.raises(ParamsError, match=r"evaluate\.external\[0\]\.folder"):
+        build(EvaluateParams, {"external": [{"name": "b", "source": "folder", "folder": {"root": "elsewhere/b"}}],
+                               "external_data": "data/external"}, "evaluate")
+    with pytest.raises(ParamsError, match=r"evaluate\.external\[0\]\.name"):
+        build(EvaluateParams, {"external": [{"name": "test", "source": "demo"}]}, "evaluate")
+    with pytest.raises(ParamsError, match=r"evaluate\.external\[0\]\.folder\.root"):
+        build(EvaluateParams, {"external": [{"name": "b", "source": "folder"}], "external_data": "."}, "evaluate")
+
+
+@pytest.mark.e2e
+def test_shifted_external_set_is_flagged_and_uses_the_validation_threshold(tiny_run, tmp_path):
+    p = copy_project(tiny_run, tmp_path / "project")
+    write_shifted_site(p.path / "external/site_b", seed=31)
+    p.update_params({"evaluate": {"external_data": "external", "external": [
+        {"name": "site_b", "source": "folder", "folder": {"root": "external/site_b", "layout": "classes"}},
+        {"name": "same_scanner", "source": "demo",
+         "demo": {"patients": 16, "seed": 99, "min_size": 48, "max_size": 64, "max_images_per_patient": 2}},
+    ]}})
+    res = p.dvc("repro")
+    assert "Running stage 'evaluate'" in res.stdout and "Running stage 'fine-tune'" not in res.stdout, res.stdout
+    print(res.stdout[-600:])
+
+    m = json.loads((p.path / "reports/metrics.json").read_text())
+    op = json.loads((p.path / "reports/operating_point.json").read_text())
+    site, same = m["external"]["site_b"], m["external"]["same_scanner"]
+    print("test", m["shift"], "\nsite_b", site, "\nsame_scanner", same)
+    assert site["intensity_shift"] is True and site["intensity_wasserstein"] > 0.1
+    assert same["intensity_shift"] is False and m["shift"]["intensity_shift"] is False
+    assert site["n"] == 32 and site["roc_auc_ci_low"] <= site["roc_auc"] <= site["roc_auc_ci_high"]
+
+    # The operating point is the one fitted on validation, not refitted on the external set.
+    assert op["fitted_on"] == "validation" and site["threshold"] == op["threshold"] == m["threshold"]
+    rows = [r for r in csv.DictReader(open(p.path / "reports/external_predictions.csv")) if r["set"] == "site_b"]
+    assert len(rows) == 32
+    called = np.array([float(r["prob_lesion"]) >= op["threshold"] for r in rows])
+    assert [r["above_threshold"] == "true" for r in rows] == called.tolist()
+    lesion = np.array([r["label"] == "lesion" for r in rows])
+    assert site["sensitivity"] == pytest.approx(called[lesion].mean())
+    assert site["specificity"] == pytest.approx((~called[~lesion]).mean())
+    assert site["prevalence"] == pytest.approx(lesion.mean()) and site["predicted_prevalence"] == pytest.approx(called.mean())
+    moves = json.loads((p.path / "reports/evaluation.json").read_text())["external"]["site_b"]["shift"]["operating_point_moves"]
+    assert site["operating_point_shift"] == any(v["outside"] for v in moves.values())
+
+    header = p.dvc("exp", "show", "--csv", "--no-pager").stdout.splitlines()[0].split(",")
+    assert {"external.site_b.roc_auc", "external.site_b.intensity_shift", "shift.intensity_wasserstein"} <= set(header)
+    shown = json.loads(p.dvc("plots", "show", "--json").stdout)
+    values = shown["data"]["Test and external sets (operating point fitted on validation)"][0]["content"]["data"]["values"]
+    assert {"test: roc_auc", "site_b: roc_auc", "same_scanner: sensitivity"} <= {v["label"] for v in values}
