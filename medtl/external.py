@@ -205,7 +205,9 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], preprocessing
 
 @dataclass
 class ExternalResults:
-    metrics: dict  # for metrics.json: scalars per set, nested under "external" (dvc exp show flattens them)
+    # For metrics.json, flat like the rest of it: "shift.<stat>" for the reported split, "external.<set>.<column>"
+    # per external set, which `dvc exp show` shows as columns beside the test split's.
+    metrics: dict
     details: dict  # for evaluation.json
     predictions: list[list]  # rows for external_predictions.csv
     plot_rows: list[dict]  # per set and metric, for reports/plots/sets.json
@@ -227,7 +229,7 @@ def run_external(params, model, hw, classes: list[str], preprocessing: dict, tem
 
     train_hist = intensity_histogram(np.load(prepared / "train.npy", mmap_mode="r"))
     test_shift = shift_statistics(test_images, test_labels, test_probs, test_report, op, train_hist, params.shift)
-    metrics = {"shift": {k: v for k, v in test_shift.items() if k != "operating_point_moves"}, "external": {}}
+    metrics = {f"shift.{k}": v for k, v in test_shift.items() if k != "operating_point_moves"}
     details = {"shift": test_shift, "external": {}}
     predictions, plot_rows = [], _plot_rows(test_name, test_report)
     boot = params.bootstrap
@@ -243,7 +245,7 @@ def run_external(params, model, hw, classes: list[str], preprocessing: dict, tem
             min_subgroup_size=params.min_subgroup_size, temperature=temperature,
         )
         shift = shift_statistics(data.images, data.labels, probs, report, op, train_hist, params.shift)
-        metrics["external"][spec.name] = set_metrics(report, shift)
+        metrics.update({f"external.{spec.name}.{k}": v for k, v in set_metrics(report, shift).items()})
         details["external"][spec.name] = {"source": spec.source, "skipped_files": data.skipped, "shift": shift,
                                           "subgroups_skipped": skipped_subgroups, **report}
         called = predict_labels(probs, report["threshold"])
@@ -253,6 +255,12 @@ def run_external(params, model, hw, classes: list[str], preprocessing: dict, tem
                                [f"{v:.6f}" for v in p])
         plot_rows += _plot_rows(spec.name, report)
     return ExternalResults(metrics, details, predictions, plot_rows)
+
+
+def set_columns(metrics: dict, name: str) -> dict:
+    """One external set's columns from metrics.json, without their "external.<set>." prefix."""
+    prefix = f"external.{name}."
+    return {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
 
 
 def _plot_rows(name: str, report: dict) -> list[dict]:

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 from medtl.evaluation import EvaluateParams, run_evaluate
+from medtl.external import set_columns
 from medtl.ingest import ReadParams
 from medtl.params import build, load_section, read_params_file
 from medtl.provenance import stage_record
@@ -30,7 +31,8 @@ def run() -> str:
     if m.get("threshold") is not None:
         line += f"; at threshold {m['threshold']:.3f} ({m['threshold_rule']}, fitted on val): " \
                 f"sensitivity {_fmt(m, 'sensitivity')}, specificity {_fmt(m, 'specificity')}"
-    for name, e in m.get("external", {}).items():
+    for name in (e.name for e in params.external):
+        e = set_columns(m, name)
         flags = [f for f in ("intensity_shift", "operating_point_shift") if e.get(f)]
         line += f"; external {name}, {e['n']} images: ROC AUC {_fmt(e, 'roc_auc')}" + \
                 (f" [{', '.join(flags)}]" if flags else "")
