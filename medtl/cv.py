@@ -58,11 +58,12 @@ def fold_name(prefix: str, fold: int) -> str:
 # ---------------------------------------------------------------- run
 
 
-def _queue_status(names: set[str]) -> dict[str, str]:
+def _queue_tasks() -> dict[str, tuple[str, str]]:
+    """{task rev: (experiment name, status)} of DVC's experiment queue."""
     from dvc.repo import Repo
 
     with Repo(".") as repo:
-        return {t["name"]: t["status"] for t in repo.experiments.celery_queue.status() if t.get("name") in names}
+        return {t["rev"]: (t.get("name") or "", t["status"]) for t in repo.experiments.celery_queue.status()}
 
 
 def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), prefix: str | None = None,
@@ -86,6 +87,7 @@ def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), pr
         raise MedtlError(f"experiment(s) {', '.join(taken)} already exist for this commit; pass --name to choose "
                          f"another prefix, or remove them first (dvc exp remove {' '.join(taken)})")
     overrides = [a for s in sets for a in ("-S", s)]
+    before = set(_queue_tasks())  # older tasks may carry the same names (other commits)
     for i, name in enumerate(names):
         _dvc("exp", "run", "--queue", "-n", name, "-S", f"preprocess.cv.folds={folds}", "-S",
              f"preprocess.cv.fold={i}", "-S", f"preprocess.cv.seed={seed}", *overrides, what=f"queueing {name}")
@@ -94,9 +96,8 @@ def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), pr
     if not wait:
         return names
     while True:
-        status = _queue_status(set(names))
-        pending = [n for n in names if status.get(n) in ("Queued", "Running")]
-        if not pending:
+        status = {name: state for rev, (name, state) in _queue_tasks().items() if rev not in before and name in names}
+        if not any(status.get(n) in ("Queued", "Running") for n in names):
             break
         time.sleep(poll_s)
     failed = [n for n in names if status.get(n) == "Failed"]
