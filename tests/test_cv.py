@@ -6,6 +6,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from medtl.errors import MedtlError, ParamsError
@@ -94,3 +95,20 @@ def test_cv_run_queues_fold_experiments_and_report_pools_them(tmp_path):
 
     again = p.run(*medtl, "cv", "run", "--folds", "3", check=False)
     assert again.returncode == 2 and "already exist" in again.stderr
+
+
+def test_pooled_calls_use_each_folds_own_threshold():
+    from medtl.cv import interval_report
+
+    rng = np.random.default_rng(3)
+    n = 40
+    y = rng.integers(0, 2, n)
+    p1 = np.clip(0.3 * y + rng.uniform(0, 0.7, n), 0, 1)
+    thresholds = np.where(np.arange(n) < 20, 0.4, 0.6)  # two folds, two thresholds
+    rows = [{"above_threshold": str(bool(p >= t)).lower()} for p, t in zip(p1, thresholds)]
+    probs = np.stack([1 - p1, p1], axis=1)
+    r = interval_report(y, probs, [f"g{i // 2}" for i in range(n)], rows, 50, 0, 0.05)
+    called = p1 >= thresholds
+    assert r["sensitivity"] == pytest.approx(called[y == 1].mean())
+    assert r["specificity"] == pytest.approx((~called[y == 0]).mean())
+    assert r["n_groups"] == 20 and r["roc_auc_ci_low"] <= r["roc_auc"] <= r["roc_auc_ci_high"]
