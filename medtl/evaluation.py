@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from medtl import external as ext
 from medtl import hardware
 from medtl.errors import MedtlError
-from medtl import external as ext
 from medtl.finetune import forward_batches
 from medtl.io import atomic_dir, atomic_path, sha256_file, write_json
 from medtl.metrics import (
