@@ -314,7 +314,7 @@ def chart_html(summary: dict, metric: str = "roc_auc") -> str:
     w, left, row_h = 640, 170, 22
 
     def x(v: float) -> float:
-        return left + (v - lo) / max(hi - lo, 1e-9) * (w - left - 20)
+        return left + (v - lo) / max(hi - lo, 1e-9) * (w - left - 60)  # the value is printed right of the axis
 
     parts = []
     for i, (label, r) in enumerate(bars):
