@@ -66,10 +66,11 @@ class ExternalSet:
                 f"{key}.name", self.name, "a name of letters, digits, '.', '_' or '-', other than train, val and test")
         self.ingest_params().check(key)
 
-    def ingest_params(self) -> IngestParams:
-        """The set as ingest params, so that the ingest sources read it."""
-        return IngestParams(source=self.source, data=self.name, demo=self.demo, folder=self.folder, csv=self.csv,
-                            dicom=self.dicom, medmnist=self.medmnist)
+    def ingest_params(self, classes: list[str] = ()) -> IngestParams:
+        """The set as ingest params, so that the ingest sources read it; `classes` names index labels (MedMNIST)
+        as the model's classes."""
+        return IngestParams(source=self.source, data=self.name, classes=list(classes), demo=self.demo,
+                            folder=self.folder, csv=self.csv, dicom=self.dicom, medmnist=self.medmnist)
 
 
 def check_external(sets: list[ExternalSet], data: str, key: str) -> None:
@@ -156,7 +157,7 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], preprocessing
     images, labels, rows, skipped = [], [], [], Counter()
     try:
         try:
-            source = open_source(spec.ingest_params(), workdir)
+            source = open_source(spec.ingest_params(classes), workdir)
         except MedtlError as e:
             raise MedtlError(f"{key} ({spec.name}): " + str(e).replace("ingest.", f"{key}.")) from None
         try:
