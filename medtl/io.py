@@ -28,10 +28,6 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _temp_prefix(path: Path) -> str:
     # The writer's pid is in the name, so a later write can tell a crashed writer's leftovers from a live one's.
     return f".{path.name}.{os.getpid()}."

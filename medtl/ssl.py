@@ -29,6 +29,7 @@ from tqdm import tqdm
 from medtl import hardware
 from medtl.backbones import Backbone
 from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.imaging import Preprocessing, decode, model_input
 from medtl.io import open_npy
 from medtl.params import require
 
@@ -109,15 +110,14 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def read_image_folder(folder: str | Path, size: int, channels: int, mode: str, out: Path) -> tuple[np.ndarray, dict]:
-    """Decode every readable image under `folder` to (N, channels, size, size) float16 in `out` (memory-mapped).
+def read_image_folder(folder: str | Path, pre: Preprocessing, out: Path) -> tuple[np.ndarray, dict]:
+    """Decode every readable image under `folder` as the training images were, into `out` (memory-mapped).
 
-    Unreadable files are skipped and counted by reason; file names are not
-    kept, since they may carry patient identifiers.
+    Each file goes through the preprocessing record (read options such as the
+    CT window, 16-bit quantisation, channels, resize), so the extra images look
+    like the prepared ones. Unreadable files are skipped and counted by reason;
+    file names are not kept, since they may carry patient identifiers.
     """
-    from medtl.preprocess import resize, to_channels
-    from medtl.readers import read
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ParamsError(f"pretrain.ssl.extra_images: {folder} is not a folder; expected null or a folder of unlabelled images")
@@ -126,20 +126,17 @@ def read_image_folder(folder: str | Path, size: int, channels: int, mode: str, o
     images: list[np.ndarray] = []
     for path in tqdm(files, desc="ssl extra images", unit="file", leave=False):
         try:
-            decoded = read(path)
+            decoded = decode(path, pre)
         except UnreadableImage as e:
             skipped[e.reason] += 1
             continue
-        for d in decoded:
-            px = d.pixels[:, :, None] if d.pixels.ndim == 2 else d.pixels
-            img = resize(to_channels(px.astype(np.float32), channels), size, mode)
-            images.append(np.clip(img, 0.0, 1.0).transpose(2, 0, 1).astype(np.float16))
+        images.extend(model_input(d.pixels, pre) for d in decoded)
     if not images:
         raise ParamsError(
             f"pretrain.ssl.extra_images: no readable image in {folder} ({len(files)} file(s), skipped: "
             f"{dict(skipped) or 'none'}); expected DICOM, NIfTI, PNG, JPEG, BMP or TIFF files"
         )
-    arr = open_npy(out, np.float16, (len(images), channels, size, size))
+    arr = open_npy(out, np.float16, (len(images), pre.channels, pre.image_size, pre.image_size))
     for i, img in enumerate(images):
         arr[i] = img
     arr.flush()
@@ -297,11 +294,11 @@ def train_ssl(
     }
 
 
-def extra_pool(params: SSLParams, size: int, channels: int, mode: str, workdir: Path) -> tuple[list[np.ndarray], dict | None]:
+def extra_pool(params: SSLParams, pre: Preprocessing, workdir: Path) -> tuple[list[np.ndarray], dict | None]:
     """The extra unlabelled images, decoded into `workdir`, or nothing when none are configured."""
     if params.extra_images is None:
         return [], None
-    arr, info = read_image_folder(params.extra_images, size, channels, mode, workdir / "extra.npy")
+    arr, info = read_image_folder(params.extra_images, pre, workdir / "extra.npy")
     return [arr], {"folder": params.extra_images, **info}
 
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.backbones import backbone_state, build_backbone
+from medtl.backbones import build_backbone
 from medtl.errors import ParamsError
 from medtl.evaluation import EvaluateParams, age_band, run_evaluate, subgroup_columns
-from medtl.io import save_torch
-from medtl.model import Classifier
+from medtl.model import Classifier, model_file, save_model
 from medtl.params import build
+from medtl.prepared import write_stats
 from medtl.saliency import NoTargetLayer, grad_cam, pick_cases, target_layer
+from tests.project import preprocessing_record
 
 CLASSES = ["normal", "lesion"]
 SIZE = 32
@@ -41,13 +42,11 @@ def write_prepared(root: Path, n: dict[str, int] | None = None, seed: int = 0) -
         np.save(root / f"{split}.npy", _images(rng, labels))
         with open(root / f"{split}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["image_id", "label", "group", "modality", "photometric", "sex", "age", "label_index"])
+            w.writerow(["image_id", "label", "group", "modality", "photometric", "colour", "sex", "age", "label_index"])
             for i, y in enumerate(labels):
-                w.writerow([f"{split}{i:04d}", CLASSES[y], f"p-{split}{i // 2}", "CT", "MONOCHROME2",
+                w.writerow([f"{split}{i:04d}", CLASSES[y], f"p-{split}{i // 2}", "CT", "MONOCHROME2", "gray",
                             "F" if i % 3 else "M", str(20 + 7 * i), int(y)])
-    stats = {"classes": CLASSES, "size": SIZE, "channels": 1, "resize": "pad", "mean": [0.3], "std": [0.2],
-             "counts": n}
-    (root / "stats.json").write_text(json.dumps(stats))
+    write_stats(root, preprocessing_record(SIZE, classes=CLASSES), n)
     return root
 
 
@@ -56,19 +55,13 @@ def write_model(path: Path, arch: str = "resnet18", seed: int = 0, channels: int
     torch.manual_seed(seed)
     backbone = build_backbone(arch, channels, "none")
     model = Classifier(backbone, len(CLASSES), [0.3] * channels, [0.2] * channels)
-    ckpt = {
-        "format": "medtl-model/1", "arch": arch, "classes": CLASSES, "backbone": backbone_state(model.backbone),
-        "head": {k: v.detach() for k, v in model.head.state_dict().items()}, "dropout": 0.0,
-        "preprocessing": {"size": SIZE, "channels": channels, "resize": "pad", "mean": [0.3] * channels,
-                          "std": [0.2] * channels},
-    }
-    save_torch(ckpt, path)
+    save_model(model_file(model, preprocessing_record(SIZE, channels, classes=CLASSES)), path)
     return path
 
 
 def params(**extra) -> EvaluateParams:
     base = {"device": "cpu", "precision": "fp32", "bootstrap": {"n_resamples": 50}, "min_subgroup_size": 5,
-            "saliency": {"per_case": 1, "size": 64}}
+            "saliency": {"per_case": 1, "image_size": 64}}
     return build(EvaluateParams, {**base, **extra}, "evaluate")
 
 
