@@ -55,7 +55,7 @@ def test_killed_run_resumes_and_ends_with_the_same_bytes(prepared: Project):
     assert not ckpt.exists()
     resumed_bytes = model.read_bytes()
     steps = (prepared.path / "dvclive/plots/metrics/val_loss.tsv").read_text().splitlines()[1:]
-    assert [line.split("\t")[0] for line in steps] == ["0", "1", "2", "3"]  # curves neither lost nor duplicated
+    assert [line.split("\t")[0] for line in steps] == ["1", "2", "3", "4"]  # curves neither lost nor duplicated
 
     model.unlink()
     stage(prepared)  # uninterrupted

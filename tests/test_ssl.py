@@ -10,7 +10,9 @@ from PIL import Image
 from medtl.adaptation import PretrainParams, run_pretrain
 from medtl.errors import ParamsError
 from medtl.params import build
+from medtl.prepared import write_stats
 from medtl.ssl import SSLAugment, SSLParams, make_views, nt_xent
+from tests.project import preprocessing_record
 
 
 def _toy_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -30,9 +32,8 @@ def write_prepared(folder, n=16, size=32, with_other_splits=True):
     folder.mkdir(parents=True, exist_ok=True)
     train = _toy_images(n, size)
     np.save(folder / "train.npy", train.astype(np.float16))
-    stats = {"classes": ["a", "b"], "size": size, "channels": 1, "resize": "pad",
-             "mean": [float(train.mean())], "std": [float(train.std())]}
-    (folder / "stats.json").write_text(json.dumps(stats))
+    write_stats(folder, preprocessing_record(size, classes=["a", "b"], mean=[float(train.mean())],
+                                             std=[float(train.std())]), {"train": n})
     if with_other_splits:
         for split in ("val", "test"):
             np.save(folder / f"{split}.npy", _toy_images(4, size, seed=1).astype(np.float16))
