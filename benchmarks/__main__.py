@@ -37,7 +37,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                                           "(default: %(default)s; 0: torch's default, one per core)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--patients", type=int, default=160, help="demo patients (2-4 images each) for 1, 2, 3")
-    p.add_argument("--size", type=int, default=64, help="image side for 1, 2, 3, 6 (params.yaml's preprocess.size)")
+    p.add_argument("--size", type=int, default=64, help="image side for 1, 2, 3, 6 (params.yaml's preprocess.image_size)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--linear-epochs", type=_ints, default=[10, 30])
     p.add_argument("--dataloader-workers", type=int, default=2, help="the classic recipe's DataLoader workers")

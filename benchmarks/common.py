@@ -126,6 +126,7 @@ def demo_prepared(work: Path, patients: int, size: int, min_size: int = 96, max_
     """The pipeline's own demo, ingested and preprocessed by medtl into `work`; returns the prepared folder."""
     from medtl.ingest import DemoParams, IngestParams, run_ingest
     from medtl.preprocess import PreprocessParams, run_preprocess
+    from medtl.readers import ReadOptions
 
     ingested, prepared = work / "ingested", work / "prepared"
     if (prepared / "stats.json").is_file():
@@ -134,8 +135,16 @@ def demo_prepared(work: Path, patients: int, size: int, min_size: int = 96, max_
     prepared.mkdir(parents=True, exist_ok=True)
     params = IngestParams(workers=2, demo=DemoParams(patients=patients, min_size=min_size, max_size=max_size))
     run_ingest(params, ingested)
-    run_preprocess(PreprocessParams(size=size), ingested, prepared)
+    run_preprocess(PreprocessParams(image_size=size), ReadOptions(), ingested, prepared)
     return prepared
+
+
+def load_stats(prepared: Path) -> dict:
+    """data/prepared/stats.json's record as a flat dict (size = the image side)."""
+    from medtl.prepared import load_stats as load
+
+    stats = load(prepared)
+    return {**stats.preprocessing.to_dict(), "size": stats.preprocessing.image_size, "counts": stats.counts}
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -68,6 +68,7 @@ def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
     """Run one stage in this (fresh) process; print its time and memory."""
     from medtl.ingest import DicomParams, FolderParams, IngestParams, run_ingest
     from medtl.preprocess import PreprocessParams, run_preprocess
+    from medtl.readers import ReadOptions
 
     with MemorySampler() as mem, Timer() as t:
         if stage == "ingest":
@@ -79,7 +80,7 @@ def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
             images = report["images"]
         else:
             (out / "prepared").mkdir(parents=True)
-            stats = run_preprocess(PreprocessParams(size=64), out / "ingested", out / "prepared")
+            stats = run_preprocess(PreprocessParams(image_size=64), ReadOptions(), out / "ingested", out / "prepared")
             images = sum(stats["counts"].values())
     # ru_maxrss would carry the parent's peak across exec: sample this process instead
     return {"seconds": t.seconds, "images": images, "peak_rss_mib": mem.peak_rss / 2**20,

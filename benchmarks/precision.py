@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import Result, Timer, auc
+from benchmarks.common import Result, Timer, auc, load_stats
 from benchmarks.train_path import memory_batches, raw_train
-from medtl.preprocess import load_split, load_stats
+from medtl.prepared import load_split
 
 NAME = "precision"
 
@@ -42,7 +42,8 @@ def build(arch: str, stats: dict, hw):
 
 def run(prepared: Path, epochs: int, batch_size: int, steps: int, auc_tolerance: float, arch: str = "resnet18") -> Result:
     from medtl import hardware
-    from medtl.finetune import FinetuneParams, fit, forward_batches
+    from medtl.finetune import FinetuneParams, fit
+    from medtl.inference import forward_batches
 
     stats = load_stats(prepared)
     train, val, test = (load_split(prepared, s) for s in ("train", "val", "test"))

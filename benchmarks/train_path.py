@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import Result, Timer, cpu_fp32
-from medtl.preprocess import PreparedSplit, load_split, load_stats
+from benchmarks.common import Result, Timer, cpu_fp32, load_stats
+from medtl.prepared import PreparedSplit, load_split
 
 NAME = "train_path"
 
