@@ -191,3 +191,32 @@ def test_pick_cases_takes_the_surest_of_each_kind():
     p = np.array([0.9, 0.2, 0.7, 0.1, 0.6, 0.4])
     cases = pick_cases(labels, np.stack([1 - p, p], 1), 0.5, 1)
     assert cases == {"TP": [0], "FP": [2], "TN": [3], "FN": [1]}
+
+
+def test_prepared_arrays_unlike_their_record_or_the_model_are_refused(setup, tmp_path):
+    from medtl.errors import MedtlError
+    from medtl.prepared import load_split
+
+    model, prepared, _ = setup
+    # arrays of another size than stats.json records (the run cache restoring old outputs looked like this)
+    wrong = _copy_prepared(prepared, tmp_path / "wrong_size")
+    np.save(wrong / "test.npy", np.zeros((24, 1, SIZE * 2, SIZE * 2), np.float16))
+    with pytest.raises(MedtlError, match=rf"test\.npy.*\(1, {SIZE * 2}, {SIZE * 2}\).*image_size {SIZE}"):
+        load_split(wrong, "test")
+    # a record the model was not trained with
+    other = tmp_path / "other"
+    write_prepared(other)
+    from medtl.imaging import read_record
+    from medtl.prepared import load_stats, write_stats
+    from medtl.readers import ReadOptions
+
+    stats = load_stats(other)
+    write_stats(other, preprocessing_record(SIZE, classes=CLASSES, read=read_record(ReadOptions(window="lung"))),
+                stats.counts)
+    with pytest.raises(MedtlError, match="read differ"):
+        run_evaluate(params(saliency={"enabled": False}), model, other, tmp_path / "out")
+    # an older stats.json names the file and both versions
+    (other / "stats.json").write_text(json.dumps({"classes": CLASSES, "size": SIZE, "channels": 1}))
+    with pytest.raises(MedtlError, match=r"stats\.json has format None, this medtl reads 'medtl-prepared/2'"):
+        load_split(other, "val")
+    assert not (tmp_path / "out").exists()

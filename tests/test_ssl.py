@@ -146,3 +146,24 @@ def test_extra_images_must_be_a_folder_with_images(tmp_path):
     (empty / "readme.txt").write_text("x")
     with pytest.raises(ParamsError, match="no readable image"):
         run_pretrain(ssl_params(extra_images=str(empty)), prepared)
+
+
+def test_extra_images_are_decoded_with_the_training_images_record(tmp_path):
+    """A CT window and the 16-bit quantisation apply to the extra images as to the prepared ones."""
+    from medtl import demo
+    from medtl.imaging import decode, model_input, read_record
+    from medtl.readers import ReadOptions
+    from medtl.ssl import read_image_folder
+
+    folder = tmp_path / "extra"
+    patient = demo.fake_patients(1, 0.5, 3)[0]
+    files = demo.write_patient_images(patient, 2, (40, 60), 3, folder)
+    windowed = preprocessing_record(24, read=read_record(ReadOptions(window=(300.0, 600.0))))
+    arr, info = read_image_folder(folder, windowed, tmp_path / "extra.npy")
+    assert info["images"] == 2 and arr.shape == (2, 1, 24, 24)
+    expected = np.stack([model_input(decode(f, windowed)[0].pixels, windowed) for f in sorted(files)])
+    assert np.array_equal(np.asarray(arr), expected)
+    # the file's own window gives other pixels: the record's window was applied
+    plain = preprocessing_record(24)
+    other, _ = read_image_folder(folder, plain, tmp_path / "plain.npy")
+    assert not np.array_equal(np.asarray(other), np.asarray(arr))
