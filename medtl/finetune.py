@@ -34,7 +34,7 @@ from medtl.data import AugmentParams, TrainBatches, build_augment
 from medtl.distributed import EpochBatches, World, derive_seed
 from medtl.errors import ParamsError
 from medtl.inference import forward_batches
-from medtl.metrics import roc_auc
+from medtl.metrics import predict_labels, roc_auc
 from medtl.model import Classifier, load_backbone, model_file
 from medtl.params import Device, Precision, require
 from medtl.prepared import PreparedSplit, load_split, load_stats
@@ -191,7 +191,7 @@ def forward_split(fn, images: np.ndarray, batch_size: int, hw: hardware.Hardware
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray, loss_fn: nn.Module) -> dict[str, float]:
     y = torch.from_numpy(labels)
     probs = torch.softmax(logits, dim=1).numpy()
-    out = {"val_loss": float(loss_fn(logits, y)), "val_accuracy": float((probs.argmax(1) == labels).mean())}
+    out = {"val_loss": float(loss_fn(logits, y)), "val_accuracy": float((predict_labels(probs) == labels).mean())}
     # The evaluate stage's AUC (macro one-vs-rest for K > 2); undefined (NaN) on a one-class split.
     auc = roc_auc(labels, probs)
     out["val_auc"] = float("nan") if auc is None else float(auc)

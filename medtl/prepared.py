@@ -18,7 +18,7 @@ import numpy as np
 
 from medtl.errors import MedtlError
 from medtl.imaging import Preprocessing
-from medtl.io import write_json
+from medtl.io import open_npy
 
 PREPARED_FORMAT = "medtl-prepared/2"
 
@@ -41,13 +41,20 @@ class PreparedSplit:
 
 
 def write_stats(out_dir: Path, pre: Preprocessing, counts: dict[str, int]) -> dict:
+    """stats.json into `out_dir`, the stage's temporary folder (atomic_dir makes the whole folder appear at once)."""
     record = {"format": PREPARED_FORMAT, "preprocessing": pre.to_dict(), "counts": dict(counts)}
-    write_json(out_dir / "stats.json", record)
+    (Path(out_dir) / "stats.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return record
 
 
-def write_rows(path: Path, rows: list[dict], columns: list[str]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
+def open_images(out_dir: Path, split: str, n: int, pre: Preprocessing) -> np.ndarray:
+    """A new {split}.npy of `n` images in the record's shape, memory-mapped for writing."""
+    return open_npy(Path(out_dir) / f"{split}.npy", np.float16, (n, pre.channels, pre.image_size, pre.image_size))
+
+
+def write_rows(out_dir: Path, split: str, rows: list[dict], columns: list[str]) -> None:
+    """{split}.csv: one row per image, in array order."""
+    with open(Path(out_dir) / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)

@@ -18,9 +18,8 @@ from tqdm import tqdm
 from medtl.errors import MedtlError
 from medtl.imaging import Preprocessing, model_input, read_record
 from medtl.ingest import read_manifest
-from medtl.io import open_npy
 from medtl.params import require
-from medtl.prepared import write_rows, write_stats
+from medtl.prepared import open_images, write_rows, write_stats
 from medtl.readers import ReadOptions, colour_of
 from medtl.splits import SPLITS
 from medtl.store import PixelStore
@@ -60,8 +59,7 @@ def run_preprocess(params: PreprocessParams, read: ReadOptions, ingested: Path, 
     for split in SPLITS:
         part = [r for r in rows if r["split"] == split]
         counts[split] = len(part)
-        arr = open_npy(out_dir / f"{split}.npy", np.float16,
-                       (len(part), params.channels, params.image_size, params.image_size))
+        arr = open_images(out_dir, split, len(part), pre)
         out_rows = []
         for i, r in enumerate(tqdm(part, desc=f"preprocess {split}", unit="img", leave=False)):
             pixels = store.get(int(r["offset"]), int(r["height"]), int(r["width"]), int(r["channels"]))
@@ -74,7 +72,7 @@ def run_preprocess(params: PreprocessParams, read: ReadOptions, ingested: Path, 
                 n_px += x.shape[1]
         arr.flush()
         del arr
-        write_rows(out_dir / f"{split}.csv", out_rows, meta_cols + ["colour", "label_index"])
+        write_rows(out_dir, split, out_rows, meta_cols + ["colour", "label_index"])
     if n_px == 0:
         raise MedtlError(f"{ingested / 'manifest.csv'} has no training images; ingest must put images in the train split")
     mean = total / n_px
