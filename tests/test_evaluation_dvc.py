@@ -86,6 +86,18 @@ def test_metrics_columns_and_operating_point(ran):
     assert not [c for c in header if c.startswith(("detail", "per_class", "subgroups."))]
 
 
+def test_the_preprocessing_record_goes_from_stats_json_into_the_model_unchanged(ran):
+    from medtl.io import load_torch
+
+    stats = json.loads((ran.path / "data/prepared/stats.json").read_text())
+    assert stats["format"] == "medtl-prepared/2"
+    record = stats["preprocessing"]
+    assert record["read"] == {"window": WINDOW, "frame": "middle", "axis": 2, "slice": "middle"}
+    assert record["image_size"] == PARAMS["preprocess"]["image_size"] and sorted(record["classes"]) == ["lesion", "normal"]
+    ckpt = load_torch(ran.path / "models/model.pt")
+    assert ckpt["format"] == "medtl-model/2" and ckpt["preprocessing"] == record
+
+
 def test_the_threshold_is_the_rule_applied_to_the_validation_split(ran):
     import torch
 
