@@ -1,5 +1,4 @@
 """SimCLR continued pretraining on tiny data: it learns, it is deterministic, it never reads labels or val/test."""
-import json
 import re
 
 import numpy as np

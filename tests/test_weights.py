@@ -127,7 +127,6 @@ def test_imagenet_offline_points_to_weights_pull(no_network):
 
 def test_imagenet_offline_stage_params_fail_before_any_output(tmp_path, monkeypatch, no_network):
     """`weights: imagenet` on an offline machine stops the stage with exit code 2 and writes nothing."""
-    import json
     import subprocess
     import sys
 
