@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medtl.errors import MedtlError
-from medtl.ingest import read_manifest
+from medtl.manifest import read_manifest
 from medtl.io import open_npy
 from medtl.params import require
 from medtl.splits import SPLITS
