@@ -398,7 +398,7 @@ def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], para
     pseudonym = phi.pseudonymise(group)
     for image in res.images:
         offset, h, w, c = writer.append(image.pixels)
-        metadata = phi.filter_metadata({**image.metadata, **item.extra}, extra_columns, allowed)
+        metadata = phi.filter_metadata({**image.metadata, **item.extra}, sorted(set(extra_columns) | set(item.extra)), allowed)
         run.images.append(IngestedImage(
             item_no=run.seen, source_ref=ref, sha256=res.sha256, label=label, group=pseudonym, group_kind=group_kind,
             fixed_split=item.split, height=h, width=w, channels=c, offset=offset, metadata=metadata,
