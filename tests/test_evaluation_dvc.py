@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from medtl import demo
+from medtl.phi import source_ref
 from medtl.readers import read
 from tests.project import TINY_PARAMS, deep_update, make_project
 
@@ -76,7 +77,9 @@ def test_metrics_columns_and_operating_point(ran):
 
 
 def test_predict_on_source_dicom_and_png_matches_the_evaluate_stage(ran, tmp_path):
-    manifest = {r["image_id"]: r["source_path"] for r in csv.DictReader(open(ran.path / "data/ingested/manifest.csv"))}
+    by_ref = {source_ref(f.relative_to(ran.path / "source").as_posix()): f.relative_to(ran.path / "source").as_posix()
+              for f in (ran.path / "source").rglob("*.*")}  # what `medtl locate` does
+    manifest = {r["image_id"]: by_ref[r["source_ref"]] for r in csv.DictReader(open(ran.path / "data/ingested/manifest.csv"))}
     stage = {manifest[r["image_id"]]: r for r in csv.DictReader(open(ran.path / "reports/predictions.csv"))}
     kinds = {s.rsplit(".", 1)[-1] for s in stage}
     assert kinds == {"dcm", "png"}, kinds
