@@ -16,7 +16,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import re
 import sys
 import warnings
 from collections import Counter, defaultdict
@@ -193,17 +192,6 @@ for _name in ("pydicom", "nibabel", "PIL"):
     _logger.propagate = False
 
 
-def warning_kind(w: warnings.WarningMessage) -> str:
-    """A library warning as a fixed kind: the VR or class named, never the quoted value."""
-    text = str(w.message)
-    vr = re.match(r"Invalid value for VR ([A-Z]{2})\b", text)
-    if vr:
-        return f"invalid_value:{vr.group(1)}"
-    if "end of file" in text.lower():
-        return "truncated_header"
-    return f"library_warning:{w.category.__name__}"
-
-
 def _decode(job: tuple[SourceItem, ReadOptions]) -> DecodeResult:
     """Worker: decode one item into quantized images, or say why it cannot be."""
     item, options = job
@@ -232,7 +220,7 @@ def _decode(job: tuple[SourceItem, ReadOptions]) -> DecodeResult:
         except Exception as e:  # a reader bug must not take the whole dataset down; it is reported
             res.problem, res.detail = "decode_error", f"unexpected {phi.error_kind(e)} while decoding"
         res.images = [] if res.problem else res.images
-    res.warnings += [warning_kind(w) for w in caught] + _TALLY.kinds
+    res.warnings += [phi.warning_kind(w) for w in caught] + _TALLY.kinds
     return res
 
 

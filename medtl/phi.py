@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -187,6 +188,23 @@ def filter_metadata(metadata: Mapping[str, object], extra: Iterable[str] = (), a
     check_metadata_columns(extra, allowed)
     keep = set(WHITELIST) | set(extra)
     return {k: "" if v is None else str(v) for k, v in metadata.items() if k in keep}
+
+
+class LibraryWarning(UserWarning):
+    """A warning from a decoding library, reduced to its kind (`warning_kind`): the original quotes header values."""
+
+
+def warning_kind(w: warnings.WarningMessage) -> str:
+    """A library warning as a fixed kind, e.g. "invalid_value:UI": the VR or class named, never the quoted value."""
+    text = str(w.message)
+    if issubclass(w.category, LibraryWarning):
+        return text
+    vr = re.match(r"Invalid value for VR ([A-Z]{2})\b", text)
+    if vr:
+        return f"invalid_value:{vr.group(1)}"
+    if "end of file" in text.lower():
+        return "truncated_header"
+    return f"library_warning:{w.category.__name__}"
 
 
 def error_kind(e: BaseException) -> str:

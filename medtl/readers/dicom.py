@@ -16,7 +16,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, as_pi
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medtl.errors import UnreadableImage
-from medtl.phi import PHOTOMETRIC_VALUES, age_in_years, error_kind
+from medtl.phi import PHOTOMETRIC_VALUES, LibraryWarning, age_in_years, error_kind, warning_kind
 from medtl.readers import Decoded, ReadOptions, apply_window, check_finite, check_size, rescale_to_unit
 
 __all__ = ["is_dicom", "read", "apply_window", "IDENTITY_KEYWORDS"]
@@ -43,6 +43,19 @@ def is_dicom(path: Path) -> bool:
 
 
 def read(path: Path, options: ReadOptions) -> Decoded:
+    """Decode one frame. pydicom's warnings quote header values (names typed into the wrong field), so they are
+    re-issued as LibraryWarning naming only their kind ("invalid_value:UI")."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return _read(path, options)
+    finally:
+        for kind in sorted({warning_kind(w) for w in caught}):
+            warnings.warn(kind, LibraryWarning, stacklevel=2)
+
+
+def _read(path: Path, options: ReadOptions) -> Decoded:
     ds, ended_early = _open(path)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         described = any(k in ds for k in ("SOPClassUID", "Modality", "Rows")) or "MediaStorageSOPClassUID" in ds.file_meta
