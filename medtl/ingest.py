@@ -361,10 +361,11 @@ def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], para
         return
     label, group, group_kind = item.label, item.group, item.group_kind
     if source.resolve is not None:
-        label, group, reason, detail = source.resolve(item, res.identity)
-        if reason:
-            run.quarantine(item, reason, detail)
+        found = source.resolve(item, res.identity)
+        if found.problem:
+            run.quarantine(item, found.problem, found.detail)
             return
+        label, group = found.label, found.group
         if group and group != item.group:
             group_kind = "patient_id" if source.header_group == "PatientID" else "source"
     label = (label or "").strip()
@@ -429,27 +430,27 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
     split = splitting.assign_splits(split_groups, [r.label for r in images], asdict(params.split), params.seed, fixed)
     unique = [r.file_key or f"row{i}" for i, r in enumerate(images)]  # array items share their container's hash
     duplicates = splitting.find_duplicates(unique, split, "file")
-    same_file = {d["row"] for d in duplicates}
+    same_file = {d.row for d in duplicates}
     duplicates += [d for d in splitting.find_duplicates([r.pixel_hash for r in images], split, "pixels")
-                   if d["row"] not in same_file]
-    cross = [d for d in duplicates if d["cross_split"]]
+                   if d.row not in same_file]
+    cross = [d for d in duplicates if d.cross_split]
 
     def named(i: int) -> dict:
         r = images[i]
         return {"source_ref": r.source_ref, "split": split[i], **({"index": r.index} if r.index else {})}
 
     if cross and params.duplicates == "fail":
-        listed = "; ".join(f"{named(d['row'])} = {named(d['duplicate_of'])}" for d in cross[:5])
+        listed = "; ".join(f"{named(d.row)} = {named(d.duplicate_of)}" for d in cross[:5])
         raise MedtlError(
             f"{len(cross)} image(s) are duplicated across splits (ingest.duplicates=fail): {listed}; remove the copies "
             "from the source (`medtl locate REF` shows the files), or set ingest.duplicates to drop to remove them "
             "from the later split"
         )
-    dropped = {d["row"] for d in cross}
+    dropped = {d.row for d in cross}
     dup_report = [
-        {"image": named(d["row"]), "duplicate_of": named(d["duplicate_of"]), "kind": d["kind"],
-         "action": "removed" if d["cross_split"] else "kept (same split)"}
-        for d in sorted(duplicates, key=lambda d: d["row"])
+        {"image": named(d.row), "duplicate_of": named(d.duplicate_of), "kind": d.kind,
+         "action": "removed" if d.cross_split else "kept (same split)"}
+        for d in sorted(duplicates, key=lambda d: d.row)
     ]
     rows: list[ManifestRow] = []
     for i, r in enumerate(images):

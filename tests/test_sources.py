@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 from medtl.errors import MedtlError, ParamsError
 from medtl.ingest import IngestParams
 from medtl.params import build
-from medtl.sources import open_source
+from medtl.sources import Resolved, open_source
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -191,8 +191,8 @@ def test_dicom_labels_by_uid_are_resolved_from_headers(tmp_path):
     src = open_source(params(source="dicom", dicom={"root": str(root), "labels": str(labels), "key": "SOPInstanceUID",
                                                     "key_column": "uid"}), tmp_path)
     item = items(src)["s1/CT_small.dcm"]
-    assert src.resolve(item, {"SOPInstanceUID": ct.SOPInstanceUID, "PatientID": "X1"}) == ("a", "X1", None, "")
-    assert src.resolve(item, {"SOPInstanceUID": "9.9", "PatientID": "X1"})[2] == "no_label"
+    assert src.resolve(item, {"SOPInstanceUID": ct.SOPInstanceUID, "PatientID": "X1"}) == Resolved("a", "X1")
+    assert src.resolve(item, {"SOPInstanceUID": "9.9", "PatientID": "X1"}).problem == "no_label"
     (missing,) = src.unmatched()
     assert missing.relative == "labels.csv line 3" and missing.line == 3 and "1.2.3.4" not in missing.detail
 

@@ -45,6 +45,16 @@ class SourceItem:
         return f"{self.relative}#{self.index}" if self.index is not None else self.relative
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """An item's label and group, read from its decoded header (DICOM keyed by UID), or why they cannot be."""
+
+    label: str | None
+    group: str | None
+    problem: str | None = None
+    detail: str = ""
+
+
 @dataclass
 class Source:
     items: Iterable[SourceItem]  # a list, or a generator (streamed: memory stays flat)
@@ -53,8 +63,8 @@ class Source:
     cleanup: Callable[[], None] | None = None  # removes temporary files when ingest is done
     count: int | None = None  # number of items, for the progress bar, when `items` is a generator
     # Labels and groups known only from the decoded header (DICOM keyed by UID):
-    # resolve(item, identity) -> (label, group, problem, detail); called in ingest's main process.
-    resolve: Callable[[SourceItem, dict], tuple[str | None, str | None, str | None, str]] | None = None
+    # resolve(item, identity) -> Resolved; called in ingest's main process.
+    resolve: Callable[[SourceItem, dict], "Resolved"] | None = None
     # Problems known only once every file is decoded (label rows that matched no file).
     unmatched: Callable[[], list[SourceItem]] | None = None
     header_group: str = "PatientID"  # the header keyword a group read from the file comes from

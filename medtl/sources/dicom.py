@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from medtl.errors import MedtlError
-from medtl.sources import Source, SourceItem, entry_item, existing_dir, existing_file, inside_root, walk_files
+from medtl.sources import Resolved, Source, SourceItem, entry_item, existing_dir, existing_file, inside_root, walk_files
 from medtl.sources.csv import column, read_table
 
 
@@ -74,17 +74,17 @@ def open_source(params, workdir: Path) -> Source:
     if p.key == "path":
         items += _missing(labels, used, labels_path)
 
-    def resolve(item: SourceItem, identity: dict) -> tuple[str | None, str | None, str | None, str]:
+    def resolve(item: SourceItem, identity: dict) -> Resolved:
         group = identity.get(p.group) or None
         if p.key == "path":
-            return item.label, group, None, ""
+            return Resolved(item.label, group)
         value = identity.get(p.key, "")
         if not value:
-            return None, group, "no_label", f"the file has no {p.key} to look its label up by"
+            return Resolved(None, group, "no_label", f"the file has no {p.key} to look its label up by")
         if value not in labels:
-            return None, group, "no_label", f"no row of {labels_path.name} has this file's {p.key}"
+            return Resolved(None, group, "no_label", f"no row of {labels_path.name} has this file's {p.key}")
         used.add(value)
-        return labels[value][0], group, None, ""
+        return Resolved(labels[value][0], group)
 
     def unmatched() -> list[SourceItem]:
         return [] if p.key == "path" else _missing(labels, used, labels_path)
