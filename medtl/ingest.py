@@ -175,7 +175,7 @@ class DecodeResult:
 
 
 class _LogTally(logging.Handler):
-    """Counts pydicom's log records by level instead of letting them reach stderr (they may quote values)."""
+    """Counts the decoding libraries' log records by level instead of letting them reach stderr (they may quote values)."""
 
     def __init__(self) -> None:
         super().__init__()
