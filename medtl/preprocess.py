@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from medtl.errors import MedtlError
 from medtl.imaging import Preprocessing, model_input, read_record
-from medtl.ingest import read_manifest
+from medtl.manifest import read_manifest
 from medtl.params import require
 from medtl.prepared import open_images, write_rows, write_stats
 from medtl.readers import ReadOptions, colour_of

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from medtl import demo
+from medtl.phi import source_ref
 from medtl.readers import read
 from tests.project import TINY_PARAMS, deep_update, make_project
 

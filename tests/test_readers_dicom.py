@@ -268,6 +268,7 @@ def test_metadata_is_whitelisted_and_identity_has_the_uids(tmp_path):
         "StudyInstanceUID": ds.StudyInstanceUID,
         "SeriesInstanceUID": ds.SeriesInstanceUID,
         "SOPInstanceUID": ds.SOPInstanceUID,
+        "BurnedInAnnotation": "",
     }
     assert "CompressedSamples" not in " ".join(d.metadata.values())
     old = one(copy_with(tmp_path, "CT_small.dcm", PatientAge="093Y")).metadata["age"]

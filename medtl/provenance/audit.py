@@ -23,7 +23,7 @@ from medtl.provenance import environment as env
 from medtl.provenance.hashing import describe
 from medtl.provenance.record import RECORD_SUFFIX, load_record, record_path_for, utc_now
 
-MANIFEST_CORE = {"image_id", "source_path", "sha256", "label", "group", "split", "height", "width", "channels", "offset"}
+MANIFEST_CORE = {"image_id", "source_path", "source_ref", "sha256", "label", "group", "split", "height", "width", "channels", "offset"}
 SUBGROUP_MAX_VALUES = 12
 PIPELINE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock", "uv.lock")
 
@@ -152,7 +152,7 @@ def manifest_summary(path: Path) -> dict:
             columns = list(rows[0].keys()) if rows else []
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         raise MedtlError(f"source manifest {path} cannot be read: {e}") from e
-    missing = {"source_path", "sha256"} - set(columns)
+    missing = {"sha256"} - set(columns)
     if rows and missing:
         raise MedtlError(f"source manifest {path} lacks columns {', '.join(sorted(missing))}")
     by_split_class: dict[str, Counter] = defaultdict(Counter)
