@@ -9,7 +9,7 @@ from medtl.errors import MedtlError
 
 # Each module defines `register(subparsers)`, adding a subparser whose
 # defaults carry `func(args) -> int`.
-COMMAND_MODULES: list[str] = ["medtl.weights", "medtl.provenance.commands", "medtl.predict"]
+COMMAND_MODULES: list[str] = ["medtl.weights", "medtl.provenance.commands", "medtl.predict", "medtl.export"]
 
 
 def build_parser() -> argparse.ArgumentParser:
