@@ -141,7 +141,8 @@ def test_changed_source_image_of_a_folder_source_is_named(ws, capsys):
     assert len(lines) == 1 and lines[0].startswith("MISMATCH source lesion/lesion03.png: expected sha256 "), out
 
 
-def test_signed_evidence_verifies_and_an_altered_signature_fails(ws, capsys, tmp_path):
+def test_signed_evidence_verifies_and_an_altered_signature_fails(ws, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "a passphrase for the test key")
     assert main(["keygen", "--out", str(tmp_path / "keys")]) == 0
     key, pub = tmp_path / "keys/medtl-signing.key", tmp_path / "keys/medtl-signing.pub"
     assert main(["audit", "--sign-key", str(key)]) == 0

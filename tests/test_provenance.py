@@ -267,7 +267,8 @@ def test_dirty_workspace_is_flagged(ws, capsys):
     assert audit("--allow-dirty") == 0
 
 
-def test_signed_evidence_verifies_and_forgeries_fail(ws, capsys, tmp_path):
+def test_signed_evidence_verifies_and_forgeries_fail(ws, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "correct horse battery staple")
     assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
     assert main(["keygen", "--out", str(tmp_path / "other")]) == 0
     assert audit("--sign-key", str(tmp_path / "k/medtl-signing.key")) == 0
@@ -311,3 +312,69 @@ def test_experiment_is_recorded(ws, capsys):
     stmt = json.loads((ws / "reports/audit/provenance.json").read_text())
     exp = stmt["predicate"]["buildDefinition"]["internalParameters"]["experiment"]
     assert exp["name"] == "lr-sweep-1" and exp["ref"].startswith("refs/exps/")
+
+
+def test_envelope_verifies_with_securesystemslib(ws, tmp_path, monkeypatch):
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import SSlibKey
+
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "correct horse battery staple")
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    assert audit("--sign-key", str(tmp_path / "k/medtl-signing.key")) == 0
+    envelope = json.loads((ws / "reports/audit/provenance.dsse.json").read_text())
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    # the key id is computed by securesystemslib, not taken from medtl
+    key = SSlibKey.from_crypto(load_pem_public_key((tmp_path / "k/medtl-signing.pub").read_bytes()))
+    env = Envelope.from_dict(json.loads(json.dumps(envelope)))  # from_dict consumes the dict it is given
+    accepted = env.verify([key], 1)
+    assert list(accepted) == [key.keyid] == [envelope["signatures"][0]["keyid"]]
+    assert env.payload == (ws / "reports/audit/provenance.json").read_bytes()
+
+    envelope["payload"] = __import__("base64").b64encode(env.payload.replace(b"models/model.pt", b"models/other.pt")).decode()
+    with pytest.raises(VerificationError):
+        Envelope.from_dict(json.loads(json.dumps(envelope))).verify([key], 1)
+
+
+def test_private_key_is_protected_by_a_passphrase(ws, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE", raising=False)
+    secret, wrong = tmp_path / "pass.txt", tmp_path / "wrong.txt"
+    secret.write_text("s3cret phrase\n")
+    wrong.write_text("not it\n")
+    assert main(["keygen", "--out", str(tmp_path / "k"), "--passphrase-file", str(secret)]) == 0
+    key = tmp_path / "k/medtl-signing.key"
+    assert key.read_text().startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----") and key.stat().st_mode & 0o077 == 0
+    assert b"s3cret" not in key.read_bytes()
+
+    envelope = ws / "reports/audit/provenance.dsse.json"
+    capsys.readouterr()
+    assert audit("--sign-key", str(key)) == 2  # no passphrase given and no terminal to ask on
+    assert "protected by a passphrase" in capsys.readouterr().err and not envelope.exists()
+    assert audit("--sign-key", str(key), "--passphrase-file", str(wrong)) == 2
+    assert "wrong passphrase" in capsys.readouterr().err and not envelope.exists()
+    assert audit("--sign-key", str(key), "--passphrase-file", str(secret)) == 0
+    assert verify_lines(capsys, "--pub-key", str(tmp_path / "k/medtl-signing.pub")) == (0, [])
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "s3cret phrase")
+    assert audit("--sign-key", str(key)) == 0
+
+    # keygen without a passphrase source and without a terminal refuses; --no-passphrase is explicit
+    monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE")
+    assert main(["keygen", "--out", str(tmp_path / "k2")]) == 2
+    assert "--no-passphrase" in capsys.readouterr().err and not (tmp_path / "k2").exists()
+    assert main(["keygen", "--out", str(tmp_path / "k3"), "--no-passphrase"]) == 0
+    assert (tmp_path / "k3/medtl-signing.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
+
+
+def test_keygen_asks_twice_at_a_terminal(tmp_path, monkeypatch, capsys):
+    from medtl.provenance import signing
+
+    answers = iter(["typed phrase", "typed phrase", "a", "b"])
+    monkeypatch.setattr(signing, "_interactive", lambda: True)
+    monkeypatch.setattr(signing.getpass, "getpass", lambda prompt="": next(answers))
+    monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE", raising=False)
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    loaded = signing.serialization.load_pem_private_key((tmp_path / "k/medtl-signing.key").read_bytes(), password=b"typed phrase")
+    assert signing.keyid(loaded.public_key()) == signing.keyid(signing.load_public_key(tmp_path / "k/medtl-signing.pub"))
+    assert main(["keygen", "--out", str(tmp_path / "k2")]) == 2
+    assert "differ" in capsys.readouterr().err and not (tmp_path / "k2/medtl-signing.key").exists()

@@ -442,13 +442,13 @@ def collect(root: Path, model: str) -> dict:
 OUTPUT_FILES = ("provenance.json", "ml-bom.json", "report.md", "report.html")
 
 
-def write_evidence(ev: dict, root: Path, out_dir: Path, sign_key: Path | None = None) -> list[Path]:
+def write_evidence(ev: dict, root: Path, out_dir: Path, sign_key: Path | None = None, passphrase_file: Path | None = None) -> list[Path]:
     """Write provenance.json, ml-bom.json, report.md, report.html (and provenance.dsse.json when signing)."""
     from medtl.io import write_json, write_text
     from medtl.provenance import bom, report, signing, statement
     from medtl.provenance.verify import envelope_path_for
 
-    key = signing.load_private_key(sign_key) if sign_key else None  # fail before writing anything
+    key = signing.load_private_key(sign_key, passphrase_file) if sign_key else None  # fail before writing anything
     doc = bom.build_bom(ev)
     errors = bom.validate_bom(doc)
     if errors:
