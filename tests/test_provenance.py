@@ -15,6 +15,7 @@ import torch
 
 from medtl.cli import main
 from medtl.io import write_json
+from medtl.phi import pseudonymise
 from medtl.provenance import stage_record
 from medtl.provenance.bom import validate_bom
 
@@ -77,12 +78,13 @@ def _source_files(root: Path) -> list[dict]:
     rows = []
     for i, (name, mrn) in enumerate(zip(FAKE_NAMES[:2], FAKE_NAMES[2:])):
         for j in range(3):
-            rel = f"p{i}/img{j}.dcm"
+            # folder and file names carry the identifiers too, as PACS exports often do
+            rel = f"{name}_{mrn}/img{j}_{mrn}.dcm"
             p = root / "data/raw" / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             # a fake header with identifiers, which must never reach the evidence
             p.write_bytes(f"DICM PatientName={name} PatientID={mrn} ".encode() + bytes([i, j]) * 64)
-            rows.append({"image_id": f"im{i}{j}", "source_path": rel, "label": ["normal", "lesion"][i], "group": f"g{i:04d}",
+            rows.append({"image_id": f"im{i}{j}", "rel": rel, "source_ref": pseudonymise(rel), "label": ["normal", "lesion"][i], "group": f"g{i:04d}",
                          "split": ["train", "train", "test"][j] if i == 0 else ["train", "val", "test"][j]})
     return rows
 
@@ -96,10 +98,10 @@ def _build_outputs(root: Path) -> None:
         out = root / "data/ingested"
         out.mkdir(parents=True)
         with open(out / "manifest.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["image_id", "source_path", "sha256", "label", "group", "split", "modality", "height", "width", "channels", "offset"])
+            w = csv.DictWriter(f, extrasaction="ignore", fieldnames=["image_id", "source_ref", "sha256", "label", "group", "split", "modality", "height", "width", "channels", "offset"])
             w.writeheader()
             for k, r in enumerate(rows):
-                w.writerow({**r, "sha256": sha256_file(root / "data/raw" / r["source_path"]), "modality": "CT", "height": 8, "width": 8, "channels": 1, "offset": k * 64})
+                w.writerow({**r, "sha256": sha256_file(root / "data/raw" / r["rel"]), "modality": "CT", "height": 8, "width": 8, "channels": 1, "offset": k * 64})
         np.arange(6 * 64, dtype=np.uint16).tofile(out / "pixels.u16")
         write_json(out / "report.json", {"images": 6, "quarantined": [], "duplicates": [], "counts": {"train": {"normal": 2, "lesion": 1}}})
         rec.seeds["split"] = 42
@@ -223,15 +225,20 @@ def test_audit_writes_evidence_and_verify_passes(ws, capsys):
     assert (rc, lines) == (0, [])
 
 
+VICTIM = f"{FAKE_NAMES[1]}_{FAKE_NAMES[3]}/img2_{FAKE_NAMES[3]}.dcm"
+
+
 def test_source_files_outside_the_pipeline_are_checked_from_the_manifest(ws, capsys):
     # an auditor holding the sources elsewhere points verify at them
     shutil.move(ws / "data/raw", ws.parent / "sources")
-    src = ws.parent / "sources/p0/img1.dcm"
+    src = ws.parent / "sources" / VICTIM
     src.write_bytes(src.read_bytes() + b"x")
     capsys.readouterr()
     assert main(["verify", "reports/audit/provenance.json", "--source-root", str(ws.parent / "sources")]) == 1
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("MISMATCH")]
-    assert len(lines) == 1 and lines[0].startswith("MISMATCH source p0/img1.dcm: expected sha256 "), lines
+    # the evidence knows the file by pseudonym; on the auditor's machine the changed file is named
+    assert len(lines) == 1 and lines[0].startswith(f"MISMATCH source {pseudonymise(VICTIM)}: expected sha256 "), lines
+    assert VICTIM in lines[0]
 
 
 def test_no_patient_identifiers_in_evidence(ws, capsys):
@@ -243,7 +250,7 @@ def test_no_patient_identifiers_in_evidence(ws, capsys):
         assert not any(n in rec.read_text() for n in FAKE_NAMES)
 
 
-@pytest.mark.parametrize("victim", ["data/prepared/train.npy", "models/model.pt", "params.yaml", "data/raw/p1/img2.dcm"])
+@pytest.mark.parametrize("victim", ["data/prepared/train.npy", "models/model.pt", "params.yaml", "data/raw/" + VICTIM])
 def test_tampering_names_exactly_that_artifact(ws, capsys, victim):
     p = ws / victim
     data = bytearray(p.read_bytes())
@@ -252,7 +259,26 @@ def test_tampering_names_exactly_that_artifact(ws, capsys, victim):
     rc, lines = verify_lines(capsys)
     assert rc == 1
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"MISMATCH {victim}: expected sha256 "), lines
+    if victim.startswith("data/raw/"):
+        assert lines[0].startswith(f"MISMATCH source {pseudonymise(VICTIM)}: expected sha256 ") and VICTIM in lines[0], lines
+    else:
+        assert lines[0].startswith(f"MISMATCH {victim}: expected sha256 "), lines
+
+
+def test_source_folder_is_described_without_file_names(ws):
+    stmt = json.loads((ws / "reports/audit/provenance.json").read_text())
+    raw = next(d for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"] if d["name"] == "data/raw")
+    assert raw["annotations"]["medtl.kind"] == "source-folder" and raw["annotations"]["nfiles"] == 6
+    assert "files" not in raw["annotations"]
+    record = json.loads((ws / "data/ingested.provenance.json").read_text())
+    assert record["inputs"][0]["path"] == "data/raw" and "files" not in record["inputs"][0]
+
+
+def test_a_quarantined_source_file_that_changed_is_reported_by_its_folder(ws, capsys):
+    (ws / "data/raw/unreadable.dcm").write_bytes(b"not in the manifest")
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("MISMATCH data/raw: expected sha256 "), lines
+    assert "over 6 files" in lines[0] and "over 7 files" in lines[0]
 
 
 def test_dirty_workspace_is_flagged(ws, capsys):
@@ -378,3 +404,84 @@ def test_keygen_asks_twice_at_a_terminal(tmp_path, monkeypatch, capsys):
     assert signing.keyid(loaded.public_key()) == signing.keyid(signing.load_public_key(tmp_path / "k/medtl-signing.pub"))
     assert main(["keygen", "--out", str(tmp_path / "k2")]) == 2
     assert "differ" in capsys.readouterr().err and not (tmp_path / "k2/medtl-signing.key").exists()
+
+
+def _edit_evidence(ws: Path, change) -> None:
+    path = ws / "reports/audit/provenance.json"
+    stmt = json.loads(path.read_text())
+    change(stmt)
+    path.write_text(json.dumps(stmt, indent=2))
+
+
+def _dep(stmt: dict, name: str) -> dict:
+    return next(d for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"] if d["name"] == name)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "data/../../../../../etc/passwd"])
+def test_verify_refuses_evidence_names_outside_the_root(ws, capsys, name):
+    import hashlib
+
+    sha = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()  # a hash that would match, were the file read
+    _edit_evidence(ws, lambda s: _dep(s, "params.yaml").update(name=name, digest={"sha256": sha}))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1
+    assert lines == [f"MISMATCH {name}: expected a path inside the project root, actual "
+                     f"{'an absolute path' if name.startswith('/') else 'a path that climbs out of the root'} (refused, not read)"]
+
+
+def test_verify_refuses_a_subject_outside_the_root(ws, capsys, tmp_path):
+    import hashlib
+
+    # the model is swapped for a file outside the project, and the evidence names it with its true hash
+    outside = tmp_path / "other-model.pt"
+    outside.write_bytes(b"a different model")
+    sha = hashlib.sha256(outside.read_bytes()).hexdigest()
+    _edit_evidence(ws, lambda s: s["subject"][0].update(name=str(outside), digest={"sha256": sha}))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0].startswith(f"MISMATCH {outside}: expected a path inside the project root, actual an absolute path"), lines
+
+    _edit_evidence(ws, lambda s: s["subject"][0].update(name="models/../../other-model.pt"))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and "models/../../other-model.pt: expected a path inside the project root" in lines[0], lines
+
+
+def test_verify_refuses_a_symlink_pointing_outside(ws, capsys, tmp_path):
+    # same bytes, so the hash matches: only the link's target gives it away
+    outside = tmp_path / "model-copy.pt"
+    shutil.copy(ws / "models/model.pt", outside)
+    (ws / "models/model.pt").unlink()
+    (ws / "models/model.pt").symlink_to(outside)
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0] == (f"MISMATCH models/model.pt: expected a path inside the project root, actual a symlink to {outside}, "
+                                    "outside the root (refused, not read)"), lines
+
+    # a link inside a folder artifact is refused the same way
+    (ws / "models/model.pt").unlink()
+    shutil.copy(outside, ws / "models/model.pt")
+    train = ws / "data/prepared/train.npy"
+    shutil.copy(train, tmp_path / "train.npy")
+    train.unlink()
+    train.symlink_to(tmp_path / "train.npy")
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and any(x.startswith("MISMATCH data/prepared/train.npy: expected a path inside the project root, actual a symlink") for x in lines), lines
+
+
+def test_verify_requires_the_subject(ws, capsys):
+    (ws / "models/model.pt").unlink()
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0].startswith("MISMATCH models/model.pt: expected sha256 ") and "missing" in lines[0], lines
+    _edit_evidence(ws, lambda s: s.update(subject=[]))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0].startswith("MISMATCH subject: expected the model"), lines
+
+
+def test_verify_refuses_folder_entries_and_source_roots_outside(ws, capsys):
+    _edit_evidence(ws, lambda s: _dep(s, "data/prepared")["annotations"]["files"].update({"../../../../etc/passwd": "0" * 64}))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and "MISMATCH data/prepared/../../../../etc/passwd: expected a path inside the project root" in "\n".join(lines), lines
+
+    _edit_evidence(ws, lambda s: _dep(s, "data/prepared")["annotations"]["files"].pop("../../../../etc/passwd"))
+    _edit_evidence(ws, lambda s: _dep(s, "source-data")["annotations"].update(source_root="/etc"))
+    capsys.readouterr()
+    assert main(["verify", "reports/audit/provenance.json"]) == 0  # the recorded root is not followed; the sources are skipped
+    assert "recorded source root '/etc' is an absolute path" in capsys.readouterr().out

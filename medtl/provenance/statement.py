@@ -24,7 +24,11 @@ def _artifact_descriptor(a: dict) -> dict:
     if a["type"] == "dir":
         # the folder digest is sha256 over "<sha256>  <relpath>\n" lines; each file is listed to trace a change
         ann["digest_of"] = "file manifest"
-        ann["files"] = a["files"]
+        ann["nfiles"] = a.get("nfiles")
+        if "files" in a:
+            ann["files"] = a["files"]
+        else:  # source data: file names may identify patients; the source manifest names each file by pseudonym + sha256
+            ann["files_withheld"] = True
     return {"name": a["path"], "digest": {"sha256": a["sha256"]}, "annotations": ann}
 
 
@@ -43,7 +47,7 @@ def build_statement(ev: dict) -> dict:
                 "source_root": src.get("source_root"),
                 "images": src["images"],
                 "patients": src["patients_total"],
-                "note": "the manifest lists every source file with the sha256 of its bytes",
+                "note": "the manifest lists every source file by a keyed pseudonym of its path (source_ref) with the sha256 of its bytes",
             },
         })
     w = ev.get("weights")
