@@ -485,3 +485,98 @@ def test_verify_refuses_folder_entries_and_source_roots_outside(ws, capsys):
     capsys.readouterr()
     assert main(["verify", "reports/audit/provenance.json"]) == 0  # the recorded root is not followed; the sources are skipped
     assert "recorded source root '/etc' is an absolute path" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def evidence(project) -> dict:
+    from medtl.provenance.audit import collect
+
+    return collect(project, "models/model.pt")
+
+
+def _render(ev: dict, root: Path) -> tuple[str, str]:
+    from medtl.provenance import report
+
+    return report.render_markdown(ev), report.render_html(ev, root)
+
+
+def _with(ev: dict, **changes) -> dict:
+    import copy
+
+    out = copy.deepcopy(ev)
+    out.update(changes)
+    return out
+
+
+def test_checklist_reports_evidence_never_compliance(evidence, project):
+    from medtl.provenance.report import checklist
+
+    statuses = {c["status"] for c in checklist(evidence)}
+    assert statuses <= {"evidence present", "missing", "not applicable"} and "evidence present" in statuses
+    md, html = _render(evidence, project)
+    table = md[md.index("## Regulatory checklist"):]
+    assert " met " not in table and "NOT MET" not in table and ">met<" not in html and "NOT MET" not in html
+
+
+def test_image_level_split_is_said_and_patient_claims_need_real_groups(evidence, project):
+    from medtl.provenance.report import checklist
+
+    split = lambda ev: next(c for c in checklist(ev) if "split by patient" in c["item"])  # noqa: E731
+    # the fake ingest recorded no grouping: unknown counts as image-level
+    for ev in (evidence, _with(evidence, ingest_report={"grouping": {"kind": "image", "rule": None}})):
+        assert split(ev)["status"] == "missing"
+        for text in _render(ev, project):
+            assert "image-level split: patient independence not established" in text.lower()
+            assert "Patients in more than one split" not in text
+    ev = _with(evidence, ingest_report={"grouping": {"kind": "patient_id", "rule": None}, "pseudonym_key": "user"})
+    # the fake manifest puts both patients in several splits: real groups, and they show the overlap
+    assert split(ev)["status"] == "missing" and "DICOM PatientID" in split(ev)["evidence"]
+    assert "2 patients appear in more than one split" in split(ev)["evidence"]
+    ev["source_data"] = {**ev["source_data"], "patients_in_several_splits": 0, "shared_between": {}}
+    assert split(ev)["status"] == "evidence present"
+    md, html = _render(ev, project)
+    assert "image-level" not in md.lower() and "image-level" not in html.lower() and "Patients in more than one split" in html
+
+
+def test_pseudonym_key_and_allowed_identifier_columns_are_stated(evidence, project):
+    ev = _with(evidence, ingest_report={"grouping": {"kind": "rule", "rule": r"person(?P<group>\d+)_"}, "pseudonym_key": "default",
+                                        "metadata_columns": ["sex", "site"], "allowed_identifier_columns": ["site"]})
+    md, html = _render(ev, project)
+    for text in (md, html):
+        assert "public default key" in text and "Pseudonyms: the public default key" in text  # a red flag: folder data, public key
+        assert "identifier columns allowed by the user" in text and "person(?P&lt;group&gt;" in html
+    ev["ingest_report"]["pseudonym_key"] = "user"
+    md, _ = _render(ev, project)
+    assert "user-held key" in md and "Pseudonyms: the public default key" not in md
+
+
+def test_unedited_demo_model_card_on_real_data_is_flagged(evidence, project):
+    import yaml
+
+    from medtl.provenance import card
+    from tests.project import ROOT
+
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["model_card"]
+    assert " ".join(shipped["intended_use"].split()) == card.DEMO_INTENDED_USE  # the detector knows the shipped text
+    assert " ".join(shipped["out_of_scope"].split()) == card.DEMO_OUT_OF_SCOPE
+    md, html = _render(evidence, project)
+    assert "MODEL CARD NOT EDITED" not in md and 'id="demo-model-card"' not in html  # an edited card on folder data
+
+    ev = _with(evidence, model_card=shipped)  # params.ingest.source is folder
+    md, html = _render(ev, project)
+    assert "MODEL CARD NOT EDITED" in md and 'id="demo-model-card"' in html and '<div class="flag">MODEL CARD NOT EDITED' in html
+    assert any(c["status"] == "missing" and "shipped demo text" in c["evidence"] for c in __import__("medtl.provenance.report", fromlist=["x"]).checklist(ev))
+
+    ev["params"] = {**ev["params"], "ingest": {**ev["params"]["ingest"], "source": "demo"}}
+    md, html = _render(ev, project)
+    assert "MODEL CARD NOT EDITED" not in md and 'id="demo-model-card"' not in html
+
+
+def test_report_html_escapes_every_value(evidence, project):
+    hostile = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    ev = _with(evidence, model_card={"intended_use": hostile, "users": [hostile], "limitations": [hostile]},
+               params={**evidence["params"], "ingest": {"source": hostile}})
+    ev["model"] = {**ev["model"], "classes": [hostile, "lesion"], "arch": hostile}
+    _, html = _render(ev, project)
+    assert "<script" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
