@@ -19,10 +19,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch import nn
-
 from medtl.errors import MedtlError
 from medtl.io import atomic_path, sha256_file
 
@@ -34,19 +30,25 @@ TORCHSCRIPT_METADATA = "medtl.json"  # the extra file holding the metadata in a 
 ONNX_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
+# torch and numpy are imported inside the functions: `medtl --help` and `medtl verify` load this module to list the subcommand
 
 
-class Exported(nn.Module):
+def exported_module(classifier, temperature: float | None):
     """The classifier with its calibrated softmax attached: one graph from prepared pixels to probabilities."""
+    import torch
+    from torch import nn
 
-    def __init__(self, classifier: nn.Module, temperature: float | None):
-        super().__init__()
-        self.classifier = classifier
-        self.temperature = float(temperature) if temperature else 1.0
+    class Exported(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = classifier
+            self.temperature = float(temperature) if temperature else 1.0
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.classifier(image)
-        return logits, torch.softmax(logits / self.temperature, dim=1)
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.classifier(image)
+            return logits, torch.softmax(logits / self.temperature, dim=1)
+
+    return Exported().eval()
 
 
 def read_operating_point(path: Path | None, model_path: Path, classes: list[str]) -> dict | None:
@@ -107,6 +109,8 @@ def metadata(ckpt: dict, model_path: Path, operating_point: dict | None, fmt: st
 def _quiet_tracer():
     """torch.jit's deprecation notices and the tracer's note on the backbone's input-shape check (a guard,
     constant for a fixed channel count) say nothing the user can act on."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -114,7 +118,9 @@ def _quiet_tracer():
         yield
 
 
-def _example(ckpt: dict) -> torch.Tensor:
+def _example(ckpt: dict):
+    import torch
+
     pre = ckpt.get("preprocessing") or {}
     try:
         c, s = int(pre["channels"]), int(pre["size"])
@@ -123,8 +129,9 @@ def _example(ckpt: dict) -> torch.Tensor:
     return torch.rand(2, c, s, s, generator=torch.Generator().manual_seed(0))
 
 
-def to_onnx(module: Exported, example: torch.Tensor, meta: dict[str, str]) -> bytes:
+def to_onnx(module, example, meta: dict[str, str]) -> bytes:
     import onnx
+    import torch
 
     buf = io.BytesIO()
     # the TorchScript-based exporter: deterministic, no extra packages, and handles the torchvision backbones
@@ -140,7 +147,9 @@ def to_onnx(module: Exported, example: torch.Tensor, meta: dict[str, str]) -> by
     return proto.SerializeToString()
 
 
-def to_torchscript(module: Exported, example: torch.Tensor, meta: dict[str, str]) -> bytes:
+def to_torchscript(module, example, meta: dict[str, str]) -> bytes:
+    import torch
+
     with torch.no_grad():
         traced = torch.jit.trace(module, (example,), check_trace=True)
     buf = io.BytesIO()
@@ -157,15 +166,18 @@ def export(model_path: Path, fmt: str, operating_point: Path | None = None) -> t
     classifier, ckpt = load_classifier(model_path)
     op = read_operating_point(operating_point, model_path, list(ckpt["classes"]))
     meta = metadata(ckpt, model_path, op, fmt)
-    module = Exported(classifier, (op or {}).get("temperature")).eval()
+    module = exported_module(classifier, (op or {}).get("temperature"))
     example = _example(ckpt)
     with _quiet_tracer():
         data = to_onnx(module, example, meta) if fmt == "onnx" else to_torchscript(module, example, meta)
     return data, meta
 
 
-def run_export(data: bytes, fmt: str, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def run_export(data: bytes, fmt: str, images):
     """(logits, probabilities) of the exported file on `images`, with its own runtime (onnxruntime or torch.jit)."""
+    import numpy as np
+    import torch
+
     x = np.ascontiguousarray(images, dtype=np.float32)
     if fmt == "onnx":
         import onnxruntime as ort
@@ -180,13 +192,16 @@ def run_export(data: bytes, fmt: str, images: np.ndarray) -> tuple[np.ndarray, n
     return logits.numpy(), probs.numpy()
 
 
-def parity(model_path: Path, data: bytes, fmt: str, images: np.ndarray, temperature: float | None = None) -> float:
+def parity(model_path: Path, data: bytes, fmt: str, images, temperature: float | None = None) -> float:
     """Largest absolute difference between the export and the PyTorch model, over logits and probabilities."""
+    import numpy as np
+    import torch
+
     from medtl.model import load_classifier
 
     classifier, _ = load_classifier(model_path)
     with torch.no_grad():
-        ref_logits, ref_probs = Exported(classifier, temperature).eval()(torch.from_numpy(np.asarray(images, dtype=np.float32)))
+        ref_logits, ref_probs = exported_module(classifier, temperature)(torch.from_numpy(np.asarray(images, dtype=np.float32)))
     logits, probs = run_export(data, fmt, images)
     return float(max(np.abs(logits - ref_logits.numpy()).max(), np.abs(probs - ref_probs.numpy()).max()))
 
@@ -195,6 +210,8 @@ def read_metadata(path: Path) -> dict[str, str]:
     """The medtl metadata of an exported file, from either format."""
     data = Path(path).read_bytes()
     if data[:2] == b"PK":  # TorchScript archives are zip files
+        import torch
+
         extra = {TORCHSCRIPT_METADATA: ""}
         with _quiet_tracer():
             torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
@@ -204,8 +221,10 @@ def read_metadata(path: Path) -> dict[str, str]:
     return {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
 
 
-def _check_images(prepared: Path, meta: dict[str, str], n: int = 16) -> np.ndarray | None:
+def _check_images(prepared: Path, meta: dict[str, str], n: int = 16):
     """Up to n prepared test images (validation if there is no test split), for the parity check."""
+    import numpy as np
+
     for split in ("test", "val", "train"):
         p = prepared / f"{split}.npy"
         if p.is_file():

@@ -580,3 +580,36 @@ def test_report_html_escapes_every_value(evidence, project):
     _, html = _render(ev, project)
     assert "<script" not in html and "<img src=x" not in html
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
+
+
+BLOCKED = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "sklearn", "albumentations", "cv2", "numpy", "onnx", "onnxruntime"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Block())
+import argparse
+from medtl import export
+from medtl.provenance import commands
+parser = argparse.ArgumentParser(prog="medtl")
+sub = parser.add_subparsers(dest="command", required=True)
+commands.register(sub)
+export.register(sub)
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_verify_and_keygen_need_no_training_stack(ws, tmp_path):
+    # a reviewer's machine: no torch, torchvision, scikit-learn or numpy
+    def medtl(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", BLOCKED, *argv], cwd=ws, capture_output=True, text=True,
+                              env={**os.environ, "MEDTL_SIGNING_PASSPHRASE": "reviewer phrase"})
+
+    r = medtl("verify", "reports/audit/provenance.json")
+    assert r.returncode == 0 and "OK:" in r.stdout, r.stdout + r.stderr
+    r = medtl("keygen", "--out", str(tmp_path / "k"))
+    assert r.returncode == 0 and (tmp_path / "k/medtl-signing.key").read_text().startswith("-----BEGIN ENCRYPTED"), r.stderr
+    r = medtl("export", "--help")
+    assert r.returncode == 0 and "onnx" in r.stdout, r.stderr
