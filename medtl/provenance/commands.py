@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("evidence", type=Path, help="provenance.json (a sibling provenance.dsse.json is checked too) or a DSSE envelope")
     p.add_argument("--pub-key", type=Path, help="Ed25519 PEM public key of the signer")
     p.add_argument("--root", type=Path, default=Path("."), help="project root the artifact paths are relative to (default: current folder)")
-    p.add_argument("--source-root", type=Path, help="folder the manifest's source_path values are relative to (default: as recorded by ingest)")
+    p.add_argument("--source-root", type=Path, help="folder of the source files ingest read (default: as recorded by ingest)")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signing audits")
