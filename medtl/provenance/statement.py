@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from medtl.provenance import card
+
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "urn:medtl:buildtype:dvc-pipeline:v1"
@@ -46,7 +48,8 @@ def build_statement(ev: dict) -> dict:
                 "manifest": src["manifest"],
                 "source_root": src.get("source_root"),
                 "images": src["images"],
-                "patients": src["patients_total"],
+                "groups": src["patients_total"],
+                "grouping": card.grouping(ev)["kind"],  # "image": each image its own group, patients not identified
                 "note": "the manifest lists every source file by a keyed pseudonym of its path (source_ref) with the sha256 of its bytes",
             },
         })
