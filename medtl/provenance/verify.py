@@ -24,7 +24,7 @@ import yaml
 from medtl.errors import MedtlError
 from medtl.provenance import environment as env
 from medtl.provenance import signing
-from medtl.provenance.hashing import describe, dvc_dir_md5, file_digests, tree_files
+from medtl.provenance.hashing import combined_digest, dvc_dir_md5, file_digests, tree_files
 from medtl.provenance.statement import PREDICATE_TYPE, STATEMENT_TYPE
 
 ENVELOPE_SUFFIX = ".dsse.json"
@@ -37,7 +37,8 @@ class Result:
     skipped: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seen: set[Path] = field(default_factory=set)
-    pending_folders: list = field(default_factory=list)  # source folders whose digest changed: (name, evidence, now)  # files already re-hashed, so a file listed twice is reported once
+    pending_folders: list = field(default_factory=list)
+    digests: dict[Path, tuple[str, str, int]] = field(default_factory=dict)  # source folders whose digest changed: (name, evidence, now)  # files already re-hashed, so a file listed twice is reported once
     md5s: dict[Path, str] = field(default_factory=dict)
     changed: set[Path] = field(default_factory=set)  # files already reported, so their DVC md5 is not reported again
 
@@ -151,10 +152,21 @@ def _check_artifact(res: Result, root: Path, desc: dict, required: bool = False)
     return dvc_dir_md5(md5s) if not (present ^ set(expected)) and len(md5s) == len(expected) else None
 
 
+def _digests(res: Result, path: Path) -> tuple[str, str, int]:
+    """file_digests, once per file: the source folder and the manifest check read the same files."""
+    key = path.resolve()
+    if key not in res.digests:
+        res.digests[key] = file_digests(path)
+    return res.digests[key]
+
+
 def _check_source_folder(res: Result, root: Path, desc: dict) -> str | None:
     """A folder of source data: the evidence holds its digest and file count, not its file names."""
     name = desc["name"]
-    now = describe(root / name, name, with_md5=True, list_files=False)
+    files, md5s = {}, {}
+    for rel in tree_files(root / name):
+        files[rel], md5s[rel], _ = _digests(res, root / name / rel)
+    now = {"sha256": combined_digest(files), "md5": dvc_dir_md5(md5s), "nfiles": len(files)}
     res.checked += 1
     if now["sha256"] != desc["digest"]["sha256"]:
         # held back: the manifest check names the changed file; reported only if it names none
@@ -244,9 +256,7 @@ def _check_sources_by_hash(res: Result, base: Path, rows: list[dict]) -> None:
         return
     found: dict[str, list[str]] = defaultdict(list)
     for rel in tree_files(base):
-        if (base / rel).resolve() in res.seen:
-            continue
-        sha, _, _ = file_digests(base / rel)
+        sha, _, _ = _digests(res, base / rel)
         found[sha].append(rel)
     wanted = {r.get("sha256") for r in rows}
     strays = sorted(rel for sha, rels in found.items() if sha not in wanted for rel in rels)
