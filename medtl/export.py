@@ -86,7 +86,7 @@ def read_operating_point(path: Path | None, model_path: Path, classes: list[str]
 def metadata(ckpt: dict, model_path: Path, operating_point: dict | None, fmt: str) -> dict[str, str]:
     """String key/value pairs (ONNX metadata_props accept nothing else); structured values as JSON."""
     pre = ckpt.get("preprocessing") or {}
-    channels, size = int(pre.get("channels", 1)), int(pre.get("size", 0))
+    channels, size = _input_shape(ckpt)
     temperature = (operating_point or {}).get("temperature")
     return {
         "medtl.format": EXPORT_FORMAT,
@@ -118,14 +118,19 @@ def _quiet_tracer():
         yield
 
 
+def _input_shape(ckpt: dict) -> tuple[int, int]:
+    """(channels, side) of the prepared images the model takes, from its preprocessing record."""
+    pre = ckpt.get("preprocessing") or {}
+    try:
+        return int(pre["channels"]), int(pre["image_size"] if "image_size" in pre else pre["size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MedtlError(f"the model's preprocessing record {pre} lacks channels or image size ({e}); it cannot be exported") from None
+
+
 def _example(ckpt: dict):
     import torch
 
-    pre = ckpt.get("preprocessing") or {}
-    try:
-        c, s = int(pre["channels"]), int(pre["size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise MedtlError(f"the model's preprocessing record lacks channels/size ({e}); it cannot be exported") from None
+    c, s = _input_shape(ckpt)
     return torch.rand(2, c, s, s, generator=torch.Generator().manual_seed(0))
 
 

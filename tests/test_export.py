@@ -99,3 +99,13 @@ def test_model_is_a_dvc_registry_artifact(tiny_run):
         artifacts = repo.artifacts.read()["dvc.yaml"]
     model = next(a for a in artifacts.values() if a.path == "models/model.pt")
     assert model.type == "model" and model.desc and model.labels
+
+
+def test_input_shape_follows_either_spelling_of_the_image_size():
+    from medtl.errors import MedtlError
+    from medtl.export import _input_shape
+
+    assert _input_shape({"preprocessing": {"channels": 3, "image_size": 224, "resize": "pad"}}) == (3, 224)
+    assert _input_shape({"preprocessing": {"channels": 1, "size": 64}}) == (1, 64)
+    with pytest.raises(MedtlError, match="lacks channels or image size"):
+        _input_shape({"preprocessing": {"resize": "pad"}})
