@@ -9,8 +9,7 @@ from medtl.errors import MedtlError
 
 # Each module defines `register(subparsers)`, adding a subparser whose
 # defaults carry `func(args) -> int`.
-COMMAND_MODULES: list[str] = ["medtl.weights", "medtl.provenance.commands", "medtl.predict"]
-COMMAND_MODULES.append("medtl.locate")
+COMMAND_MODULES: list[str] = ["medtl.weights", "medtl.provenance.commands", "medtl.predict", "medtl.export", "medtl.locate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="reports/audit", help="output folder (default: %(default)s)")
     p.add_argument("--allow-dirty", action="store_true", help="exit 0 even if the workspace does not match dvc.lock or git (the outputs still say so)")
     p.add_argument("--sign-key", type=Path, help="Ed25519 PEM private key: also write provenance.dsse.json, a DSSE envelope signing provenance.json")
+    p.add_argument("--passphrase-file", type=Path, help="file whose first line is the signing key's passphrase (default: $MEDTL_SIGNING_PASSPHRASE, else asked)")
     p.set_defaults(func=cmd_audit)
 
     p = subparsers.add_parser("verify", help="check audit evidence against the files, offline",
@@ -23,12 +24,14 @@ def register(subparsers) -> None:
     p.add_argument("evidence", type=Path, help="provenance.json (a sibling provenance.dsse.json is checked too) or a DSSE envelope")
     p.add_argument("--pub-key", type=Path, help="Ed25519 PEM public key of the signer")
     p.add_argument("--root", type=Path, default=Path("."), help="project root the artifact paths are relative to (default: current folder)")
-    p.add_argument("--source-root", type=Path, help="folder the manifest's source_path values are relative to (default: as recorded by ingest)")
+    p.add_argument("--source-root", type=Path, help="folder of the source files ingest read (default: as recorded by ingest)")
     p.set_defaults(func=cmd_verify)
 
     p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signing audits")
     p.add_argument("--out", type=Path, default=Path("."), help="folder for medtl-signing.key and medtl-signing.pub (default: current folder)")
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
+    p.add_argument("--passphrase-file", type=Path, help="file whose first line is the passphrase that encrypts the private key (default: $MEDTL_SIGNING_PASSPHRASE, else asked twice)")
+    p.add_argument("--no-passphrase", action="store_true", help="write the private key unencrypted (e.g. for a secret store that protects it)")
     p.set_defaults(func=cmd_keygen)
 
 
@@ -37,7 +40,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     root = Path(".").resolve()
     ev = collect(root, args.model)
-    written = write_evidence(ev, root, Path(args.out), args.sign_key)
+    written = write_evidence(ev, root, Path(args.out), args.sign_key, args.passphrase_file)
     for p in written:
         print(p)
     ws = ev["workspace"]
@@ -70,9 +73,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from medtl.provenance.signing import keygen
+    from medtl.provenance.signing import keygen, new_passphrase
 
-    private, public = keygen(args.out, args.force)
-    print(f"private key: {private} (keep it secret; sign with `medtl audit --sign-key {private}`)")
+    if args.no_passphrase and args.passphrase_file:
+        raise MedtlError("--no-passphrase and --passphrase-file contradict each other; choose one")
+    private, public = keygen(args.out, args.force, None if args.no_passphrase else new_passphrase(args.passphrase_file))
+    print(f"private key: {private} ({'unencrypted: ' if args.no_passphrase else 'encrypted with the passphrase; '}"
+          f"keep it secret; sign with `medtl audit --sign-key {private}`)")
     print(f"public key:  {public} (give it to auditors: `medtl verify ... --pub-key {public}`)")
     return 0
