@@ -144,15 +144,17 @@ def audited(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory) -> Path:
     """medtl installed with only its base requirements (as uv.lock pins them): no torch, no numpy."""
-    uv = shutil.which("uv")
+    uv = [shutil.which("uv")] if shutil.which("uv") else None
+    if uv is None and shutil.which("python3") and subprocess.run(["python3", "-m", "uv", "--version"], capture_output=True).returncode == 0:
+        uv = ["python3", "-m", "uv"]  # how `make env` installs it when it is missing
     if uv is None:
-        pytest.skip("uv is not on PATH (make env installs it)")
+        pytest.skip("uv is not installed (make env installs it)")
     folder = tmp_path_factory.mktemp("base-venv")
     venv, req = folder / "venv", folder / "requirements.txt"
-    steps = [[uv, "venv", "-q", "--python", sys.executable, str(venv)],
-             [uv, "export", "--project", str(ROOT), "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "-q", "-o", str(req)],
-             [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r", str(req)],
-             [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--no-deps", str(ROOT)]]
+    steps = [[*uv, "venv", "-q", "--python", sys.executable, str(venv)],
+             [*uv, "export", "--project", str(ROOT), "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "-q", "-o", str(req)],
+             [*uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r", str(req)],
+             [*uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--no-deps", str(ROOT)]]
     for cmd in steps:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{' '.join(cmd)}: {res.stderr[-3000:]}"
