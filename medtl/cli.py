@@ -50,8 +50,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medtl {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if (e.name or "").split(".")[0] not in TRAIN_PACKAGES:
+                raise
+            # A command module that imports the training stack at the top: in the base install it is
+            # listed, and says what to install, instead of breaking every other command.
+            _register_missing(sub, name.rsplit(".", 1)[-1], e.name)
+            continue
+        module.register(sub)
     return parser
+
+
+def _register_missing(sub, command: str, missing: str) -> None:
+    def needs_train(args: argparse.Namespace) -> int:
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    p = sub.add_parser(command, help="(needs the train extra: pip install 'medtl[train]')", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=needs_train)
 
 
 def folder_argument(value: str) -> Path:

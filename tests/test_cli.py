@@ -94,6 +94,31 @@ def test_every_module_imports_with_the_network_blocked(offline):
     assert not log.exists()
 
 
+def test_building_the_parser_imports_no_training_stack():
+    """Command modules import torch & co in their handlers only: `medtl --help` must not pay for them."""
+    code = ("import json, sys\nfrom medtl import cli\ncli.build_parser()\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in cli.TRAIN_PACKAGES)))")
+    res = subprocess.run([str(VENV_BIN / "python"), "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == [], f"imported while building the parser: {res.stdout}"
+
+
+def test_a_command_module_needing_the_training_stack_is_listed_and_exits_3(monkeypatch, capsys):
+    """In the base install a command module that imports torch at the top must not break verify or --help."""
+    import types
+
+    def fake_import(name, real=__import__("importlib").import_module):
+        if name == "medtl.fake_train_command":
+            raise ModuleNotFoundError("No module named 'torch'", name="torch")
+        return real(name)
+
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "medtl.fake_train_command"])
+    monkeypatch.setattr(cli.importlib, "import_module", fake_import)
+    assert cli.main(["fake_train_command", "x", "--y"]) == cli.EXIT_MISSING_EXTRA
+    assert "pip install 'medtl[train]'" in capsys.readouterr().err
+    assert cli.main(["verify", "/nonexistent/provenance.json"]) == cli.EXIT_USAGE
+
+
 def test_imported_third_party_packages_are_declared_directly():
     """Every top-level package a medtl module imports comes from a distribution pyproject.toml names itself."""
     import ast
