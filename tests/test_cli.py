@@ -105,7 +105,6 @@ def test_building_the_parser_imports_no_training_stack():
 
 def test_a_command_module_needing_the_training_stack_is_listed_and_exits_3(monkeypatch, capsys):
     """In the base install a command module that imports torch at the top must not break verify or --help."""
-    import types
 
     def fake_import(name, real=__import__("importlib").import_module):
         if name == "medtl.fake_train_command":
