@@ -18,26 +18,10 @@ from dataclasses import dataclass
 from typing import Iterator
 from pathlib import Path
 
-<<<<<<< HEAD
-import numpy as np
-from tqdm import tqdm
-
-from medtl import hardware
-from medtl.errors import MedtlError, UnreadableImage
-from medtl.imaging import Preprocessing, decode, model_input
-from medtl.inference import predict_logits, prepare_model
-from medtl.io import atomic_path, sha256_file
-from medtl.metrics import DEFAULT_THRESHOLD, apply_temperature, predict_labels
-from medtl.model import load_classifier, model_preprocessing
-from medtl.operating_point import read_operating_point
-from medtl.readers import colour_of
-from medtl.sources import iter_files
-=======
 from medtl.errors import MedtlError, UnreadableImage
 from medtl.io import atomic_path, sha256_file
 
 # The training stack is imported where it is used: `medtl --help` imports this module.
->>>>>>> eco
 
 DEFAULT_OPERATING_POINT = Path("reports/operating_point.json")
 
@@ -51,30 +35,10 @@ class Operating:
     colour: tuple[str, ...] = ()  # "gray" and/or "colour"; empty: unknown
 
 
-<<<<<<< HEAD
-=======
-def prepare_image(pixels: np.ndarray, preprocessing: dict) -> np.ndarray:
-    """Decoded [0, 1] pixels -> (C, S, S) float16, bit for bit as ingest + preprocess make them."""
-    import numpy as np
-    from medtl.preprocess import resize, to_channels
-    from medtl.store import SCALE, quantize
-    img = quantize(pixels).astype(np.float32) / SCALE
-    img = resize(to_channels(img, int(preprocessing["channels"])), int(preprocessing["size"]),
-                 preprocessing.get("resize", "pad"))
-    return img.transpose(2, 0, 1).astype(np.float16)
-
-
-def is_colour(pixels: np.ndarray) -> bool:
-    import numpy as np
-    if pixels.ndim != 3 or pixels.shape[2] < 3:
-        return False
-    rgb = pixels[:, :, :3]
-    return float(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max()) > _GRAY_TOLERANCE
-
-
->>>>>>> eco
 def misfit(pixels: np.ndarray, metadata: dict, op: Operating) -> str | None:
     """Why this image does not fit what the model was trained and evaluated on, or None."""
+    from medtl.readers import colour_of
+
     modality = (metadata.get("modality") or "").upper()
     if op.modalities and modality and modality not in op.modalities:
         return (f"modality {modality} but the model was trained and evaluated on {', '.join(op.modalities)} images; "
@@ -88,8 +52,9 @@ def misfit(pixels: np.ndarray, metadata: dict, op: Operating) -> str | None:
 
 def load_operating_point(path: Path | None, model_path: Path, classes: list[str], threshold: float | None) -> Operating:
     """Threshold and temperature for `model_path`: from --threshold, the evaluate stage's record, or 0.5."""
-    from medtl.evaluation import OPERATING_POINT_FORMAT
     from medtl.metrics import DEFAULT_THRESHOLD
+    from medtl.operating_point import read_operating_point
+
     record = None
     explicit = path is not None
     if path is None and DEFAULT_OPERATING_POINT.is_file():
@@ -130,6 +95,7 @@ def load_operating_point(path: Path | None, model_path: Path, classes: list[str]
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given, folders walked recursively (hidden files skipped), in a stable order."""
     from medtl.sources import iter_files
+
     out: list[Path] = []
     for name in inputs:
         p = Path(name)
@@ -142,14 +108,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-<<<<<<< HEAD
 def _decode_file(path: Path, pre: Preprocessing, op: Operating, allow_mismatch: bool):
     """Decode and prepare one file: (path, error or [(image, refusal or None, model input)])."""
-=======
-def _decode_file(path: Path, read_options: ReadOptions, pre: dict, op: Operating, allow_mismatch: bool):
-    """Decode and prepare one file: (path, error or [(image, refusal or None, prepared array)])."""
-    from medtl.readers import read
->>>>>>> eco
+    from medtl.imaging import decode, model_input
+
     try:
         decoded = decode(path, pre)
     except UnreadableImage as e:
@@ -173,24 +135,16 @@ def _decoded(files: list[Path], decode, workers: int) -> Iterator:
 
 def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32, *,
             operating_point: Path | None = None, threshold: float | None = None,
-<<<<<<< HEAD
             hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int = 1) -> dict:
-=======
-            hw: hardware.Hardware | None = None, read_options: ReadOptions | None = None,
-            allow_mismatch: bool = False, workers: int = 1) -> dict:
->>>>>>> eco
     """Write one CSV row per image (or per unreadable file) to `out`; return counts."""
     import numpy as np
-    import torch
     from tqdm import tqdm
 
     from medtl import hardware
-    from medtl.evaluation import predict_logits
-    from medtl.metrics import apply_temperature
-    from medtl.model import load_classifier
-    from medtl.readers import ReadOptions
+    from medtl.inference import predict_logits, prepare_model
+    from medtl.metrics import apply_temperature, predict_labels
+    from medtl.model import load_classifier, model_preprocessing
 
-    read_options = read_options or ReadOptions()
     if batch_size < 1:
         raise MedtlError(f"--batch-size must be a positive integer, got {batch_size}")
     hw = hw or hardware.select("auto", "auto")
@@ -273,13 +227,8 @@ def register(subparsers) -> None:
 
 
 def _main(args) -> int:
-<<<<<<< HEAD
-=======
     from medtl import hardware
-    from medtl.readers import ReadOptions
 
-    options = ReadOptions(window=args.window, frame=args.frame, axis=args.axis, slice=args.slice)
->>>>>>> eco
     hw = hardware.select(args.device, args.precision, key="--device")
     res = predict(args.model, args.inputs, args.out, args.batch_size, operating_point=args.operating_point,
                   threshold=args.threshold, hw=hw, allow_mismatch=args.allow_mismatch, workers=args.workers)
