@@ -13,14 +13,15 @@ import argparse
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from medtl import phi
 from medtl.errors import MedtlError
 from medtl.io import sha256_file
-from medtl.manifest import read_manifest
 from medtl.params import load_section
-from medtl.sources import SourceItem, open_source
+
+if TYPE_CHECKING:
+    from medtl.sources import SourceItem
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Located:
 
 def source_items(params) -> Iterator[tuple[str, SourceItem]]:
     """(source_ref, item) for everything the source enumerates, with the current pseudonym key."""
+    from medtl.sources import open_source
+
     with tempfile.TemporaryDirectory(prefix="medtl-locate-") as work:
         source = open_source(params, Path(work))
         try:
@@ -45,6 +48,8 @@ def source_items(params) -> Iterator[tuple[str, SourceItem]]:
 
 def locate(params, queries: list[str], manifest: Path) -> list[Located]:
     """Each query (image id or source ref) with the source item it names."""
+    from medtl.manifest import read_manifest
+
     wanted: dict[str, tuple[str, str | None]] = {}  # query -> (ref, sha256)
     rows = None
     for q in queries:

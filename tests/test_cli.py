@@ -213,8 +213,9 @@ def test_reviewer_install_verifies_offline_without_torch(base_venv, audited, off
     assert res.returncode == report["exit_code"] == 0 and report["status"] == "ok" and report["format"] == "medtl-verify/1"
     assert report["checked"] > 0 and report["mismatches"] == []
 
-    res = run([medtl, "keygen", "--out", str(tmp_path / "keys")], env, tmp_path)
+    res = run([medtl, "keygen", "--out", str(tmp_path / "keys")], env, tmp_path, MEDTL_SIGNING_PASSPHRASE="reviewer test")
     assert res.returncode == 0 and (tmp_path / "keys" / "medtl-signing.pub").is_file(), res.stderr
+    assert b"ENCRYPTED" in (tmp_path / "keys" / "medtl-signing.key").read_bytes()
 
     # A command of the training stack says what to install and exits 3.
     res = run([medtl, "predict", "model.pt", "scans"], env, tmp_path)
