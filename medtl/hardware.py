@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,30 @@ def cpu_has_amx_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup (container) CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    try:  # cgroup v2: "max 100000" (no quota) or "200000 100000" (two cores' worth)
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def max_processes(device: str = "auto") -> tuple[int, str]:
+    """The most training processes worth starting for `device`: one per GPU, or one per available CPU core."""
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        n = torch.cuda.device_count()
+        return n, f"the number of CUDA GPUs here ({n}): one process per GPU"
+    n = available_cores()
+    return n, f"the number of CPU cores available here ({n}): more processes than cores only contend for them"
 
 
 @dataclass(frozen=True)

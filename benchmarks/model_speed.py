@@ -1,0 +1,194 @@
+"""7. Model speed: ResNets at the sizes users pick, fp32 vs `precision: auto`, against the machine's own limit.
+
+The limit is measured in the same run: the GFLOP/s of a large matrix product
+in fp32 and in bf16 (fp16 too on a GPU). A model's fraction of it is
+model FLOPs per image (counted by torch's FlopCounterMode on one forward pass;
+a training step is counted as 3x the forward) x images/s / matmul GFLOP/s of
+the same precision. Images/s are forward (+ backward + AdamW step) on random
+batches already on the device, after a warm-up step, so they are the model's
+own rate, the ceiling for any data path.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks.common import Result
+from benchmarks.precision import infer_seconds
+from benchmarks.train_path import raw_train
+
+NAME = "model_speed"
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int, seconds: float = 0.5) -> float:
+    """Sustained GFLOP/s of an n x n matrix product in `dtype` (2 n^3 FLOPs each)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    reps, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        if reps % 4 == 0:
+            sync()
+            if time.perf_counter() - start >= seconds:
+                break
+    return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def build(arch: str, channels: int, hw, num_classes: int = 2):
+    from medtl.backbones import build_backbone
+    from medtl.model import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(build_backbone(arch, channels, "none"), num_classes, [0.5] * channels, [0.25] * channels)
+    model.to(hw.device)
+    if hw.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def forward_flops(arch: str, channels: int, size: int) -> float:
+    """FLOPs of one image's forward pass (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.common import cpu_fp32
+
+    model = build(arch, channels, cpu_fp32()).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, channels, size, size))
+    return float(counter.get_total_flops())
+
+
+def random_batches(batch_size: int, steps: int, channels: int, size: int, hw) -> list:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        x = torch.rand(batch_size, channels, size, size, generator=g).to(hw.device)
+        if hw.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out.append((x, torch.randint(0, 2, (batch_size,), generator=g).to(hw.device)))
+    return out
+
+
+def images_per_second(arch: str, size: int, hw, batch_size: int, steps: int, channels: int = 1) -> tuple[float, float]:
+    """(training, inference) images/s of `arch` at `size` px on `hw`."""
+    batches = random_batches(batch_size, steps, channels, size, hw)
+    sync = torch.cuda.synchronize if hw.device.type == "cuda" else (lambda: None)
+    model = build(arch, channels, hw)
+    sync()
+    train_s = raw_train(model, batches, hw, warmup=1)
+    sync()
+    infer_s = infer_seconds(model, batches, hw)
+    sync()
+    return steps * batch_size / train_s, steps * batch_size / infer_s
+
+
+def precisions(device: torch.device) -> tuple[list[tuple[str, object]], object]:
+    """(label, Hardware) to compare: fp32, each reduced precision the device has, and what `auto` picks."""
+    from medtl import hardware
+
+    auto = hardware.select(device.type, "auto")
+    out = [("fp32", hardware.Hardware(device, "fp32"))]
+    if device.type == "cuda":
+        # channels_last on its own, then AMP (which medtl always pairs with channels_last on a GPU)
+        out.append(("fp32 + channels_last", _ChannelsLast(device)))
+        out += [(f"{p} autocast + channels_last", hardware.Hardware(device, p))
+                for p in ("bf16", "fp16") if p != "bf16" or torch.cuda.is_bf16_supported()]
+    else:
+        out.append(("bf16 autocast + channels_last", hardware.Hardware(device, "bf16")))
+    return out, auto
+
+
+class _ChannelsLast:
+    """fp32 with channels_last (Hardware ties channels_last to the device and precision)."""
+
+    def __init__(self, device: torch.device):
+        from medtl import hardware
+
+        self._hw = hardware.Hardware(device, "fp32")
+        self.device, self.precision, self.channels_last = device, "fp32", True
+
+    def autocast(self):
+        return self._hw.autocast()
+
+
+def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device: str = "cpu",
+        matmul_n: int = 2048) -> Result:
+    from medtl import hardware
+
+    dev = torch.device(device)
+    res = Result(NAME, f"Model speed on {device}: fp32 vs precision auto, fraction of the measured matmul limit",
+                 {"archs": archs, "sizes": sizes, "batch_size": batch_size, "timed_steps": steps, "device": device,
+                  "threads": torch.get_num_threads(), "matmul_n": matmul_n, "input_channels": 1})
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if dev.type == "cuda":
+        dtypes["fp16"] = torch.float16
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; TF32 is a precision choice of its own
+        torch.backends.cudnn.allow_tf32 = False
+    limit = {}
+    for name, dtype in dtypes.items():
+        limit[name] = matmul_gflops(dtype, dev, matmul_n)
+        res.add(f"matmul {matmul_n}x{matmul_n} {name}", round(limit[name], 1), "GFLOP/s")
+    res.add("matmul bf16 / fp32", round(limit["bf16"] / limit["fp32"], 2), "x")
+    variants, auto = precisions(dev)
+    res.params["precision_auto"] = auto.precision
+    for arch in archs:
+        for size in sizes:
+            flops = forward_flops(arch, 1, size)
+            res.add(f"{arch} {size}px forward", round(flops / 1e9, 3), "GFLOP/image")
+            speed = {}
+            for label, hw in variants:
+                bs = batch_size if size >= 128 else batch_size * 4  # small images: bigger batches, same time
+                train_ips, infer_ips = images_per_second(arch, size, hw, bs, steps)
+                speed[label] = (train_ips, infer_ips)
+                peak = limit[hw.precision]
+                res.add(f"{arch} {size}px train {label}", round(train_ips, 1),
+                        f"img/s = {3 * flops * train_ips / 1e9 / peak:.0%} of {hw.precision} matmul")
+                res.add(f"{arch} {size}px inference {label}", round(infer_ips, 1),
+                        f"img/s = {flops * infer_ips / 1e9 / peak:.0%} of {hw.precision} matmul")
+            auto_label = next(label for label, hw in variants if hw.precision == auto.precision)
+            base = speed["fp32"]
+            res.add(f"{arch} {size}px train: precision auto ({auto_label}) / fp32",
+                    round(speed[auto_label][0] / base[0], 2), "x")
+            res.add(f"{arch} {size}px inference: precision auto ({auto_label}) / fp32",
+                    round(speed[auto_label][1] / base[1], 2), "x")
+            fastest = max(speed, key=lambda k: speed[k][0])
+            if dev.type == "cpu":
+                # auto may not pick a precision slower than fp32 by more than the noise of a shared machine
+                res.check(f"{arch} {size}px train: auto / fastest ({fastest})",
+                          round(speed[auto_label][0] / speed[fastest][0], 2), ">=", 0.8)
+    if dev.type == "cpu" and not hardware.cpu_has_amx_bf16():
+        res.notes.append("no AMX on this CPU: bf16 convolutions have no fast kernel, so precision auto stays on fp32")
+    return res
+
+
+def thread_rows(arch: str, size: int, batch_size: int, steps: int, default_threads: int) -> Result:
+    """Training and inference images/s with the stages' default threads, with 1, and with one per available core."""
+    from benchmarks.common import cpu_fp32
+    from medtl import hardware
+
+    cores = hardware.available_cores()
+    choices = {"stage default": default_threads, "1 thread": 1, "one per core": cores}
+    res = Result("threads", f"Torch threads: stage default ({default_threads}) vs 1 vs one per core ({cores})",
+                 {"arch": arch, "size": size, "batch_size": batch_size, "timed_steps": steps, "precision": "fp32",
+                  "stage_default_threads": default_threads, "available_cores": cores})
+    before = torch.get_num_threads()
+    speed = {}
+    try:
+        for label, n in choices.items():
+            torch.set_num_threads(n)
+            speed[label] = images_per_second(arch, size, cpu_fp32(), batch_size, steps)
+            res.add(f"train, {label} ({n})", round(speed[label][0], 1), "img/s")
+            res.add(f"inference, {label} ({n})", round(speed[label][1], 1), "img/s")
+    finally:
+        torch.set_num_threads(before)
+    fastest = max(speed, key=lambda k: speed[k][0])
+    res.add("fastest for training", f"{fastest} ({choices[fastest]})")
+    res.check("train: stage default / fastest", round(speed["stage default"][0] / speed[fastest][0], 2), ">=", 0.8)
+    res.check("inference: stage default / 1 thread", round(speed["stage default"][1] / speed["1 thread"][1], 2),
+              ">=", 0.8)
+    return res
