@@ -97,7 +97,8 @@ def gather_rows(local: torch.Tensor, world: World, total: int) -> torch.Tensor:
     dist.all_gather_object(shapes, (tuple(local.shape[1:]), local.dtype) if len(local) else None)
     row_shape, dtype = next((s for s in shapes if s is not None), (tuple(local.shape[1:]), local.dtype))
     padded = torch.zeros((width, *row_shape), dtype=dtype)
-    padded[: len(local)] = local
+    if len(local):
+        padded[: len(local)] = local
     parts = [torch.zeros_like(padded) for _ in range(world.size)]
     dist.all_gather(parts, padded)
     sizes = [min(total, (r + 1) * width) - min(total, r * width) for r in range(world.size)]
