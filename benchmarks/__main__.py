@@ -20,7 +20,7 @@ BENCHMARKS = ("model_speed", "threads", "linear_probe", "train_path", "precision
 QUICK = {"patients": 12, "size": 32, "linear_epochs": [1, 2], "train_epochs": 1, "precision_epochs": 1,
          "precision_steps": 2, "batch_size": 8, "ingest_sizes": [16, 32], "dvc_images": 96, "dvc_targets": ["preprocess"],
          "predict_images": 16, "dataloader_workers": 0, "speed_archs": ["resnet18"], "speed_sizes": [32],
-         "speed_batch": 2, "speed_steps": 1, "matmul_n": 128, "thread_size": 32}
+         "speed_batch": 2, "speed_steps": 1, "matmul_n": 128, "thread_size": 32, "speed_repeats": 1}
 
 
 def _ints(text: str) -> list[int]:
@@ -57,6 +57,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-sizes", type=_ints, default=[28, 64, 128, 224], help="model_speed: image sides")
     p.add_argument("--speed-batch", type=int, default=8, help="model_speed/threads: batch at >= 128 px (4x below)")
     p.add_argument("--speed-steps", type=int, default=2, help="model_speed/threads: timed steps per measurement")
+    p.add_argument("--speed-repeats", type=int, default=2,
+                   help="model_speed: interleaved repeats of every measurement, the best kept")
     p.add_argument("--matmul-n", type=int, default=2048, help="model_speed: side of the matrices of the limit")
     p.add_argument("--thread-size", type=int, default=224, help="threads: image side")
     p.add_argument("--gpu", action="store_true",
@@ -122,11 +124,11 @@ def write_report(args, results: list, started: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    import medtl  # noqa: F401  (before torch: medtl sets OpenMP's wait policy, which OpenMP reads when it loads)
     import torch
 
     from benchmarks import common
 
-    args.default_threads = torch.get_num_threads()  # what a stage gets: it does not set threads itself
     if args.gpu and not torch.cuda.is_available():
         print("python -m benchmarks --gpu: no CUDA GPU visible to torch", file=sys.stderr)
         return 2
@@ -149,11 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             if name == "model_speed":
                 from benchmarks import model_speed
                 r = model_speed.run(args.speed_archs, args.speed_sizes, args.speed_batch, args.speed_steps,
-                                    args.device, args.matmul_n)
+                                    args.device, args.matmul_n, args.speed_repeats)
             elif name == "threads":
                 from benchmarks import model_speed
                 r = model_speed.thread_rows(args.arch, args.thread_size, args.speed_batch, args.speed_steps,
-                                            args.default_threads)
+                                            args.speed_repeats)
             elif name == "linear_probe":
                 from benchmarks import linear_probe
                 r = linear_probe.run(work / "linear", prepared, args.linear_epochs, args.batch_size,
