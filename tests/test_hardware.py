@@ -61,3 +61,18 @@ def test_bf16_autocast_on_the_cpu():
     with hw.autocast():
         y = torch.nn.Linear(4, 4)(torch.ones(2, 4))
     assert y.dtype == torch.bfloat16 and hw.channels_last
+
+
+def test_idle_openmp_threads_sleep_unless_the_user_chose():
+    """Spinning idle threads collapse on a busy machine; medtl sets the policy before torch loads OpenMP."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import medtl, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    run = lambda e: subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,  # noqa: E731
+                                   check=True).stdout.strip()
+    assert run(env) == "PASSIVE"
+    assert run({**env, "OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
