@@ -1,10 +1,11 @@
 """7. Model speed: ResNets at the sizes users pick, fp32 vs `precision: auto`, against the machine's own limit.
 
-The limit is measured in the same run: the GFLOP/s of a large matrix product
-in fp32 and in bf16 (fp16 too on a GPU). A model's fraction of it is
-model FLOPs per image (counted by torch's FlopCounterMode on one forward pass;
-a training step is counted as 3x the forward) x images/s / matmul GFLOP/s of
-the same precision. Images/s are forward (+ backward + AdamW step) on random
+The limit is measured in the same run: the better GFLOP/s of a large matrix
+product and of a 3x3 convolution, in fp32 and in bf16 (fp16 too on a GPU),
+each the best of short windows before and after the models. A model's
+fraction of it is model FLOPs per image (counted by torch's FlopCounterMode on
+one forward pass; a training step is counted as 3x the forward) x images/s /
+the limit of the same precision. Images/s are forward (+ backward + AdamW step) on random
 batches already on the device, after a warm-up step, so they are the model's
 own rate, the ceiling for any data path.
 """
@@ -42,6 +43,28 @@ def _matmul_window(dtype: torch.dtype, device: torch.device, n: int, seconds: fl
             if time.perf_counter() - start >= seconds:
                 break
     return 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def conv_gflops(dtype: torch.dtype, device: torch.device, channels: int = 256, side: int = 28, windows: int = 3) -> float:
+    """GFLOP/s of a 3x3 convolution (channels_last), the ResNets' own kernel: on some CPUs the convolution
+    library reaches more than the matrix-product library, and the limit is the better of the two."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, channels, side, side, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(device, dtype)
+    conv.to(memory_format=torch.channels_last)
+    flops = 2 * 8 * channels * channels * 9 * side * side
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = 0.0
+    with torch.no_grad():
+        conv(x)
+        for _ in range(windows):
+            sync()
+            start = time.perf_counter()
+            for _ in range(4):
+                conv(x)
+            sync()
+            best = max(best, 4 * flops / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def build(arch: str, channels: int, hw, num_classes: int = 2):
@@ -126,7 +149,7 @@ def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device:
     from medtl import hardware
 
     dev = torch.device(device)
-    res = Result(NAME, f"Model speed on {device}: fp32 vs precision auto, fraction of the measured matmul limit",
+    res = Result(NAME, f"Model speed on {device}: fp32 vs precision auto, fraction of the measured limit",
                  {"archs": archs, "sizes": sizes, "batch_size": batch_size, "timed_steps": steps, "device": device,
                   "threads": torch.get_num_threads(), "matmul_n": matmul_n, "input_channels": 1,
                   "repeats": repeats})
@@ -135,8 +158,12 @@ def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device:
         dtypes["fp16"] = torch.float16
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 here; TF32 is a precision choice of its own
         torch.backends.cudnn.allow_tf32 = False
-    # the limit is measured before the models and again after them (the better of the two counts)
-    limit = {name: matmul_gflops(dtype, dev, matmul_n) for name, dtype in dtypes.items()}
+    # the limit (the better of a matrix product and a 3x3 convolution) is measured before the models and again
+    # after them, and the better of the two counts
+    def limits() -> dict:
+        return {name: (matmul_gflops(dtype, dev, matmul_n), conv_gflops(dtype, dev)) for name, dtype in dtypes.items()}
+
+    before = limits()
     variants, auto = precisions(dev)
     res.params["precision_auto"] = auto.precision
     auto_label = next(label for label, hw in variants if hw.precision == auto.precision)
@@ -150,12 +177,13 @@ def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device:
                     for _ in range(repeats)]
             speed = {label: tuple(max(r[label][i] for r in runs) for i in (0, 1)) for label, _ in variants}
             measured.append((arch, size, forward_flops(arch, 1, size), speed))
-    for name, dtype in dtypes.items():
-        after = matmul_gflops(dtype, dev, matmul_n)
-        res.add(f"matmul {matmul_n}x{matmul_n} {name}, before / after the models",
-                f"{limit[name]:.1f} / {after:.1f}", "GFLOP/s")
-        limit[name] = max(limit[name], after)
-    res.add("matmul bf16 / fp32", round(limit["bf16"] / limit["fp32"], 2), "x")
+    after, limit = limits(), {}
+    for name in dtypes:
+        (mm0, cv0), (mm1, cv1) = before[name], after[name]
+        res.add(f"limit {name}: matmul {matmul_n}, before / after the models", f"{mm0:.1f} / {mm1:.1f}", "GFLOP/s")
+        res.add(f"limit {name}: 3x3 conv, before / after the models", f"{cv0:.1f} / {cv1:.1f}", "GFLOP/s")
+        limit[name] = max(mm0, mm1, cv0, cv1)
+    res.add("limit bf16 / fp32", round(limit["bf16"] / limit["fp32"], 2), "x")
     precision_of = {label: hw.precision for label, hw in variants}
     for arch, size, flops, speed in measured:
         res.add(f"{arch} {size}px forward", round(flops / 1e9, 3), "GFLOP/image")
@@ -163,9 +191,9 @@ def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device:
             p = precision_of[label]
             # a training step is counted as 3 forward passes (forward, and backward's two products)
             res.add(f"{arch} {size}px train {label}", round(train_ips, 1),
-                    f"img/s = {3 * flops * train_ips / 1e9 / limit[p]:.0%} of {p} matmul")
+                    f"img/s = {3 * flops * train_ips / 1e9 / limit[p]:.0%} of {p} limit")
             res.add(f"{arch} {size}px inference {label}", round(infer_ips, 1),
-                    f"img/s = {flops * infer_ips / 1e9 / limit[p]:.0%} of {p} matmul")
+                    f"img/s = {flops * infer_ips / 1e9 / limit[p]:.0%} of {p} limit")
         base = speed["fp32"]
         res.add(f"{arch} {size}px train: precision auto ({auto.precision}) / fp32",
                 round(speed[auto_label][0] / base[0], 2), "x")

@@ -29,7 +29,7 @@ def test_bench_quick_writes_report(tmp_path):
     assert {"loop / in-memory", "predict / raw", "dvc status", "no-op dvc repro", "|test AUC bf16 - fp32|",
             "train: stage default / fastest"} <= checks
     rows = {r["measure"]: r for r in report["benchmarks"]["model_speed"]["rows"]}
-    assert "matmul bf16 / fp32" in rows and "% of fp32 matmul" in rows["resnet18 32px train fp32"]["unit"]
+    assert "limit bf16 / fp32" in rows and "% of fp32 limit" in rows["resnet18 32px train fp32"]["unit"]
     # the machine facts come first, before any benchmark's output
     assert res.stdout.startswith("medtl benchmarks on ") and "CPU flags" in res.stdout.splitlines()[0]
     # the printed table names every benchmark and ends with the tally
