@@ -26,7 +26,8 @@ def cpu_bf16() -> str | None:
     """The CPU's native bf16 instructions: 'amx_bf16' (AMX tiles), 'avx512_bf16', or None (bf16 is emulated).
 
     Measured with ResNets and bf16 autocast + channels_last against fp32: AMX 3-4x faster at 224 px;
-    AVX-512 BF16 (AMD EPYC, no AMX) 2-2.7x faster to train and 3x to infer at 64-224 px, equal at 28 px;
+    AVX-512 BF16 (AMD EPYC, no AMX) 1.7-2.7x faster to train and 2-3.4x to infer at 224 px, about even to
+    train at 28 px;
     without either, 0.25x. See docs/performance.md.
     """
     flags = _cpu_flags()
