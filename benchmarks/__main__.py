@@ -34,9 +34,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed after)")
     p.add_argument("--quick", action="store_true", help="smallest sizes: proves the suite runs, measures nothing useful")
     p.add_argument("--large", action="store_true", help="the issue's full sizes: ingest 1k/10k/50k, dvc on 50k images")
-    # One thread by default: on a shared 2-core machine two spinning OpenMP threads ran 5x slower than one.
+    # One thread by default: the least disturbed by other jobs on a shared machine; `threads` measures the others.
     p.add_argument("--threads", type=int, default=1, help="torch threads, the same on both sides of every ratio "
-                                                          "(default: %(default)s; 0: torch's default, one per core)")
+                                                          "(default: %(default)s; 0: the stages' default, one per available core)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--patients", type=int, default=160, help="demo patients (2-4 images each) for 1, 2, 3")
     p.add_argument("--size", type=int, default=64, help="image side for 1, 2, 3, 6 (params.yaml's preprocess.size)")
@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:
+        from medtl import hardware
+        hardware.limit_threads()
     selected = [b for b in BENCHMARKS if b in args.only.split(",")]
     work = args.work or Path(tempfile.mkdtemp(prefix="medtl-bench-"))
     work.mkdir(parents=True, exist_ok=True)
