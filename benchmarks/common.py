@@ -114,10 +114,11 @@ def machine() -> dict:
         names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
         flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
         info["cpu"] = names[0] if names else info["cpu"]
-        info["avx2"], info["avx512f"] = "avx2" in flags, "avx512f" in flags
+        info["avx2"], info["avx512f"], info["avx512_bf16"] = "avx2" in flags, "avx512f" in flags, "avx512_bf16" in flags
         info["amx_bf16"] = hardware.cpu_has_amx_bf16()
     except OSError:
         pass
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
 

@@ -50,7 +50,7 @@ def run(prepared: Path, epochs: int, batch_size: int, steps: int, auc_tolerance:
     auto = hardware.select("auto", "auto")
     res = Result(NAME, "Precision: fp32 vs bf16 + channels_last",
                  {"arch": arch, "size": stats["size"], "batch_size": batch_size, "timed_steps": steps,
-                  "accuracy_epochs": epochs, "cpu_amx_bf16": hardware.cpu_has_amx_bf16()})
+                  "accuracy_epochs": epochs, "cpu_bf16": hardware.cpu_bf16()})
     speed, scores = {}, {}
     for precision in ("fp32", "bf16"):
         hw = hardware.Hardware(torch.device("cpu"), precision)
@@ -74,7 +74,7 @@ def run(prepared: Path, epochs: int, batch_size: int, steps: int, auc_tolerance:
     res.check("|test AUC bf16 - fp32|", round(abs(scores["bf16"][0] - scores["fp32"][0]), 3), "<=", auc_tolerance)
     fastest = max(speed, key=lambda p: speed[p][0])
     res.check(f"precision auto picks the faster one ({fastest})", auto.precision, "==", fastest)
-    if not hardware.cpu_has_amx_bf16():
-        res.notes.append("this CPU has no AMX: bf16 runs through emulated kernels and is slower; "
-                         "precision auto stays on fp32 here")
+    if hardware.cpu_bf16() is None:
+        res.notes.append("this CPU has no native bf16 (AMX or AVX-512 BF16): bf16 runs through emulated kernels "
+                         "and is slower; precision auto stays on fp32 here")
     return res

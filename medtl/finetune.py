@@ -89,6 +89,8 @@ class FinetuneParams:
         require(self.nproc >= 1, f"{key}.nproc", self.nproc, "a positive integer")
         require(self.batch_size % self.nproc == 0, f"{key}.batch_size", self.batch_size,
                 f"a multiple of nproc ({self.nproc}): it is the global batch, split evenly across processes")
+        limit, why = hardware.max_processes(self.device)
+        require(self.nproc <= max(1, limit), f"{key}.nproc", self.nproc, f"at most {max(1, limit)}, {why}")
         require(not (self.class_weighting and self.sampler == "balanced"), f"{key}.class_weighting", self.class_weighting,
                 "false when sampler is 'balanced' (the balanced sampler already corrects the imbalance; "
                 "weighting the loss as well would over-correct)")
