@@ -8,13 +8,13 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Byte-compile at install time: imports of torch & co are then fast in every stage.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: env repro test bench clean
+.PHONY: env repro test bench clean plots-vendor
 
 env: $(VENV)/.synced
 
 $(VENV)/.synced: pyproject.toml uv.lock
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
-	$(UV) sync --frozen --python 3.11
+	$(UV) sync --frozen --extra train --python 3.11
 	@touch $@
 
 repro: env
@@ -28,3 +28,10 @@ bench: env
 
 clean:
 	rm -rf $(VENV)
+
+# Replace the vendored chart libraries from the npm registry and rebuild plots/index.html.
+VEGA ?= 5.33.1
+VEGA_LITE ?= 5.23.0
+VEGA_EMBED ?= 6.29.0
+plots-vendor: env
+	python plots/vendor.py --fetch $(VEGA) $(VEGA_LITE) $(VEGA_EMBED)

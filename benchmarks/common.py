@@ -114,10 +114,11 @@ def machine() -> dict:
         names = [ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")]
         flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
         info["cpu"] = names[0] if names else info["cpu"]
-        info["avx2"], info["avx512f"] = "avx2" in flags, "avx512f" in flags
+        info["avx2"], info["avx512f"], info["avx512_bf16"] = "avx2" in flags, "avx512f" in flags, "avx512_bf16" in flags
         info["amx_bf16"] = hardware.cpu_has_amx_bf16()
     except OSError:
         pass
+    info["load_average"] = [round(v, 2) for v in os.getloadavg()]
     info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return info
 
@@ -126,6 +127,7 @@ def demo_prepared(work: Path, patients: int, size: int, min_size: int = 96, max_
     """The pipeline's own demo, ingested and preprocessed by medtl into `work`; returns the prepared folder."""
     from medtl.ingest import DemoParams, IngestParams, run_ingest
     from medtl.preprocess import PreprocessParams, run_preprocess
+    from medtl.readers import ReadOptions
 
     ingested, prepared = work / "ingested", work / "prepared"
     if (prepared / "stats.json").is_file():
@@ -134,8 +136,16 @@ def demo_prepared(work: Path, patients: int, size: int, min_size: int = 96, max_
     prepared.mkdir(parents=True, exist_ok=True)
     params = IngestParams(workers=2, demo=DemoParams(patients=patients, min_size=min_size, max_size=max_size))
     run_ingest(params, ingested)
-    run_preprocess(PreprocessParams(size=size), ingested, prepared)
+    run_preprocess(PreprocessParams(image_size=size), ReadOptions(), ingested, prepared)
     return prepared
+
+
+def load_stats(prepared: Path) -> dict:
+    """data/prepared/stats.json's record as a flat dict (size = the image side)."""
+    from medtl.prepared import load_stats as load
+
+    stats = load(prepared)
+    return {**stats.preprocessing.to_dict(), "size": stats.preprocessing.image_size, "counts": stats.counts}
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -35,7 +35,7 @@ def bench_params(n: int) -> dict:
     return {
         "ingest": {"demo": {"patients": max(24, -(-n // per_patient)), "min_images_per_patient": per_patient,
                             "max_images_per_patient": per_patient, "min_size": 48, "max_size": 64}},
-        "preprocess": {"size": 32},
+        "preprocess": {"image_size": 32},
         "finetune": {"strategy": "linear", "epochs": 1, "batch_size": 64, "patience": 1, "augment": {"enabled": False}},
         "evaluate": {"bootstrap": {"n_resamples": 50}, "saliency": {"enabled": False}},
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -68,6 +69,7 @@ def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
     """Run one stage in this (fresh) process; print its time and memory."""
     from medtl.ingest import DicomParams, FolderParams, IngestParams, run_ingest
     from medtl.preprocess import PreprocessParams, run_preprocess
+    from medtl.readers import ReadOptions
 
     with MemorySampler() as mem, Timer() as t:
         if stage == "ingest":
@@ -79,7 +81,7 @@ def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
             images = report["images"]
         else:
             (out / "prepared").mkdir(parents=True)
-            stats = run_preprocess(PreprocessParams(size=64), out / "ingested", out / "prepared")
+            stats = run_preprocess(PreprocessParams(image_size=64), ReadOptions(), out / "ingested", out / "prepared")
             images = sum(stats["counts"].values())
     # ru_maxrss would carry the parent's peak across exec: sample this process instead
     return {"seconds": t.seconds, "images": images, "peak_rss_mib": mem.peak_rss / 2**20,
@@ -89,7 +91,8 @@ def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
 
 def measure(stage: str, fmt: str, src: Path, out: Path) -> dict:
     res = subprocess.run([sys.executable, "-m", "benchmarks.ingest_scale", stage, fmt, str(src), str(out)],
-                         capture_output=True, text=True, check=False)
+                         capture_output=True, text=True, check=False,
+                         env={"MEDTL_PSEUDONYM_KEY": "benchmark key", **os.environ})  # a dicom source needs a key
     if res.returncode != 0:
         raise RuntimeError(f"{stage} of {src} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import Result, Timer, auc, cpu_fp32
-from medtl.preprocess import load_split, load_stats
+from benchmarks.common import Result, Timer, auc, cpu_fp32, load_stats
+from medtl.prepared import load_split
 
 NAME = "linear_probe"
 
@@ -78,7 +78,8 @@ def medtl_probe(backbone, k: int, prepared: Path, stats: dict, epochs: int, batc
                 seed: int) -> tuple[float, float]:
     """medtl.finetune.fit with strategy linear; returns (seconds, test AUC)."""
     from medtl.data import AugmentParams
-    from medtl.finetune import FinetuneParams, fit, forward_batches
+    from medtl.finetune import FinetuneParams, fit
+    from medtl.inference import forward_batches
     from medtl.model import Classifier
 
     params = FinetuneParams(strategy="linear", epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import Result, Timer, auc
+from benchmarks.common import Result, Timer, auc, load_stats
 from benchmarks.train_path import memory_batches, raw_train
-from medtl.preprocess import load_split, load_stats
+from medtl.prepared import load_split
 
 NAME = "precision"
 
@@ -42,14 +42,15 @@ def build(arch: str, stats: dict, hw):
 
 def run(prepared: Path, epochs: int, batch_size: int, steps: int, auc_tolerance: float, arch: str = "resnet18") -> Result:
     from medtl import hardware
-    from medtl.finetune import FinetuneParams, fit, forward_batches
+    from medtl.finetune import FinetuneParams, fit
+    from medtl.inference import forward_batches
 
     stats = load_stats(prepared)
     train, val, test = (load_split(prepared, s) for s in ("train", "val", "test"))
     auto = hardware.select("auto", "auto")
     res = Result(NAME, "Precision: fp32 vs bf16 + channels_last",
                  {"arch": arch, "size": stats["size"], "batch_size": batch_size, "timed_steps": steps,
-                  "accuracy_epochs": epochs, "cpu_amx_bf16": hardware.cpu_has_amx_bf16()})
+                  "accuracy_epochs": epochs, "cpu_bf16": hardware.cpu_bf16()})
     speed, scores = {}, {}
     for precision in ("fp32", "bf16"):
         hw = hardware.Hardware(torch.device("cpu"), precision)
@@ -73,7 +74,7 @@ def run(prepared: Path, epochs: int, batch_size: int, steps: int, auc_tolerance:
     res.check("|test AUC bf16 - fp32|", round(abs(scores["bf16"][0] - scores["fp32"][0]), 3), "<=", auc_tolerance)
     fastest = max(speed, key=lambda p: speed[p][0])
     res.check(f"precision auto picks the faster one ({fastest})", auto.precision, "==", fastest)
-    if not hardware.cpu_has_amx_bf16():
-        res.notes.append("this CPU has no AMX: bf16 runs through emulated kernels and is slower; "
-                         "precision auto stays on fp32 here")
+    if hardware.cpu_bf16() is None:
+        res.notes.append("this CPU has no native bf16 (AMX or AVX-512 BF16): bf16 runs through emulated kernels "
+                         "and is slower; precision auto stays on fp32 here")
     return res

@@ -34,24 +34,20 @@ def write_inputs(folder: Path, n: int, min_size: int, max_size: int) -> list[Pat
 
 def save_model(path: Path, prepared: Path, arch: str) -> None:
     """A model file in fine-tune's format (weights untrained: throughput does not depend on them)."""
-    from medtl.backbones import backbone_state, build_backbone
-    from medtl.io import save_torch
-    from medtl.preprocess import load_stats
+    from medtl import model as medtl_model
+    from medtl.backbones import build_backbone
+    from medtl.prepared import load_stats
 
-    stats = load_stats(prepared)
+    pre = load_stats(prepared).preprocessing
     torch.manual_seed(0)
-    backbone = build_backbone(arch, stats["channels"], "none")
-    head = torch.nn.Linear(backbone.num_features, len(stats["classes"]))
-    save_torch({"format": "medtl-model/1", "arch": arch, "classes": list(stats["classes"]),
-                "backbone": backbone_state(backbone), "head": {f"1.{k}": v for k, v in head.state_dict().items()},
-                "dropout": 0.0, "preprocessing": {k: stats[k] for k in ("size", "channels", "resize", "mean", "std")},
-                "strategy": "full"}, path)
+    classifier = medtl_model.Classifier(build_backbone(arch, pre.channels, "none"), len(pre.classes), pre.mean, pre.std)
+    medtl_model.save_model(medtl_model.model_file(classifier, pre, strategy="full"), path)
 
 
 def run(work: Path, prepared: Path, n: int, batch_size: int, arch: str = "resnet18") -> Result:
-    from medtl.model import load_classifier
-    from medtl.predict import predict, prepare_image
-    from medtl.readers import ReadOptions, read
+    from medtl.imaging import decode, model_input
+    from medtl.model import load_classifier, model_preprocessing
+    from medtl.predict import predict
 
     hw = cpu_fp32()
     model_path = work / "predict-model.pt"
@@ -68,7 +64,8 @@ def run(work: Path, prepared: Path, n: int, batch_size: int, arch: str = "resnet
 
     model, ckpt = load_classifier(model_path)
     with Timer() as dec:
-        images = np.stack([prepare_image(read(f, ReadOptions())[0].pixels, ckpt["preprocessing"]) for f in files])
+        pre = model_preprocessing(ckpt, model_path)
+        images = np.stack([model_input(decode(f, pre)[0].pixels, pre) for f in files])
     batches = [torch.from_numpy(images[i:i + batch_size].astype(np.float32)) for i in range(0, len(images), batch_size)]
     with torch.no_grad():
         model(batches[0])  # warm-up

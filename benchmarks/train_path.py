@@ -1,6 +1,6 @@
 """2. Full fine-tuning: medtl's training loop vs the model's own forward + backward on tensors in memory.
 
-Same model, batch size, precision, threads, optimiser and number of steps. The
+Same model, batch size, precision (`auto`), threads, optimiser and number of steps. The
 loop is `medtl.finetune.fit` (strategy full, augmentation as in params.yaml,
 batches gathered from the memory-mapped prepared array), timed as a whole with
 a small validation split; the reference is forward + backward + AdamW step on
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import Result, Timer, cpu_fp32
-from medtl.preprocess import PreparedSplit, load_split, load_stats
+from benchmarks.common import Result, Timer, load_stats
+from medtl.prepared import PreparedSplit, load_split
 
 NAME = "train_path"
 
@@ -61,6 +61,7 @@ def memory_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, step
 
 
 def run(prepared: Path, epochs: int, batch_size: int, arch: str = "resnet18") -> Result:
+    from medtl import hardware
     from medtl.backbones import build_backbone
     from medtl.finetune import FinetuneParams, fit
     from medtl.model import Classifier
@@ -69,12 +70,14 @@ def run(prepared: Path, epochs: int, batch_size: int, arch: str = "resnet18") ->
     k = len(stats["classes"])
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     val = small_val(val, 4)
-    hw = cpu_fp32()
+    # what the stage runs here: precision auto (bf16 on a CPU with native bf16), so the model's own rate,
+    # which the data path must keep up with, is the fastest this machine has
+    hw = hardware.select("cpu", "auto")
     params = FinetuneParams(strategy="full", epochs=epochs, batch_size=batch_size, patience=epochs, seed=0,
-                            device="cpu", precision="fp32")
+                            device="cpu", precision=hw.precision)
     res = Result(NAME, "Full fine-tuning: training loop vs in-memory forward+backward",
                  {"arch": arch, "size": stats["size"], "train_images": len(train.labels), "epochs": epochs,
-                  "batch_size": batch_size, "precision": "fp32", "threads": torch.get_num_threads(),
+                  "batch_size": batch_size, "precision": hw.precision, "threads": torch.get_num_threads(),
                   "augment": "params.yaml defaults (on)", "val_images_per_epoch": len(val.labels)})
     torch.manual_seed(0)
     model = Classifier(build_backbone(arch, stats["channels"], "none"), k, stats["mean"], stats["std"])
@@ -85,6 +88,8 @@ def run(prepared: Path, epochs: int, batch_size: int, arch: str = "resnet18") ->
 
     torch.manual_seed(0)
     raw_model = Classifier(build_backbone(arch, stats["channels"], "none"), k, stats["mean"], stats["std"])
+    if hw.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
     batches = memory_batches(train.images, train.labels, min(batch_size, len(train.labels)), steps, hw)
     raw_ips = len(batches) * batch_size / raw_train(raw_model, batches, hw)
     res.add("medtl training loop", round(loop_ips, 1), "img/s")

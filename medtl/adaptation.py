@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -16,7 +15,7 @@ from medtl.data import iter_batches
 from medtl.model import Normalize
 from medtl.errors import MedtlError
 from medtl.params import Device, Precision, require
-from medtl.preprocess import load_stats
+from medtl.prepared import load_images, load_stats
 from medtl.ssl import ImagePool, SSLParams, extra_pool, temporary_workdir, train_ssl
 
 ADAPT_METHODS = ("none", "adabn", "ssl")
@@ -70,36 +69,29 @@ def adabn(backbone: Backbone, normalize: Normalize, images, batch_size: int, hw:
     return {"method": "adabn", "images": n, "image_sources": {"train": n}, "batchnorm_layers": len(bns)}
 
 
-def load_train_images(prepared: Path) -> np.ndarray:
-    """The prepared training images only (memory-mapped): adaptation never opens labels or other splits."""
-    path = prepared / "train.npy"
-    try:
-        return np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise MedtlError(f"cannot read the prepared training images {path}: {e}; run the preprocess stage") from e
-
-
 def run_pretrain(
     params: PretrainParams, prepared: Path, on_epoch: Callable[[int, float], None] | None = None
 ) -> tuple[Backbone, dict]:
     """Build the backbone and adapt it to `prepared`'s training images; `on_epoch(epoch, loss)` sees ssl's progress."""
     stats = load_stats(prepared)
-    check_input_size(params.arch, stats["size"])
+    pre = stats.preprocessing
+    check_input_size(params.arch, pre.image_size)
     torch.manual_seed(params.seed)
     hw = hardware.select(params.device, params.precision, key="pretrain.device")
-    backbone = build_backbone(params.arch, stats["channels"], params.weights, params.sha256, params.grayscale)
+    backbone = build_backbone(params.arch, pre.channels, params.weights, params.sha256, params.grayscale)
     record: dict = {"method": params.adapt, "hardware": hw.describe()}
     if params.adapt == "none":
         return backbone, record
-    train = load_train_images(prepared)
-    normalize = Normalize(stats["mean"], stats["std"]).to(hw.device)
+    # The prepared training images only (memory-mapped): adaptation never opens labels or other splits.
+    train = load_images(prepared, "train", stats)
+    normalize = Normalize(pre.mean, pre.std).to(hw.device)
     if params.adapt == "adabn":
         backbone.to(hw.device)
         record.update(adabn(backbone, normalize, train, params.batch_size, hw))
         backbone.cpu()
     elif params.adapt == "ssl":
         with temporary_workdir() as tmp:
-            extra, extra_info = extra_pool(params.ssl, stats["size"], stats["channels"], stats.get("resize", "pad"), Path(tmp))
+            extra, extra_info = extra_pool(params.ssl, pre, Path(tmp))
             pool = ImagePool([train, *extra])
             record.update(train_ssl(backbone, normalize, pool, params.ssl, hw, on_epoch))
             del pool, extra  # release the memory map before its folder goes

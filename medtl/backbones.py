@@ -97,7 +97,7 @@ def input_size_rule(arch: str) -> int | None:
 def check_input_size(arch: str, size: int) -> None:
     required = input_size_rule(arch)
     if required is not None and size != required:
-        raise ParamsError(f"pretrain.arch {arch} needs preprocess.size {required}, got {size}")
+        raise ParamsError(f"pretrain.arch {arch} needs preprocess.image_size {required}, got {size}")
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

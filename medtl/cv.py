@@ -20,13 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import yaml
-
 from medtl.errors import MedtlError
 from medtl.io import atomic_dir, write_json
-from medtl.metrics import bootstrap_ci, curve_points, headline_metrics, point_estimates
-from medtl.params import load_section
+
+# numpy, the metrics and dvc are imported in the functions that use them: building `medtl`'s parser
+# imports this module, and must stay fast and work without the training stack (medtl.cli).
 
 SUMMARY_FORMAT = "medtl-cv-summary/1"
 FOLD_NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9_.-]+?)-fold(?P<fold>\d+)$")
@@ -138,6 +136,8 @@ def _show(rev: str, path: str) -> str:
 
 
 def _cv_params(params_text: str) -> dict:
+    import yaml
+
     raw = yaml.safe_load(params_text) or {}
     return ((raw.get("preprocess") or {}).get("cv") or {}) if isinstance(raw, dict) else {}
 
@@ -151,6 +151,8 @@ def read_predictions(text: str) -> tuple[list[str], list[dict]]:
 
 
 def _arrays(rows: list[dict], classes: list[str]):
+    import numpy as np
+
     index = {c: i for i, c in enumerate(classes)}
     y = np.array([index[r["label"]] for r in rows], dtype=np.int64)
     p = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows], dtype=np.float64)
@@ -159,6 +161,8 @@ def _arrays(rows: list[dict], classes: list[str]):
 
 def _decisions(rows: list[dict], probs: np.ndarray) -> np.ndarray | None:
     """Each image's call at its own fold's threshold, as probabilities a 0.5 threshold reproduces exactly."""
+    import numpy as np
+
     if probs.shape[1] != 2:
         return None
     above = np.array([r["above_threshold"] == "true" for r in rows])
@@ -168,6 +172,8 @@ def _decisions(rows: list[dict], probs: np.ndarray) -> np.ndarray | None:
 
 def interval_report(y, p, groups, rows, n_resamples: int, seed: int, alpha: float) -> dict:
     """Point estimates and patient-bootstrap intervals: ranking metrics on probabilities, the rest on the calls."""
+    from medtl.metrics import bootstrap_ci, headline_metrics, point_estimates
+
     names = list(headline_metrics(p.shape[1]))
     decided = _decisions(rows, p)
     if decided is None:
@@ -201,6 +207,8 @@ def _width(r: dict | None, metric: str) -> float | None:
 
 def single_split(rev: str, n_resamples: int, seed: int, alpha: float) -> dict | None:
     """The same development data with ingest's single train/val split (the commit's own run), for comparison."""
+    from medtl.metrics import headline_metrics
+
     try:
         params = _show(rev, PARAMS)
         metrics = json.loads(_show(rev, METRICS))
@@ -219,6 +227,9 @@ def single_split(rev: str, n_resamples: int, seed: int, alpha: float) -> dict | 
 def cv_report(prefix: str | None = None, out: Path = DEFAULT_OUT, n_resamples: int | None = None,
               seed: int | None = None, alpha: float | None = None) -> dict:
     from medtl.evaluation import EvaluateParams
+    from medtl.metrics import headline_metrics
+    from medtl.metrics_report import curve_points
+    from medtl.params import load_section
 
     boot = load_section("evaluate", EvaluateParams).bootstrap
     n_resamples = boot.n_resamples if n_resamples is None else n_resamples
@@ -329,7 +340,7 @@ def chart_html(summary: dict, metric: str = "roc_auc") -> str:
                          f'<text x="{w - 10}" y="{yy + 4}" text-anchor="end" font-size="11">{r[metric]:.3f}</text>')
     height = 50 + len(bars) * row_h
     ticks = "".join(f'<text x="{x(t):.1f}" y="{height - 8}" text-anchor="middle" font-size="11">{t:.2f}</text>'
-                    for t in np.linspace(lo, hi, 5))
+                    for t in (lo + (hi - lo) * i / 4 for i in range(5)))
     title = html.escape(f"{summary['name']}: {metric} with {100 * (1 - summary['bootstrap']['alpha']):.0f}% "
                         "patient-bootstrap intervals")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"

@@ -55,7 +55,11 @@ def init(world: World, device_type: str) -> None:
         return
     if device_type == "cuda":
         torch.cuda.set_device(world.local_rank)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=world.rank, world_size=world.size)
+        # DDP's gradients go through nccl; the small bookkeeping collectives below use CPU tensors, hence gloo too
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size)
 
 
 def shutdown() -> None:
@@ -88,8 +92,13 @@ def gather_rows(local: torch.Tensor, world: World, total: int) -> torch.Tensor:
     if not world.distributed:
         return local
     width = -(-total // world.size)
-    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype)
-    padded[: len(local)] = local
+    # A rank whose shard is empty (fewer rows than ranks) has no row shape of its own: take a non-empty rank's.
+    shapes: list = [None] * world.size
+    dist.all_gather_object(shapes, (tuple(local.shape[1:]), local.dtype) if len(local) else None)
+    row_shape, dtype = next((s for s in shapes if s is not None), (tuple(local.shape[1:]), local.dtype))
+    padded = torch.zeros((width, *row_shape), dtype=dtype)
+    if len(local):
+        padded[: len(local)] = local
     parts = [torch.zeros_like(padded) for _ in range(world.size)]
     dist.all_gather(parts, padded)
     sizes = [min(total, (r + 1) * width) - min(total, r * width) for r in range(world.size)]

@@ -13,22 +13,19 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 
 from medtl import external as ext
 from medtl import hardware
 from medtl.errors import MedtlError
-from medtl.finetune import forward_batches
-from medtl.io import atomic_dir, atomic_path, sha256_file, write_json
-from medtl.metrics import (
-    apply_temperature, curve_points, evaluate_split, fit_temperature, operating_point, predict_labels,
-)
-from medtl.model import load_classifier
+from medtl.inference import predict_logits, prepare_model
+from medtl.io import atomic_dir, atomic_path, write_json
+from medtl.metrics import apply_temperature, fit_temperature, operating_point, predict_labels, threshold_rule_problem
+from medtl.metrics_report import curve_points, evaluate_split
+from medtl.model import load_classifier, model_preprocessing
+from medtl.operating_point import data_profile, operating_point_record, write_operating_point
 from medtl.params import Device, Precision, require
-from medtl.preprocess import PreparedSplit, load_split, load_stats
-from medtl.readers import ReadOptions
+from medtl.prepared import PreparedSplit, load_split, load_stats
 
-OPERATING_POINT_FORMAT = "medtl-operating-point/1"
 # Metadata columns that may be asked for as subgroups; age_band is derived from `age`.
 AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 65, "40-64"), (65, 200, "65+"))
 
@@ -41,14 +38,8 @@ class ThresholdParams:
     target: float | None = None  # the sensitivity/specificity to reach, or the fixed threshold
 
     def check(self, key: str) -> None:
-        if self.rule in ("sensitivity", "specificity"):
-            require(self.target is not None and 0 < self.target <= 1, f"{key}.target", self.target,
-                    f"the {self.rule} to reach on validation, a number in (0, 1]")
-        elif self.rule == "fixed":
-            require(self.target is None or 0 <= self.target <= 1, f"{key}.target", self.target,
-                    "the threshold itself, a number in [0, 1] (null: 0.5)")
-        else:
-            require(self.target is None, f"{key}.target", self.target, "null: rule 'youden' takes no target")
+        problem = threshold_rule_problem(self.rule, self.target)
+        require(problem is None, f"{key}.target", self.target, f"{problem} (rule {self.rule!r})")
 
 
 @dataclass(frozen=True)
@@ -66,11 +57,11 @@ class BootstrapParams:
 class SaliencyParams:
     enabled: bool = True
     per_case: int = 2  # images per case (TP, FP, TN, FN)
-    size: int = 256  # side of the written overlay in pixels
+    image_size: int = 256  # side of the written overlay in pixels
 
     def check(self, key: str) -> None:
         require(0 <= self.per_case <= 50, f"{key}.per_case", self.per_case, "an integer between 0 and 50")
-        require(64 <= self.size <= 1024, f"{key}.size", self.size, "a side in pixels between 64 and 1024")
+        require(64 <= self.image_size <= 1024, f"{key}.image_size", self.image_size, "a side in pixels between 64 and 1024")
 
 
 @dataclass(frozen=True)
@@ -101,31 +92,16 @@ class EvaluateParams:
         ext.check_external(self.external, self.external_data, key)
 
 
-def predict_logits(model, images: np.ndarray, batch_size: int, hw: hardware.Hardware, desc: str) -> np.ndarray:
-    """(N, K) float64 logits; temperature scaling needs logits, not probabilities."""
-    if len(images) == 0:
-        return np.zeros((0, model.head[-1].out_features))
-    return forward_batches(model, images, batch_size, hw, desc).numpy().astype(np.float64).reshape(len(images), -1)
-
-
 def _load_model(model_path: Path, prepared: Path, hw: hardware.Hardware):
+    """The model, checked against the prepared data it is evaluated on: same record, same input."""
     model, ckpt = load_classifier(model_path)
     stats = load_stats(prepared)
-    for key in ("size", "channels"):
-        if stats[key] != ckpt["preprocessing"][key]:
-            raise MedtlError(f"{model_path} expects {key} {ckpt['preprocessing'][key]} but {prepared} has {stats[key]}; "
-                             "rerun the pipeline (dvc repro) so model and data match")
-    model.to(hw.device)
-    if hw.channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model, ckpt
-
-
-def predict_probs(model_path: Path, prepared: Path, split: str, batch_size: int, hw: hardware.Hardware):
-    model, ckpt = _load_model(model_path, prepared, hw)
-    data = load_split(prepared, split)
-    logits = predict_logits(model, data.images, batch_size, hw, f"evaluate {split}")
-    return apply_temperature(logits, 1.0), data, ckpt
+    differ = model_preprocessing(ckpt, model_path).same_input(stats.preprocessing)
+    if differ or stats.classes != list(ckpt["classes"]):
+        what = ", ".join(differ + ([] if stats.classes == list(ckpt["classes"]) else ["classes"]))
+        raise MedtlError(f"{model_path} was trained on other preprocessing than {prepared / 'stats.json'} records "
+                         f"({what} differ); rerun the pipeline (dvc repro) so model and data match")
+    return prepare_model(model, hw), ckpt, stats
 
 
 def age_band(value: str) -> str:
@@ -180,14 +156,13 @@ def split_report(report: dict, params: EvaluateParams, skipped_subgroups: list[s
     return metrics, details
 
 
-def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path,
-                 read_options: ReadOptions = ReadOptions()) -> dict:
+def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path) -> dict:
     """Write metrics.json, evaluation.json, operating_point.json, predictions.csv, plots/ and saliency/ into out_dir."""
     hw = hardware.select(params.device, params.precision, key="evaluate.device")
-    model, ckpt = _load_model(model_path, prepared, hw)
+    model, ckpt, stats = _load_model(model_path, prepared, hw)
     classes = list(ckpt["classes"])
-    val = load_split(prepared, "val")
-    data = val if params.split == "val" else load_split(prepared, params.split)
+    val = load_split(prepared, "val", stats)
+    data = val if params.split == "val" else load_split(prepared, params.split, stats)
     if len(data.labels) == 0:
         raise MedtlError(f"{prepared / (params.split + '.npy')} has no images; evaluate needs a non-empty {params.split} split")
     if len(val.labels) == 0:
@@ -209,8 +184,9 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     )
     metrics, details = split_report(report, params, skipped)
     threshold = report["threshold"]
-    external = ext.run_external(params, model, hw, classes, ckpt["preprocessing"], temperature, op, read_options,
-                                prepared, params.split, data.images, data.labels, probs, report)
+    # External sets are decoded and prepared by the model's own record, never by today's params.
+    external = ext.run_external(params, model, hw, classes, model_preprocessing(ckpt, model_path), temperature, op,
+                                stats, prepared, params.split, data.images, data.labels, probs, report)
     metrics.update(external.metrics)
     details.update(external.details)
 
@@ -225,8 +201,9 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
         write_predictions(tmp, val, val_probs, classes, threshold)
     with atomic_dir(out_dir / "saliency") as sal:
         details["saliency"] = _saliency(params, model, hw, data, probs, classes, threshold, sal)
-    write_json(out_dir / "operating_point.json",
-               operating_point_record(model_path, ckpt, op, temperature, prepared))
+    profile = data_profile([load_split(prepared, s, stats) for s in ("train", "val", "test")])
+    write_operating_point(out_dir / "operating_point.json",
+                          operating_point_record(model_path, classes, op, temperature, profile))
     write_json(out_dir / "evaluation.json", details)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
@@ -240,42 +217,11 @@ def _saliency(params, model, hw, data, probs, classes, threshold, out: Path) -> 
         return {"enabled": False}
     try:
         written = saliency.write_overlays(model, data, probs, classes, threshold, out, params.saliency.per_case,
-                                          params.saliency.size, hw.device)
+                                          params.saliency.image_size, hw.device)
     except saliency.NoTargetLayer as e:
         (out / "README.txt").write_text(f"no saliency maps: {e}\n")
         return {"enabled": True, "maps": 0, "note": str(e)}
     return {"enabled": True, "method": "grad-cam", "maps": len(written), "files": written}
-
-
-def operating_point_record(model_path: Path, ckpt: dict, op: dict | None, temperature: float | None,
-                           prepared: Path) -> dict:
-    """What `medtl predict` needs besides the model: threshold, temperature, and what data the model knows."""
-    modalities, photometric = set(), set()
-    for split in ("train", "val", "test"):
-        path = prepared / f"{split}.csv"
-        if not path.is_file():
-            continue
-        with open(path, newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
-                if r.get("modality"):
-                    modalities.add(r["modality"].upper())
-                if r.get("photometric"):
-                    photometric.add(r["photometric"].upper())
-    colour = {"gray" if p.startswith("MONOCHROME") else "colour" for p in photometric}
-    return {
-        "format": OPERATING_POINT_FORMAT,
-        "model_sha256": sha256_file(model_path),
-        "classes": list(ckpt["classes"]),
-        "positive_class": ckpt["classes"][1] if len(ckpt["classes"]) == 2 else None,
-        "rule": op["rule"] if op else "argmax",
-        "target": op["target"] if op else None,
-        "threshold": op["threshold"] if op else None,
-        "fitted_on": op["fitted_on"] if op else None,
-        "val_sensitivity": op.get("val_sensitivity") if op else None,
-        "val_specificity": op.get("val_specificity") if op else None,
-        "temperature": temperature,
-        "data": {"modalities": sorted(modalities), "colour": sorted(colour)},
-    }
 
 
 def write_predictions(path: Path, data: PreparedSplit, probs: np.ndarray, classes: list[str],

@@ -1,8 +1,9 @@
 """External validation: labelled sets from elsewhere, evaluated exactly as the test split, and shift statistics.
 
 Each set in `evaluate.external` is any ingest source (folder, csv, dicom,
-medmnist, demo). Its files are decoded with the pipeline's read options
-(`ingest.read`) and prepared with the preprocessing recorded in the model, and
+medmnist, demo). Its files are decoded and prepared by the preprocessing
+record the model carries (`medtl.imaging`: the read options ingest used, the
+image side, channels and resize rule), exactly as `medtl predict` does, and
 the model is applied with the threshold and temperature fitted on validation:
 nothing is refitted on external data. Every set, the internal test split
 included, gets shift statistics: how far its intensity distribution lies from
@@ -16,6 +17,7 @@ import csv
 import re
 import shutil
 import tempfile
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +25,20 @@ from typing import Literal
 
 import numpy as np
 
-from medtl.errors import MedtlError, UnreadableImage
-from medtl.ingest import CsvParams, DemoParams, DicomParams, FolderParams, IngestParams, MedmnistParams
-from medtl.metrics import apply_temperature, evaluate_split, predict_labels
+from medtl import phi
+from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.imaging import Preprocessing, decode, model_input
+from medtl.inference import predict_logits
+from medtl.metrics import apply_temperature, predict_labels
+from medtl.metrics_report import evaluate_split
 from medtl.params import require
-from medtl.phi import pseudonymise
-from medtl.readers import ReadOptions, read
-from medtl.sources import open_source
+from medtl.prepared import PreparedStats, load_images
+from medtl.sources import SOURCES, open_source
+from medtl.sources.csv import CsvParams
+from medtl.sources.demo import DemoParams
+from medtl.sources.dicom import DicomParams
+from medtl.sources.folder import FolderParams
+from medtl.sources.medmnist import MedmnistParams
 
 HIST_BINS = 100  # intensity histogram bins over [0, 1]
 MAX_HIST_IMAGES = 2000  # images sampled (evenly) for an intensity histogram, so memory and time stay flat
@@ -64,13 +73,41 @@ class ExternalSet:
     def check(self, key: str) -> None:
         require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)) and self.name not in RESERVED_NAMES,
                 f"{key}.name", self.name, "a name of letters, digits, '.', '_' or '-', other than train, val and test")
-        self.ingest_params().check(key)
+        require(self.source in SOURCES, f"{key}.source", self.source, "one of " + ", ".join(SOURCES))
+        required = {"folder": [("folder.root", self.folder.root)],
+                    "csv": [("csv.manifest", self.csv.manifest)],
+                    "dicom": [("dicom.root", self.dicom.root), ("dicom.labels", self.dicom.labels)],
+                    "medmnist": [("medmnist.path", self.medmnist.path)]}.get(self.source, [])
+        for name, value in required:
+            require(bool(value), f"{key}.{name}", value, f"a path (required by source {self.source})")
 
-    def ingest_params(self, classes: list[str] = ()) -> IngestParams:
-        """The set as ingest params, so that the ingest sources read it; `classes` names index labels (MedMNIST)
-        as the model's classes."""
-        return IngestParams(source=self.source, data=self.name, classes=list(classes), demo=self.demo,
-                            folder=self.folder, csv=self.csv, dicom=self.dicom, medmnist=self.medmnist)
+    def source_inputs(self) -> list[str]:
+        """Files or folders the source reads; the demo reads none."""
+        return {
+            "demo": [],
+            "folder": [self.folder.root],
+            "csv": [self.csv.manifest] + ([self.csv.root] if self.csv.root else []),
+            "dicom": [self.dicom.root, self.dicom.labels],
+            "medmnist": [self.medmnist.path],
+        }[self.source]
+
+
+@dataclass(frozen=True)
+class SourceRequest:
+    """What a source module's `open_source` reads of its params: the source's own section, and the classes
+    that name index labels (MedMNIST), here the model's."""
+
+    source: str
+    classes: list[str]
+    demo: DemoParams
+    folder: FolderParams
+    csv: CsvParams
+    dicom: DicomParams
+    medmnist: MedmnistParams
+
+    @classmethod
+    def of(cls, spec: ExternalSet, classes: list[str]) -> SourceRequest:
+        return cls(spec.source, list(classes), spec.demo, spec.folder, spec.csv, spec.dicom, spec.medmnist)
 
 
 def check_external(sets: list[ExternalSet], data: str, key: str) -> None:
@@ -79,7 +116,7 @@ def check_external(sets: list[ExternalSet], data: str, key: str) -> None:
     require(len(set(names)) == len(names), f"{key}.external", names, "sets with distinct names")
     root = Path(data).resolve()
     for i, s in enumerate(sets):
-        for path in s.ingest_params().source_inputs():
+        for path in s.source_inputs():
             require(Path(path).resolve().is_relative_to(root), f"{key}.external[{i}].{s.source}", path,
                     f"a path inside {key}.external_data ({data!r}), which dvc tracks so that evaluate reruns when "
                     "an external set changes; set external_data to the folder holding your external sets")
@@ -134,32 +171,28 @@ class ExternalData:
     labels: np.ndarray  # (N,) int64
     rows: list[dict]  # image_id, group (pseudonymous), whitelisted metadata
     skipped: dict[str, int]  # files not used, by reason
+    grouping: dict[str, int]  # images per kind of group (patient_id, column, rule, source, image), as ingest names them
+    warnings: dict[str, int]  # decoder warnings by kind (never their text, which may quote header values)
 
 
-def model_input(pixels: np.ndarray, preprocessing: dict) -> np.ndarray:
-    """Decoded [0, 1] pixels -> the model's (C, S, S) input, by the model's preprocessing record."""
-    from medtl.predict import prepare_image
-
-    return prepare_image(pixels, preprocessing)
-
-
-def _decoded(item, options: ReadOptions) -> list[tuple[np.ndarray, dict, dict]]:
+def _decoded(item, pre: Preprocessing) -> list[tuple[np.ndarray, dict, dict]]:
     if item.pixels is not None:
         return [(item.pixels, {}, {})]
-    return [(d.pixels, d.metadata, d.identity) for d in read(item.path, options)]
+    return [(d.pixels, d.metadata, d.identity) for d in decode(item.path, pre)]
 
 
-def load_external(spec: ExternalSet, key: str, classes: list[str], preprocessing: dict,
-                  options: ReadOptions) -> ExternalData:
+def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preprocessing) -> ExternalData:
     """Decode and prepare every labelled image of the set; unreadable files are counted, unknown labels refused."""
     index = {c: i for i, c in enumerate(classes)}
+    allowed = spec.csv.allow_columns if spec.source == "csv" else []  # identifying columns the user chose to keep
     workdir = Path(tempfile.mkdtemp(prefix="medtl-external-"))
-    images, labels, rows, skipped = [], [], [], Counter()
+    images, labels, rows, skipped, kinds, caught_kinds = [], [], [], Counter(), Counter(), Counter()
     try:
         try:
-            source = open_source(spec.ingest_params(classes), workdir)
+            source = open_source(SourceRequest.of(spec, classes), workdir)
         except MedtlError as e:
-            raise MedtlError(f"{key} ({spec.name}): " + str(e).replace("ingest.", f"{key}.")) from None
+            kind = ParamsError if isinstance(e, ParamsError) else MedtlError
+            raise kind(f"{key} ({spec.name}): " + str(e).replace("ingest.", f"{key}.")) from None
         try:
             for item in source.items:
                 if spec.split is not None and item.split != spec.split:
@@ -167,30 +200,46 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], preprocessing
                 if item.problem:
                     skipped[item.problem] += 1
                     continue
-                try:
-                    decoded = _decoded(item, options)
-                except UnreadableImage as e:
-                    skipped[e.reason] += 1
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        decoded = _decoded(item, pre)
+                    except UnreadableImage as e:
+                        decoded, problem = None, e.reason
+                    except Exception as e:  # a reader bug on one file is counted, as ingest counts it
+                        decoded, problem = None, f"decode_error:{phi.error_kind(e)}"
+                caught_kinds.update(phi.warning_kind(w) for w in caught)
+                if decoded is None:
+                    skipped[problem] += 1
                     continue
-                label, group = item.label, item.group
+                label, group, kind = item.label, item.group, item.group_kind
                 if source.resolve is not None:
-                    label, group, problem, _ = source.resolve(item, decoded[0][2])
-                    if problem:
-                        skipped[problem] += 1
+                    found = source.resolve(item, decoded[0][2])
+                    if found.problem:
+                        skipped[found.problem] += 1
                         continue
+                    label, group = found.label, found.group
+                    if group and group != item.group:
+                        kind = "patient_id" if source.header_group == "PatientID" else "source"
                 label = (label or "").strip()
                 if not label:
                     skipped["no_label"] += 1
                     continue
-                if label not in index:
-                    raise MedtlError(f"{key} ({spec.name}) has label {label!r} ({item.source_path}), which the model "
-                                     f"does not know; its classes are {', '.join(classes)}")
-                for pixels, metadata, identity in decoded:
-                    raw_group = group or identity.get("PatientID") or item.source_path
-                    images.append(model_input(pixels, preprocessing))
+                if label not in index:  # the file is named by its ref, never by its path
+                    raise MedtlError(f"{key} ({spec.name}) has label {label!r} (file {phi.source_ref(item.ref_key)}), "
+                                     f"which the model does not know; its classes are {', '.join(classes)}")
+                identity = decoded[0][2]
+                if not group and identity.get("PatientID"):
+                    group, kind = identity["PatientID"], "patient_id"
+                if not group:  # no group information: the file is its own group, as in ingest
+                    group, kind = "image:" + item.ref_key, "image"
+                for pixels, metadata, _ in decoded:
+                    images.append(model_input(pixels, pre))
                     labels.append(index[label])
-                    rows.append({**metadata, "image_id": f"{spec.name}-{len(rows):06d}",
-                                 "group": pseudonymise(raw_group)})
+                    kinds[kind] += 1
+                    checked, _ = phi.check_header_metadata(metadata)
+                    rows.append({**phi.filter_metadata({**checked, **item.extra}, sorted(item.extra), allowed),
+                                 "image_id": f"{spec.name}-{len(rows):06d}", "group": phi.pseudonymise(group)})
         finally:
             if source.cleanup:
                 source.cleanup()
@@ -198,7 +247,8 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], preprocessing
         shutil.rmtree(workdir, ignore_errors=True)
     if not images:
         raise MedtlError(f"{key} ({spec.name}) has no usable labelled image (skipped: {dict(skipped) or 'none'})")
-    return ExternalData(np.stack(images), np.array(labels, dtype=np.int64), rows, dict(sorted(skipped.items())))
+    return ExternalData(np.stack(images), np.array(labels, dtype=np.int64), rows, dict(sorted(skipped.items())),
+                        dict(sorted(kinds.items())), dict(sorted(caught_kinds.items())))
 
 
 # ---------------------------------------------------------------- evaluation
@@ -222,13 +272,15 @@ def set_metrics(report: dict, shift: dict) -> dict:
     return out
 
 
-def run_external(params, model, hw, classes: list[str], preprocessing: dict, temperature: float | None,
-                 op: dict | None, options: ReadOptions, prepared: Path, test_name: str, test_images: np.ndarray,
+def run_external(params, model, hw, classes: list[str], pre: Preprocessing, temperature: float | None,
+                 op: dict | None, stats: PreparedStats, prepared: Path, test_name: str, test_images: np.ndarray,
                  test_labels: np.ndarray, test_probs: np.ndarray, test_report: dict) -> ExternalResults:
-    """Shift statistics of the reported split, and every external set evaluated with the validation-fitted operating point."""
-    from medtl.evaluation import predict_logits, subgroup_columns
+    """Shift statistics of the reported split, and every external set evaluated with the validation-fitted operating point.
 
-    train_hist = intensity_histogram(np.load(prepared / "train.npy", mmap_mode="r"))
+    `pre` is the model's preprocessing record: every external file is decoded and prepared by it alone."""
+    from medtl.evaluation import subgroup_columns
+
+    train_hist = intensity_histogram(load_images(prepared, "train", stats))
     test_shift = shift_statistics(test_images, test_labels, test_probs, test_report, op, train_hist, params.shift)
     metrics = {f"shift.{k}": v for k, v in test_shift.items() if k != "operating_point_moves"}
     details = {"shift": test_shift, "external": {}}
@@ -236,7 +288,7 @@ def run_external(params, model, hw, classes: list[str], preprocessing: dict, tem
     boot = params.bootstrap
     for i, spec in enumerate(params.external):
         key = f"evaluate.external[{i}]"
-        data = load_external(spec, key, classes, preprocessing, options)
+        data = load_external(spec, key, classes, pre)
         logits = predict_logits(model, data.images, params.batch_size, hw, f"evaluate {spec.name}")
         probs = apply_temperature(logits, 1.0 if temperature is None else temperature)
         subgroups, skipped_subgroups = subgroup_columns(data.rows, params.subgroups)
@@ -247,8 +299,9 @@ def run_external(params, model, hw, classes: list[str], preprocessing: dict, tem
         )
         shift = shift_statistics(data.images, data.labels, probs, report, op, train_hist, params.shift)
         metrics.update({f"external.{spec.name}.{k}": v for k, v in set_metrics(report, shift).items()})
-        details["external"][spec.name] = {"source": spec.source, "skipped_files": data.skipped, "shift": shift,
-                                          "subgroups_skipped": skipped_subgroups, **report}
+        details["external"][spec.name] = {"source": spec.source, "skipped_files": data.skipped,
+                                          "grouping": data.grouping, "decoder_warnings": data.warnings,
+                                          "shift": shift, "subgroups_skipped": skipped_subgroups, **report}
         called = predict_labels(probs, report["threshold"])
         for row, y, yp, p in zip(data.rows, data.labels, called, probs):
             above = "" if report["threshold"] is None or len(classes) != 2 else str(bool(p[1] >= report["threshold"])).lower()

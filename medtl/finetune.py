@@ -23,21 +23,21 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medtl import distributed, hardware
-from medtl.backbones import backbone_state
 from medtl.checkpoint import ResumeFile, input_digest, resume_key
-from medtl.data import AugmentParams, TrainBatches, build_augment, iter_batches
+from medtl.data import AugmentParams, TrainBatches, build_augment
 from medtl.distributed import EpochBatches, World, derive_seed
 from medtl.errors import ParamsError
-from medtl.model import Classifier, load_backbone
+from medtl.inference import forward_batches
+from medtl.metrics import predict_labels, roc_auc
+from medtl.model import Classifier, load_backbone, model_file
 from medtl.params import Device, Precision, require
-from medtl.preprocess import PreparedSplit, load_split, load_stats
+from medtl.prepared import PreparedSplit, load_split, load_stats
 
 STRATEGIES = ("linear", "partial", "full", "gradual")
 
@@ -89,6 +89,8 @@ class FinetuneParams:
         require(self.nproc >= 1, f"{key}.nproc", self.nproc, "a positive integer")
         require(self.batch_size % self.nproc == 0, f"{key}.batch_size", self.batch_size,
                 f"a multiple of nproc ({self.nproc}): it is the global batch, split evenly across processes")
+        limit, why = hardware.max_processes(self.device)
+        require(self.nproc <= max(1, limit), f"{key}.nproc", self.nproc, f"at most {max(1, limit)}, {why}")
         require(not (self.class_weighting and self.sampler == "balanced"), f"{key}.class_weighting", self.class_weighting,
                 "false when sampler is 'balanced' (the balanced sampler already corrects the imbalance; "
                 "weighting the loss as well would over-correct)")
@@ -182,22 +184,6 @@ def set_train_mode(model: Classifier, frozen: set[int]) -> None:
         model.backbone.eval()
 
 
-@torch.no_grad()
-def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
-                    hw: hardware.Hardware, desc: str) -> torch.Tensor:
-    """Apply `fn` to every image in inference mode; float32 results on the CPU."""
-    out = []
-    for x in tqdm(iter_batches(images, batch_size), total=-(-len(images) // batch_size), desc=desc, leave=False):
-        if hw.device.type == "cuda":
-            x = x.pin_memory()
-        x = x.to(hw.device, non_blocking=True)
-        if hw.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with hw.autocast():
-            out.append(fn(x).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
 def forward_split(fn, images: np.ndarray, batch_size: int, hw: hardware.Hardware, desc: str, world: World) -> torch.Tensor:
     """`forward_batches` over a whole split, each rank doing its share."""
     local = forward_batches(fn, images[distributed.shard(len(images), world)], batch_size, hw, desc)
@@ -207,13 +193,10 @@ def forward_split(fn, images: np.ndarray, batch_size: int, hw: hardware.Hardware
 def validation_metrics(logits: torch.Tensor, labels: np.ndarray, loss_fn: nn.Module) -> dict[str, float]:
     y = torch.from_numpy(labels)
     probs = torch.softmax(logits, dim=1).numpy()
-    out = {"val_loss": float(loss_fn(logits, y)), "val_accuracy": float((probs.argmax(1) == labels).mean())}
-    if len(np.unique(labels)) < 2:
-        out["val_auc"] = float("nan")
-    elif probs.shape[1] == 2:
-        out["val_auc"] = float(roc_auc_score(labels, probs[:, 1]))
-    else:
-        out["val_auc"] = float(roc_auc_score(labels, probs, multi_class="ovr", labels=range(probs.shape[1])))
+    out = {"val_loss": float(loss_fn(logits, y)), "val_accuracy": float((predict_labels(probs) == labels).mean())}
+    # The evaluate stage's AUC (macro one-vs-rest for K > 2); undefined (NaN) on a one-class split.
+    auc = roc_auc(labels, probs)
+    out["val_auc"] = float("nan") if auc is None else float(auc)
     return out
 
 
@@ -268,6 +251,9 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
         hw: hardware.Hardware, log: Callable[[int, dict], None] | None = None, *,
         world: World = World(), resume: ResumeFile | None = None, cache_features: bool = True) -> dict:
     """Train, keep the best epoch by `params.monitor`, and load its weights into `model`.
+
+    Returns best_epoch (counted from 1), best (its validation metrics), epochs_run,
+    history (one row per epoch; row["epoch"] counts from 0) and resumed_from.
 
     With `resume`, the state is saved after every epoch (by rank 0) and a saved
     state of the same run is continued. `log` receives every epoch's row, the
@@ -372,7 +358,8 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
     loop.module.load_state_dict(best["state"])
     model.requires_grad_(True)
     model.cpu().to(memory_format=torch.contiguous_format).eval()
-    return {"best_epoch": best["epoch"], "best": best["metrics"], "epochs_run": len(history), "history": history,
+    # Epochs are counted from 1 in every record (model file, dvclive steps, the stage's summary line).
+    return {"best_epoch": best["epoch"] + 1, "best": best["metrics"], "epochs_run": len(history), "history": history,
             "resumed_from": start if saved is not None else None}
 
 
@@ -382,6 +369,7 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
     """Return (model checkpoint dict, training summary)."""
     world = world or World()
     stats = load_stats(prepared)
+    pre = stats.preprocessing
     backbone, bb_ckpt = load_backbone(backbone_path)
     hw = hardware.select(params.device, params.precision, key="finetune.device")
     hw = hardware.Hardware(distributed.device_for(world, hw.device), hw.precision)
@@ -391,8 +379,8 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
         print(f"fine-tune: {params.strategy} on {d['device']} ({d.get('gpu', 'CPU')}), precision {d['precision']}, "
               f"channels_last {d['channels_last']}, {world.size} process(es)", file=sys.stderr)
     seed_everything(params.seed)
-    model = Classifier(backbone, len(stats["classes"]), stats["mean"], stats["std"], params.dropout)
-    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    model = Classifier(backbone, len(pre.classes), pre.mean, pre.std, params.dropout)
+    train, val = load_split(prepared, "train", stats), load_split(prepared, "val", stats)
     resume = None
     if resume_path is not None:
         files = [backbone_path, prepared / "stats.json"] + [prepared / f"{s}.{e}" for s in ("train", "val") for e in ("npy", "csv")]
@@ -401,19 +389,13 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
                           "torch": torch.__version__})
         resume = ResumeFile(resume_path, key)
     summary = fit(params, model, train, val, hw, log, world=world, resume=resume)
-    ckpt = {
-        "format": "medtl-model/1",
-        "arch": backbone.arch,
-        "classes": list(stats["classes"]),
-        "backbone": backbone_state(model.backbone),
-        "head": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
-        "dropout": params.dropout,
-        "preprocessing": {k: stats[k] for k in ("size", "channels", "resize", "mean", "std")},
-        "strategy": params.strategy,
-        "hardware": {**hw.describe(), "processes": world.size},
-        "params": asdict(params),
-        "best_epoch": summary["best_epoch"],
-        "validation": summary["best"],
-        "adaptation": bb_ckpt.get("adaptation", {}),
-    }
+    ckpt = model_file(
+        model, pre,
+        strategy=params.strategy,
+        hardware={**hw.describe(), "processes": world.size},
+        params=asdict(params),
+        best_epoch=summary["best_epoch"],
+        validation=summary["best"],
+        adaptation=bb_ckpt.get("adaptation", {}),
+    )
     return ckpt, summary

@@ -1,15 +1,24 @@
 """Ingest: enumerate a source, decode every image once, and write the manifest, pixel store and report.
 
 Nothing is dropped silently: every file seen ends up either as a manifest row
-or as a quarantined row with a reason.
+or as a quarantined entry with a reason, and
+files_seen = files_decoded + quarantined holds in every report.
+
+Nothing identifying leaves this stage: files are named by `source_ref` (a
+keyed hash of the relative path) and sha256, groups by a keyed pseudonym,
+metadata only through the whitelist, and quarantine reasons are fixed words
+and numbers. Library warnings raised while decoding (which may quote header
+values) are counted by kind in the report instead of reaching the log.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
+import logging
 import multiprocessing
-import re
-from collections import Counter
+import os
+import sys
+import warnings
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -17,19 +26,33 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
+from medtl import phi
 from medtl import splits as splitting
 from medtl.errors import MedtlError, ParamsError, UnreadableImage
 from medtl.io import sha256_file, write_json
+from medtl.manifest import ManifestRow, write_manifest
 from medtl.params import require
-from medtl.phi import filter_metadata, pseudonymise
 from medtl.readers import ReadOptions, read
-from medtl.sources import SOURCES, SourceItem, open_source
+from medtl.readers.dicom import BURNED_IN
+from medtl.sources import SOURCES, Source, SourceItem, open_source
+from medtl.sources.csv import CsvParams
+from medtl.sources.demo import DemoParams
+from medtl.sources.dicom import DicomParams
+from medtl.sources.folder import FolderParams
+from medtl.sources.medmnist import MedmnistParams
 from medtl.store import PixelStoreWriter, quantize
 
-MANIFEST_COLUMNS = [
-    "image_id", "source_path", "sha256", "label", "group", "split", "modality",
-    "height", "width", "channels", "offset",
-]
+# Quarantine reasons every report counts, even at zero, so a reviewer sees they were looked for.
+COUNTED_REASONS = ("burned_in_annotation", "symlink_loop", "dangling_symlink", "label_conflict")
+GROUPING_KINDS = ("patient_id", "column", "rule", "source", "image")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a container limit)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -37,25 +60,6 @@ class SplitRatios:
     train: float = 0.7
     val: float = 0.15
     test: float = 0.15
-
-
-@dataclass(frozen=True)
-class DemoParams:
-    patients: int = 120
-    min_images_per_patient: int = 2
-    max_images_per_patient: int = 4
-    min_size: int = 96
-    max_size: int = 160
-    prevalence: float = 0.4
-    seed: int = 7
-
-    def check(self, key: str) -> None:
-        require(self.patients >= 6, f"{key}.patients", self.patients, "at least 6")
-        require(1 <= self.min_images_per_patient <= self.max_images_per_patient, f"{key}.min_images_per_patient",
-                self.min_images_per_patient, f"between 1 and max_images_per_patient ({self.max_images_per_patient})")
-        require(16 <= self.min_size <= self.max_size <= 2048, f"{key}.min_size", self.min_size,
-                f"between 16 and max_size ({self.max_size}), at most 2048")
-        require(0 < self.prevalence < 1, f"{key}.prevalence", self.prevalence, "a fraction strictly between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -77,47 +81,6 @@ class ReadParams:
             raise ParamsError(str(e).replace("read option '", f"params key '{key}.")) from None
 
 
-@dataclass(frozen=True)
-class FolderParams:
-    root: str = ""  # one subfolder per class, or per split (Training/, Testing/) each with one per class
-    layout: Literal["auto", "classes", "splits"] = "auto"
-
-
-@dataclass(frozen=True)
-class CsvParams:
-    manifest: str = ""  # CSV file, one row per image
-    root: str = ""  # folder the paths are relative to; default: the manifest's folder
-    path_column: str = "path"
-    path_template: str | None = None  # instead of path_column, e.g. "{dx}/{image_id}.jpg"
-    label_column: str = "label"
-    group_column: str | None = None  # default: a column named "group" if there is one
-    split_column: str | None = None  # default: a column named "split" if there is one
-    metadata: list[str] = field(default_factory=list)  # extra columns copied into the manifest
-
-
-@dataclass(frozen=True)
-class DicomParams:
-    root: str = ""  # a tree of DICOM files
-    labels: str = ""  # CSV with a key column and a label column
-    key: Literal["path", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID"] = "path"
-    key_column: str | None = None  # default: the key's own name (path, SOPInstanceUID, ...)
-    label_column: str = "label"
-    group: Literal["PatientID", "StudyInstanceUID", "SeriesInstanceUID"] = "PatientID"
-    include: str = "*"  # file-name pattern, e.g. "*.dcm" to leave sidecar files out
-
-
-@dataclass(frozen=True)
-class MedmnistParams:
-    path: str = ""  # e.g. data/raw/pneumoniamnist.npz
-    url: str = ""  # downloaded to `path` when it is missing
-    md5: str = ""  # checked after a download
-
-    def check(self, key: str) -> None:
-        require(not self.md5 or re.fullmatch(r"[0-9a-fA-F]{32}", self.md5) is not None, f"{key}.md5", self.md5,
-                "32 hexadecimal digits")
-        require(not self.url or bool(self.md5), f"{key}.md5", self.md5, "the file's md5 whenever url is set")
-
-
 DEMO_DATA = "medtl/demo.py"
 
 
@@ -130,6 +93,10 @@ class IngestParams:
     seed: int = 42
     split: SplitRatios = field(default_factory=SplitRatios)
     duplicates: Literal["drop", "fail"] = "drop"
+    # Identical pixels under different labels: quarantine every copy, fail, or keep them (reported either way).
+    label_conflicts: Literal["quarantine", "fail", "keep"] = "quarantine"
+    # DICOM BurnedInAnnotation YES (text such as a name drawn into the pixels): quarantine or keep.
+    burned_in: Literal["quarantine", "keep"] = "quarantine"
     max_quarantine_fraction: float = 0.05
     workers: int = 2
     read: ReadParams = field(default_factory=ReadParams)
@@ -145,7 +112,9 @@ class IngestParams:
                 f"{key}.split", asdict(r), "non-negative ratios train, val, test summing to 1 with train > 0")
         require(0 <= self.max_quarantine_fraction <= 1, f"{key}.max_quarantine_fraction",
                 self.max_quarantine_fraction, "a fraction between 0 and 1")
-        require(self.workers >= 1, f"{key}.workers", self.workers, "at least 1")
+        cores = available_cores()
+        require(1 <= self.workers <= cores, f"{key}.workers", self.workers,
+                f"between 1 and the {cores} CPU core(s) this machine gives the process")
         require(self.source in SOURCES, f"{key}.source", self.source, "one of " + ", ".join(SOURCES))
         require(len(set(self.classes)) == len(self.classes) and all(c.strip() for c in self.classes),
                 f"{key}.classes", self.classes, "distinct, non-empty class names")
@@ -162,7 +131,7 @@ class IngestParams:
         return self.read.options()
 
     def source_inputs(self) -> list[str]:
-        """Files or folders the source reads (recorded with their hashes); the demo reads none."""
+        """Files or folders the source reads; the demo reads none."""
         return {
             "demo": [],
             "folder": [self.folder.root],
@@ -172,7 +141,7 @@ class IngestParams:
         }[self.source]
 
     def source_root(self) -> str | None:
-        """The folder that manifest source paths are relative to; None for generated data."""
+        """The folder that source refs are relative paths of; None for generated data."""
         return {
             "demo": None,
             "folder": self.folder.root,
@@ -181,35 +150,128 @@ class IngestParams:
             "medmnist": str(Path(self.medmnist.path).parent),
         }[self.source]
 
+    def group_rule(self) -> str | None:
+        return {"folder": self.folder.group_rule, "csv": self.csv.group_rule}.get(self.source)
 
-def _decode(job: tuple[SourceItem, ReadOptions]) -> dict:
+
+# Decoding (runs in worker processes).
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # quantized (H, W, C) uint16, as stored
+    metadata: dict[str, str]  # whitelisted header metadata, values checked
+    pixel_hash: str  # sha256 of the quantized pixels and their shape
+
+
+@dataclass
+class DecodeResult:
+    item: SourceItem
+    sha256: str = ""  # of the source file's bytes
+    images: list[DecodedImage] = field(default_factory=list)
+    identity: dict[str, str] = field(default_factory=dict)  # header ids of the first image; never stored
+    problem: str | None = None
+    detail: str = ""
+    warnings: list[str] = field(default_factory=list)  # kinds of library warnings (fixed words and tag names)
+
+
+class _LogTally(logging.Handler):
+    """Counts the decoding libraries' log records by level instead of letting them reach stderr (they may quote values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.kinds.append(f"library_log:{record.name.split('.')[0]}:{record.levelname.lower()}")
+
+
+_TALLY = _LogTally()
+for _name in ("pydicom", "nibabel", "PIL"):
+    _logger = logging.getLogger(_name)
+    _logger.addHandler(_TALLY)
+    _logger.propagate = False
+
+
+def _decode(job: tuple[SourceItem, ReadOptions]) -> DecodeResult:
     """Worker: decode one item into quantized images, or say why it cannot be."""
     item, options = job
-    out: dict = {"item": item}
-    try:
-        if item.problem:
-            raise UnreadableImage(item.problem, item.detail)
-        if item.pixels is not None:
-            decoded = [(item.pixels, {}, {})]
-            out["sha256"] = item.sha256 or hashlib.sha256(np.ascontiguousarray(item.pixels).tobytes()).hexdigest()
-        else:
-            out["sha256"] = sha256_file(item.path)
-            decoded = [(d.pixels, d.metadata, d.identity) for d in read(item.path, options)]
-        images = []
-        for pixels, meta, identity in decoded:
-            q = quantize(pixels)
-            pixel_hash = hashlib.sha256(q.tobytes() + str(q.shape).encode()).hexdigest()
-            images.append((q, meta, identity, pixel_hash))
-        out["images"] = images
-    except UnreadableImage as e:
-        out["problem"] = (e.reason, e.detail)
-    except Exception as e:  # a reader bug must not take the whole dataset down; it is reported
-        out["problem"] = ("decode_error", f"{type(e).__name__}: {e}")
-    return out
+    res = DecodeResult(item)
+    _TALLY.kinds = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if item.problem:
+                raise UnreadableImage(item.problem, item.detail)
+            if item.pixels is not None:
+                decoded = [(item.pixels, {})]
+                res.sha256 = item.sha256 or hashlib.sha256(np.ascontiguousarray(item.pixels).tobytes()).hexdigest()
+            else:
+                res.sha256 = sha256_file(item.path)
+                found = read(item.path, options)
+                decoded = [(d.pixels, d.metadata) for d in found]
+                res.identity = dict(found[0].identity)
+            for pixels, meta in decoded:
+                q = quantize(pixels)
+                checked, blanked = phi.check_header_metadata(meta)
+                res.warnings += [f"invalid_value:{k}" for k in blanked]
+                res.images.append(DecodedImage(q, checked, hashlib.sha256(q.tobytes() + str(q.shape).encode()).hexdigest()))
+        except UnreadableImage as e:
+            res.problem, res.detail = e.reason, _safe_detail(e.detail, item)
+        except Exception as e:  # a reader bug must not take the whole dataset down; it is reported
+            res.problem, res.detail = "decode_error", f"unexpected {phi.error_kind(e)} while decoding"
+        res.images = [] if res.problem else res.images
+    res.warnings += [phi.warning_kind(w) for w in caught] + _TALLY.kinds
+    return res
+
+
+def _safe_detail(detail: str, item: SourceItem) -> str:
+    """A reader's detail without the file's path (or any long segment of it): reports name files by ref."""
+    if item.path is not None:
+        detail = detail.replace(str(item.path), "file")
+    for part in Path(item.relative).parts:
+        if len(part) >= 4 and part != item.label:
+            detail = detail.replace(part, "…")
+    return detail
+
+
+# The ingest itself.
+
+@dataclass
+class QuarantineEntry:
+    source_ref: str
+    reason: str
+    detail: str
+    line: int | None = None  # of the source's CSV, when a CSV names the item
+    index: str | None = None  # inside an array container ("train/17")
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class IngestedImage:
+    """One decoded image before splitting: what becomes a manifest row."""
+
+    item_no: int  # which source item (file) it came from
+    source_ref: str
+    sha256: str
+    label: str
+    group: str  # pseudonym
+    group_kind: str
+    fixed_split: str | None
+    height: int
+    width: int
+    channels: int
+    offset: int
+    metadata: dict[str, str]
+    pixel_hash: str
+    file_key: str | None  # the file's sha256, for files (array items share their container's)
+    index: str | None
 
 
 def run_ingest(params: IngestParams, out_dir: Path) -> dict:
     """Write manifest.csv, pixels.u16 and report.json into out_dir (a fresh folder); return the report."""
+    check_pseudonym_key(params)
     source = open_source(params, out_dir)
     try:
         return _ingest(params, source, out_dir)
@@ -218,19 +280,47 @@ def run_ingest(params: IngestParams, out_dir: Path) -> dict:
             source.cleanup()
 
 
+def check_pseudonym_key(params: IngestParams) -> None:
+    """Real DICOM ids and paths pseudonymised with the public key could be recomputed by anyone: refuse or warn."""
+    if params.source == "demo" or not phi.uses_default_key():
+        return
+    if params.source == "dicom":
+        raise MedtlError(f"ingest.source is dicom and no pseudonym key is set, so patient ids and file paths would be "
+                         f"pseudonymised with the public demo key, which anyone can use to reverse them; {phi.HOW_TO_SET_KEY}")
+    print(f"ingest: warning: no pseudonym key is set; file paths and groups of this {params.source} source are "
+          f"pseudonymised with the public demo key, which anyone can use to recompute them. To prevent that, "
+          f"{phi.HOW_TO_SET_KEY}", file=sys.stderr)
+
+
 def _label_problem(label: str, classes: list[str]) -> tuple[str, str] | None:
     if not label:
         return "no_label", "the label is empty"
-    if classes and label not in classes:
-        return "unknown_label", f"label {label!r} is not one of the classes {', '.join(classes)}"
+    if classes and label not in classes:  # the value is not repeated: a label cell may hold anything
+        return "unknown_label", f"the label is not one of the {len(classes)} classes in ingest.classes"
     return None
 
 
-def _ingest(params: IngestParams, source, out_dir: Path) -> dict:
+@dataclass
+class _Run:
+    """What the decode loop gathers."""
+
+    images: list[IngestedImage] = field(default_factory=list)
+    quarantined: list[QuarantineEntry] = field(default_factory=list)
+    seen: int = 0
+    decoded: int = 0
+    warnings: Counter = field(default_factory=Counter)
+    burned_in_kept: int = 0
+
+    def quarantine(self, item: SourceItem, reason: str, detail: str) -> None:
+        self.quarantined.append(QuarantineEntry(phi.source_ref(item.ref_key), reason, _safe_detail(detail, item),
+                                                item.line, item.index))
+
+
+def _ingest(params: IngestParams, source: Source, out_dir: Path) -> dict:
     options = params.read_options()
     classes = list(params.classes) or list(source.classes)
-    extra_columns = sorted({c for c in (params.csv.metadata if params.source == "csv" else [])})
-    filter_metadata({}, extra_columns)  # refuses identifying column names before any work
+    extra_columns = sorted(set(params.csv.metadata)) if params.source == "csv" else []
+    allowed = phi.check_metadata_columns(extra_columns, params.csv.allow_columns)  # before any work
 
     def jobs():
         for item in source.items:
@@ -242,176 +332,246 @@ def _ingest(params: IngestParams, source, out_dir: Path) -> dict:
             yield item, options
 
     total = source.count if source.count is not None else len(source.items)
-    rows: list[dict] = []
-    quarantined: list[dict] = []
-    pixel_hashes: list[str] = []
-    counts = Counter()  # items seen, files decoded
+    run = _Run()
     writer = PixelStoreWriter(out_dir / "pixels.u16")
     ctx = multiprocessing.get_context("fork")
     pool = ctx.Pool(params.workers) if params.workers > 1 and total > 1 else None
     results = pool.imap(_decode, jobs(), chunksize=8) if pool else map(_decode, jobs())
-
-    def quarantine(item: SourceItem, reason: str, detail: str) -> None:
-        quarantined.append({"source_path": item.source_path, "reason": reason, "detail": _relative(detail, item)})
-
     try:
         for res in tqdm(results, total=total, desc="ingest", unit="file", leave=False, mininterval=1.0):
-            item: SourceItem = res["item"]
-            counts["seen"] += 1
-            if "problem" in res:
-                quarantine(item, *res["problem"])
-                continue
-            images = res["images"]
-            label, group = item.label, item.group
-            if source.resolve is not None:
-                label, group, reason, detail = source.resolve(item, images[0][2])
-                if reason:
-                    quarantine(item, reason, detail)
-                    continue
-            label = (label or "").strip()
-            problem = _label_problem(label, classes)
-            if problem:
-                quarantine(item, *problem)
-                continue
-            counts["decoded"] += 1
-            for q, meta, identity, pixel_hash in images:
-                offset, h, w, c = writer.append(q)
-                raw_group = group or identity.get("PatientID") or item.source_path
-                safe = filter_metadata({**meta, **item.extra}, extra_columns + list(item.extra))
-                rows.append({
-                    "source_path": item.source_path,
-                    "sha256": res["sha256"],
-                    "label": label,
-                    "group": pseudonymise(raw_group),
-                    "split": item.split,
-                    "height": h, "width": w, "channels": c, "offset": offset,
-                    **safe,
-                    "modality": safe.get("modality", ""),
-                    "_file_key": res["sha256"] if item.pixels is None else None,
-                })
-                pixel_hashes.append(pixel_hash)
+            _take(res, run, source, classes, params, extra_columns, allowed, writer)
     finally:
         writer.close()
         if pool:
             pool.terminate()
     for item in source.unmatched() if source.unmatched else []:
-        counts["seen"] += 1
-        quarantine(item, item.problem or "missing_file", item.detail)
-    return _finish(params, source, classes, rows, quarantined, pixel_hashes, counts, out_dir)
+        run.seen += 1
+        run.quarantine(item, item.problem or "missing_file", item.detail)
+    return _finish(params, source, classes, run, extra_columns, allowed, out_dir)
 
 
-def _relative(detail: str, item: SourceItem) -> str:
-    """Reasons name files by their source path, not by where they lie on this machine."""
-    if item.path is not None and detail:
-        detail = detail.replace(str(item.path), item.source_path)
-    return detail
+def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], params: IngestParams,
+          extra_columns: list[str], allowed: list[str], writer: PixelStoreWriter) -> None:
+    """Fold one decode result into the run: images kept, or the file quarantined with its reason."""
+    item = res.item
+    run.seen += 1
+    run.warnings.update(res.warnings)
+    if res.problem:
+        run.quarantine(item, res.problem, res.detail)
+        return
+    label, group, group_kind = item.label, item.group, item.group_kind
+    if source.resolve is not None:
+        found = source.resolve(item, res.identity)
+        if found.problem:
+            run.quarantine(item, found.problem, found.detail)
+            return
+        label, group = found.label, found.group
+        if group and group != item.group:
+            group_kind = "patient_id" if source.header_group == "PatientID" else "source"
+    label = (label or "").strip()
+    problem = _label_problem(label, classes)
+    if problem:
+        run.quarantine(item, *problem)
+        return
+    if res.identity.get(BURNED_IN) == "YES":
+        if params.burned_in == "quarantine":
+            run.quarantine(item, "burned_in_annotation", "BurnedInAnnotation is YES: text is drawn into the pixels")
+            return
+        run.burned_in_kept += 1
+    if not group and res.identity.get("PatientID"):
+        group, group_kind = res.identity["PatientID"], "patient_id"
+    if not group:  # no group information: the image (file) is its own group
+        group, group_kind = "image:" + item.ref_key, "image"
+    run.decoded += 1
+    ref = phi.source_ref(item.ref_key)
+    pseudonym = phi.pseudonymise(group)
+    for image in res.images:
+        offset, h, w, c = writer.append(image.pixels)
+        metadata = phi.filter_metadata({**image.metadata, **item.extra}, sorted(set(extra_columns) | set(item.extra)), allowed)
+        run.images.append(IngestedImage(
+            item_no=run.seen, source_ref=ref, sha256=res.sha256, label=label, group=pseudonym, group_kind=group_kind,
+            fixed_split=item.split, height=h, width=w, channels=c, offset=offset, metadata=metadata,
+            pixel_hash=image.pixel_hash, file_key=res.sha256 if item.pixels is None else None, index=item.index,
+        ))
 
 
-def _offenders(quarantined: list[dict], n: int = 5) -> str:
-    return "; ".join(f"{q['source_path']} ({q['reason']}: {q['detail']})" for q in quarantined[:n])
+def _offenders(quarantined: list[QuarantineEntry], n: int = 5) -> str:
+    return "; ".join(f"{q.source_ref} ({q.reason}: {q.detail})" for q in quarantined[:n]) + \
+        " (`medtl locate REF` shows the file)"
 
 
-def _finish(params, source, classes, rows, quarantined, pixel_hashes, counts, out_dir: Path) -> dict:
-    seen = counts["seen"]
-    assert seen == counts["decoded"] + len(quarantined)
-    if not rows:
+def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run, extra_columns: list[str],
+            allowed: list[str], out_dir: Path) -> dict:
+    conflicts = _label_conflicts(run, params)
+    images = run.images
+    seen = run.seen
+    assert seen == run.decoded + len(run.quarantined)
+    if not images:
         raise MedtlError(f"ingest found no usable image among {seen} file(s) of source {params.source}; "
-                         f"first problems: {_offenders(quarantined)}")
-    fraction = len(quarantined) / max(seen, 1)
+                         f"first problems: {_offenders(run.quarantined)}")
+    fraction = len(run.quarantined) / max(seen, 1)
+    reasons = Counter(q.reason for q in run.quarantined)
     if fraction > params.max_quarantine_fraction:
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(Counter(q["reason"] for q in quarantined).items()))
+        listed = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
         raise MedtlError(
-            f"ingest quarantined {len(quarantined)} of {seen} files ({fraction:.1%}: {reasons}), more than "
-            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}; first offenders: {_offenders(quarantined)}"
+            f"ingest quarantined {len(run.quarantined)} of {seen} files ({fraction:.1%}: {listed}), more than "
+            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}; first offenders: {_offenders(run.quarantined)}"
         )
-    classes = classes or sorted({r["label"] for r in rows})
-    present = {r["label"] for r in rows}
+    classes = classes or sorted({r.label for r in images})
+    present = {r.label for r in images}
     empty = [c for c in classes if c not in present]
     if empty:
         raise MedtlError(f"class(es) {', '.join(empty)} have no usable image; remove them from ingest.classes "
                          "or add images for them")
-    _check_fixed_splits(rows)
-    file_keys = [r.pop("_file_key") for r in rows]
-    fixed = [r["split"] for r in rows]
-    groups = [r["group"] for r in rows]
-    split_groups = splitting.link_duplicates(groups, [[k for k in (f, p) if k] for f, p in zip(file_keys, pixel_hashes)],
-                                             fixed)
-    split = splitting.assign_splits(split_groups, [r["label"] for r in rows], asdict(params.split), params.seed, fixed)
-    for r, s in zip(rows, split):
-        r["split"] = s
-    unique = [k or f"row{i}" for i, k in enumerate(file_keys)]  # array items share their container's hash
+    _check_fixed_splits(images)
+    fixed = [r.fixed_split for r in images]
+    split_groups = splitting.link_duplicates([r.group for r in images],
+                                             [[k for k in (r.file_key, r.pixel_hash) if k] for r in images], fixed)
+    split = splitting.assign_splits(split_groups, [r.label for r in images], asdict(params.split), params.seed, fixed)
+    unique = [r.file_key or f"row{i}" for i, r in enumerate(images)]  # array items share their container's hash
     duplicates = splitting.find_duplicates(unique, split, "file")
-    same_file = {d["row"] for d in duplicates}
-    duplicates += [d for d in splitting.find_duplicates(pixel_hashes, split, "pixels") if d["row"] not in same_file]
-    cross = [d for d in duplicates if d["cross_split"]]
+    same_file = {d.row for d in duplicates}
+    duplicates += [d for d in splitting.find_duplicates([r.pixel_hash for r in images], split, "pixels")
+                   if d.row not in same_file]
+    cross = [d for d in duplicates if d.cross_split]
+
+    def named(i: int) -> dict:
+        r = images[i]
+        return {"source_ref": r.source_ref, "split": split[i], **({"index": r.index} if r.index else {})}
+
     if cross and params.duplicates == "fail":
-        listed = "; ".join(f"{rows[d['row']]['source_path']} ({split[d['row']]}) = "
-                           f"{rows[d['duplicate_of']]['source_path']} ({split[d['duplicate_of']]})" for d in cross[:5])
+        listed = "; ".join(f"{named(d.row)} = {named(d.duplicate_of)}" for d in cross[:5])
         raise MedtlError(
             f"{len(cross)} image(s) are duplicated across splits (ingest.duplicates=fail): {listed}; remove the copies "
-            "from the source, or set ingest.duplicates to drop to remove them from the later split"
+            "from the source (`medtl locate REF` shows the files), or set ingest.duplicates to drop to remove them "
+            "from the later split"
         )
-    dropped = {d["row"] for d in cross}
+    dropped = {d.row for d in cross}
     dup_report = [
-        {"source_path": rows[d["row"]]["source_path"], "duplicate_of": rows[d["duplicate_of"]]["source_path"],
-         "kind": d["kind"], "splits": [split[d["row"]], split[d["duplicate_of"]]],
-         "action": "removed" if d["cross_split"] else "kept (same split)"}
-        for d in sorted(duplicates, key=lambda d: d["row"])
+        {"image": named(d.row), "duplicate_of": named(d.duplicate_of), "kind": d.kind,
+         "action": "removed" if d.cross_split else "kept (same split)"}
+        for d in sorted(duplicates, key=lambda d: d.row)
     ]
-    kept = [r for i, r in enumerate(rows) if i not in dropped]
-    for i, r in enumerate(kept):
-        r["image_id"] = f"img{i:06d}"
-    _write_manifest(kept, out_dir / "manifest.csv")
+    rows: list[ManifestRow] = []
+    for i, r in enumerate(images):
+        if i in dropped:
+            continue
+        rows.append(ManifestRow(
+            image_id=f"img{len(rows):06d}", source_ref=r.source_ref, sha256=r.sha256, label=r.label, group=r.group,
+            split=split[i], height=r.height, width=r.width, channels=r.channels, offset=r.offset,
+            modality=r.metadata.get("modality", ""), metadata=r.metadata,
+        ))
+    write_manifest(rows, out_dir / "manifest.csv")
+    kept_kinds = [r.group_kind for i, r in enumerate(images) if i not in dropped]
+    metadata_columns = sorted({k for r in rows for k in r.metadata} | {"modality"})
     report = {
         "source": source.description,
         "classes": classes,
         # files_seen = files_decoded + quarantined; images_decoded = images + duplicates_removed
         # (a NIfTI volume read with slice: all is one file and several images).
         "files_seen": seen,
-        "files_decoded": counts["decoded"],
-        "quarantined": len(quarantined),
-        "images_decoded": len(rows),
+        "files_decoded": run.decoded,
+        "quarantined": len(run.quarantined),
+        "images_decoded": len(images),
         "duplicates_removed": len(dropped),
-        "images": len(kept),
-        "quarantine_reasons": dict(sorted(Counter(q["reason"] for q in quarantined).items())),
+        "images": len(rows),
+        "quarantine_reasons": dict(sorted({**{r: 0 for r in COUNTED_REASONS}, **reasons}.items())),
+        "grouping": grouping(kept_kinds, params.group_rule()),
+        "pseudonym_key": phi.key_kind(),
+        "metadata_columns": metadata_columns,
+        "allowed_identifier_columns": sorted(allowed),
+        "burned_in_annotation": {"policy": params.burned_in, "quarantined": reasons.get("burned_in_annotation", 0),
+                                 "kept": run.burned_in_kept},
+        "label_conflicts": conflicts,
+        "decode_warnings": dict(sorted(run.warnings.items())),
         "counts": {
             s: {
-                "images": sum(r["split"] == s for r in kept),
-                "groups": len({r["group"] for r in kept if r["split"] == s}),
-                "per_class": {c: sum(r["split"] == s and r["label"] == c for r in kept) for c in classes},
+                "images": sum(r.split == s for r in rows),
+                "groups": len({r.group for r in rows if r.split == s}),
+                "per_class": {c: sum(r.split == s and r.label == c for r in rows) for c in classes},
             }
             for s in splitting.SPLITS
         },
-        "quarantine": quarantined,
+        "quarantine": [q.to_json() for q in run.quarantined],
         "duplicates": dup_report,
     }
     write_json(out_dir / "report.json", report)
     return report
 
 
-def _check_fixed_splits(rows: list[dict]) -> None:
+def grouping(kinds: list[str], rule: str | None) -> dict:
+    """How patients were told apart: the weakest kind any kept image has ("image": patient independence not established)."""
+    counts = Counter(kinds)
+    if not counts or "image" in counts:
+        kind = "image"
+    else:
+        kind = counts.most_common(1)[0][0]
+    return {"kind": kind, "rule": rule, "images_by_kind": dict(sorted(counts.items()))}
+
+
+def _label_conflicts(run: _Run, params: IngestParams) -> list[dict]:
+    """Identical pixels (or the same file) under different labels: reported, and by default every copy quarantined."""
+    images = run.images
+    parent = list(range(len(images)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, r in enumerate(images):
+        for k in (r.file_key, r.pixel_hash):
+            if k:
+                j = first.setdefault(k, i)
+                a, b = root(i), root(j)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    members: dict[int, list[int]] = defaultdict(list)
+    for i in range(len(images)):
+        members[root(i)].append(i)
+    conflicts = [m for m in members.values() if len({images[i].label for i in m}) > 1]
+    if not conflicts:
+        return []
+
+    def entry(i: int) -> dict:
+        r = images[i]
+        return {"source_ref": r.source_ref, "label": r.label, **({"index": r.index} if r.index else {})}
+
+    listed = [{"images": [entry(i) for i in m], "labels": sorted({images[i].label for i in m}),
+               "action": {"quarantine": "quarantined", "keep": "kept", "fail": "failed"}[params.label_conflicts]}
+              for m in conflicts]
+    print(f"ingest: warning: {len(conflicts)} label conflict(s): identical images carry different labels "
+          f"(ingest.label_conflicts={params.label_conflicts}; details under label_conflicts in report.json)",
+          file=sys.stderr)
+    if params.label_conflicts == "fail":
+        shown = "; ".join(" / ".join(f"{e['source_ref']} ({e['label']})" for e in c["images"]) for c in listed[:5])
+        raise MedtlError(f"{len(conflicts)} set(s) of identical images carry different labels "
+                         f"(ingest.label_conflicts=fail): {shown}; fix the labels (`medtl locate REF` shows the files), "
+                         "or set ingest.label_conflicts to quarantine or keep")
+    if params.label_conflicts == "quarantine":
+        bad_items = {images[i].item_no for m in conflicts for i in m}
+        for no in sorted(bad_items):
+            r = next(x for x in images if x.item_no == no)
+            labels = sorted({images[i].label for m in conflicts if any(images[i].item_no == no for i in m) for i in m})
+            run.quarantined.append(QuarantineEntry(
+                r.source_ref, "label_conflict", f"identical pixels are labelled {' and '.join(labels)}", None, r.index))
+        run.decoded -= len(bad_items)
+        run.images = [r for r in images if r.item_no not in bad_items]
+    return listed
+
+
+def _check_fixed_splits(images: list[IngestedImage]) -> None:
     """A source whose own split puts one patient in two splits leaks; say which files."""
     seen: dict[str, tuple[str, str]] = {}
-    for r in rows:
-        if r["split"] is None:
+    for r in images:
+        if r.fixed_split is None:
             continue
-        s, path = seen.setdefault(r["group"], (r["split"], r["source_path"]))
-        if s != r["split"]:
+        s, ref = seen.setdefault(r.group, (r.fixed_split, r.source_ref))
+        if s != r.fixed_split:
             raise MedtlError(
-                f"the source puts one group (patient) in two splits: {path} is in '{s}' and {r['source_path']} in "
-                f"'{r['split']}'; a patient's images must share a split, so fix the split column (or leave it empty "
-                "for these rows and let ingest choose)"
+                f"the source puts one group (patient) in two splits: file {ref} is in '{s}' and file {r.source_ref} in "
+                f"'{r.fixed_split}' (`medtl locate REF` shows the files); a patient's images must share a split, so fix "
+                "the split column (or leave it empty for these rows and let ingest choose)"
             )
-
-
-def _write_manifest(rows: list[dict], path: Path) -> None:
-    extra = sorted({k for r in rows for k in r} - set(MANIFEST_COLUMNS))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS + extra, extrasaction="raise", restval="")
-        w.writeheader()
-        w.writerows(rows)
-
-
-def read_manifest(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))

@@ -5,6 +5,7 @@ into place, so a crash never leaves a half-written file at an output path.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import glob
 import hashlib
@@ -20,16 +21,19 @@ from medtl.errors import MedtlError
 _CHUNK = 1 << 20
 
 
+def folder_argument(value: str) -> Path:
+    """An `--out` that names a folder: `-` (stdout) cannot hold several files."""
+    if value == "-":
+        raise argparse.ArgumentTypeError("'-' (stdout) is for commands that write one file; this one writes a folder of files, give its path")
+    return Path(value)
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _temp_prefix(path: Path) -> str:

@@ -1,4 +1,6 @@
-"""Classification metrics on predicted probabilities.
+"""Classification metrics on predicted probabilities: the engine (metrics, bootstrap, operating points, calibration).
+
+The report built from them (per class, subgroups, curves) is `medtl.metrics_report`.
 
 Everything here is a pure function of numpy arrays: labels `y_true` (N,) as
 integers 0..K-1 and class probabilities `probs` (N, K) (a 1-D `probs` is read
@@ -454,6 +456,21 @@ def apply_temperature(logits, temperature: float) -> np.ndarray:
 # ---------------------------------------------------------------- operating point
 
 
+def threshold_rule_problem(rule: str, target: float | None) -> str | None:
+    """What is wrong with a threshold rule and its target, or None: the one check, for params and calls alike."""
+    if rule not in THRESHOLD_RULES:
+        return f"a rule among {', '.join(THRESHOLD_RULES)}"
+    if rule in ("sensitivity", "specificity"):
+        if target is None or isinstance(target, bool) or not 0.0 < float(target) <= 1.0:
+            return f"a target {rule} to reach on validation, a number in (0, 1]"
+    elif rule == "fixed":
+        if target is not None and (isinstance(target, bool) or not 0.0 <= float(target) <= 1.0):
+            return "a target that is the threshold itself, a number in [0, 1] (null: 0.5)"
+    elif target is not None:
+        return "no target: rule 'youden' takes none (target is for rules sensitivity, specificity and fixed)"
+    return None
+
+
 def choose_threshold(y_true, p_pos, rule: str, target: float | None = None) -> float:
     """Operating threshold on the positive-class probability, fitted on VALIDATION data.
 
@@ -464,18 +481,11 @@ def choose_threshold(y_true, p_pos, rule: str, target: float | None = None) -> f
     - "specificity": the lowest threshold whose specificity is >= target.
     - "fixed": `target` itself (default 0.5); the data are not looked at.
     """
-    if rule not in THRESHOLD_RULES:
-        raise MedtlError(f"threshold rule {rule!r} is not supported; expected one of {', '.join(THRESHOLD_RULES)}")
+    problem = threshold_rule_problem(rule, target)
+    if problem:
+        raise MedtlError(f"threshold rule {rule!r} with target {target!r}: expected {problem}")
     if rule == "fixed":
-        t = DEFAULT_THRESHOLD if target is None else float(target)
-        if not 0.0 <= t <= 1.0:
-            raise MedtlError(f"target for rule 'fixed' is the threshold itself and must be in [0, 1], got {target!r}")
-        return t
-    if rule == "youden" and target is not None:
-        raise MedtlError(f"rule 'youden' takes no target (got {target!r}); target is used by rules 'sensitivity' and 'specificity'")
-    if rule in ("sensitivity", "specificity"):
-        if target is None or not 0.0 < float(target) <= 1.0:
-            raise MedtlError(f"rule {rule!r} needs a target {rule} in (0, 1], got {target!r}")
+        return DEFAULT_THRESHOLD if target is None else float(target)
     y = np.asarray(y_true)
     s = np.asarray(p_pos, dtype=np.float64)
     if s.ndim != 1 or y.shape != s.shape:
@@ -549,20 +559,26 @@ def _check_bootstrap_args(n_resamples, alpha) -> None:
         raise ValueError(f"alpha must be in (0, 1) (0.05 gives a 95% interval), got {alpha!r}")
 
 
-def _bootstrap_replicates(y, p, unit, n_units, names, custom, n_resamples, seed, threshold, n_bins) -> dict[str, np.ndarray]:
-    """(n_resamples,) replicate values per metric, NaN where a resample leaves it undefined."""
-    n = y.size
+def _resample_weights(unit: np.ndarray, n_units: int, n_resamples: int, seed: int):
+    """(start, W) chunks: W (r, N) holds how often each image enters each resample (whole units drawn)."""
+    n = unit.size
     rng = np.random.default_rng(seed)
-    scorer = _Scorer(y, p, threshold, n_bins)
-    reps = {name: np.empty(n_resamples) for name in [*names, *custom]}
     chunk = max(1, min(n_resamples, _CHUNK_ELEMENTS // max(n, n_units, 1)))
-    images = np.arange(n)
     for start in range(0, n_resamples, chunk):
         r = min(chunk, n_resamples - start)
         # One row of unit draws per resample, so results do not depend on the chunk size.
         draws = np.stack([rng.integers(n_units, size=n_units) for _ in range(r)])
         counts = np.bincount((draws + n_units * np.arange(r)[:, None]).ravel(), minlength=r * n_units)
-        w = counts.reshape(r, n_units)[:, unit].astype(np.float64)  # times each image enters each resample
+        yield start, counts.reshape(r, n_units)[:, unit].astype(np.float64)
+
+
+def _bootstrap_replicates(y, p, unit, n_units, names, custom, n_resamples, seed, threshold, n_bins) -> dict[str, np.ndarray]:
+    """(n_resamples,) replicate values per metric, NaN where a resample leaves it undefined."""
+    scorer = _Scorer(y, p, threshold, n_bins)
+    reps = {name: np.empty(n_resamples) for name in [*names, *custom]}
+    images = np.arange(y.size)
+    for start, w in _resample_weights(unit, n_units, n_resamples, seed):
+        r = len(w)
         if names:
             for name, values in scorer.evaluate(w, names).items():
                 reps[name][start:start + r] = values
@@ -607,270 +623,34 @@ def bootstrap_ci(y_true, probs, groups=None, metrics: Sequence[str] | Mapping[st
     return {name: _interval(values, float(alpha)) for name, values in reps.items()}
 
 
-# ---------------------------------------------------------------- subgroups
 
 
-def _subgroup_label(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or str(value) in ("", "nan", "None"):
-        return "missing"
-    return str(value)
+PER_CLASS_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
 
 
-def subgroup_metrics(y_true, probs, groups, subgroup_values, *, classes: Sequence[str] | None = None,
-                     metrics: Sequence[str] | None = None, threshold: float | None = None,
-                     n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05, n_bins: int = 15,
-                     min_size: int = 30) -> dict[str, dict]:
-    """Headline metrics with bootstrap intervals per subgroup (e.g. sex, site, scanner).
-
-    `subgroup_values` (N,) gives each image's subgroup; empty or missing values
-    form the subgroup "missing". A subgroup is flagged `too_small` when it has
-    fewer than `min_size` images or lacks a class: its numbers are reported
-    but should not be read as evidence.
-    """
+def per_class_metrics(y_true, probs, groups=None, *, threshold: float | None = None, n_resamples: int = 1000,
+                      seed: int = 0, alpha: float = 0.05) -> tuple[list[dict], np.ndarray]:
+    """Per class (one-vs-rest at the operating threshold): support and each of PER_CLASS_METRICS with a
+    percentile interval from the same group (patient) bootstrap as the headline metrics; and the confusion counts."""
     y, p = _labels_and_probs(y_true, probs)
-    k = p.shape[1]
-    names, custom = _metric_names(metrics, k)
-    if custom:
-        raise ValueError("subgroup_metrics takes built-in metric names only")
-    values = np.asarray(subgroup_values, dtype=object)
-    if values.shape != (y.size,):
-        raise ValueError(f"subgroup_values must be 1-D with one entry per image ({y.size}), got shape {values.shape}")
-    if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
-        raise ValueError(f"min_size must be a non-negative integer, got {min_size!r}")
-    class_names = list(classes) if classes is not None else [str(i) for i in range(k)]
-    if len(class_names) != k:
-        raise ValueError(f"classes has {len(class_names)} names but probs has {k} columns")
-    g = None if groups is None else np.asarray(groups)
-    labels = np.array([_subgroup_label(v) for v in values], dtype=object)
-    out: dict[str, dict] = {}
-    for value in sorted(set(labels.tolist())):
-        mask = labels == value
-        ys, ps = y[mask], p[mask]
-        gs = None if g is None else g[mask]
-        counts = np.bincount(ys, minlength=k)
-        reasons = []
-        if mask.sum() < min_size:
-            reasons.append(f"{int(mask.sum())} images < min_size {min_size}")
-        missing = [class_names[c] for c in range(k) if counts[c] == 0]
-        if missing:
-            reasons.append("no images of class " + ", ".join(missing))
-        entry: dict = {
-            "n": int(mask.sum()),
-            "n_groups": int(mask.sum()) if gs is None else int(np.unique(gs.astype(str)).size),
-            "class_counts": {class_names[c]: int(counts[c]) for c in range(k)},
-            "too_small": bool(reasons),
-            "reason": "; ".join(reasons) or None,
-        }
-        point = point_estimates(ys, ps, names, threshold=threshold, n_bins=n_bins)
-        ci = bootstrap_ci(ys, ps, gs, names, n_resamples, seed, threshold, alpha, n_bins=n_bins)
-        for name in names:
-            entry[name] = point[name]
-            entry[f"{name}_ci_low"] = ci[name]["low"]
-            entry[f"{name}_ci_high"] = ci[name]["high"]
-        out[value] = entry
-    return _nan_to_none(out)
-
-
-# ---------------------------------------------------------------- curves
-
-
-def _downsample(n: int, max_points: int) -> np.ndarray:
-    if n <= max_points:
-        return np.arange(n)
-    return np.unique(np.round(np.linspace(0, n - 1, max_points)).astype(np.int64))
-
-
-def _check_binary_scores(y_true, p_pos) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true)
-    s = np.asarray(p_pos, dtype=np.float64)
-    if s.ndim != 1 or y.shape != s.shape:
-        raise ValueError(f"y_true and p_pos must be 1-D of equal length, got shapes {y.shape} and {s.shape}")
-    if not np.all(np.isin(y, (0, 1))):
-        raise ValueError("y_true must hold binary labels 0 and 1 (one-vs-rest for K > 2)")
-    return y.astype(np.int64), s
-
-
-def roc_points(y_true, p_pos, max_points: int = 200) -> list[dict]:
-    """ROC curve rows {fpr, tpr, threshold}, from (0, 0) to (1, 1), at most `max_points` rows.
-
-    Each row is the rate when p_pos >= threshold; the (0, 0) row has threshold None.
-    """
-    y, s = _check_binary_scores(y_true, p_pos)
-    n_pos, n_neg = int(y.sum()), int((1 - y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return []
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1]  # last index of each distinct score
-    tps = np.cumsum(y_sorted)[last]
-    fps = (last + 1) - tps
-    fpr = np.r_[0.0, fps / n_neg]
-    tpr = np.r_[0.0, tps / n_pos]
-    thr = np.r_[np.nan, s_sorted[last]]
-    keep = _downsample(fpr.size, max_points)
-    return _nan_to_none([{"fpr": fpr[i], "tpr": tpr[i], "threshold": thr[i]} for i in keep])
-
-
-def pr_points(y_true, p_pos, max_points: int = 200) -> list[dict]:
-    """Precision-recall rows {recall, precision, threshold} by increasing recall, at most `max_points` rows."""
-    y, s = _check_binary_scores(y_true, p_pos)
-    n_pos = int(y.sum())
-    if n_pos == 0:
-        return []
-    order = np.argsort(-s, kind="stable")
-    s_sorted, y_sorted = s[order], y[order]
-    last = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1]
-    tps = np.cumsum(y_sorted)[last]
-    recall = np.r_[0.0, tps / n_pos]
-    precision = np.r_[1.0, tps / (last + 1)]  # recall 0 is drawn at precision 1, as scikit-learn does
-    thr = np.r_[np.nan, s_sorted[last]]
-    keep = _downsample(recall.size, max_points)
-    return _nan_to_none([{"recall": recall[i], "precision": precision[i], "threshold": thr[i]} for i in keep])
-
-
-def curve_points(y_true, probs, classes: Sequence[str], max_points: int = 200) -> dict[str, list[dict]]:
-    """{"roc": rows, "pr": rows} for `dvc plots`; binary: the positive class, K > 2: one-vs-rest rows tagged with "class"."""
-    y, p = _labels_and_probs(y_true, probs)
-    k = p.shape[1]
-    if len(classes) != k:
-        raise ValueError(f"classes has {len(classes)} names but probs has {k} columns")
-    if k == 2:
-        return {"roc": roc_points(y == 1, p[:, 1], max_points), "pr": pr_points(y == 1, p[:, 1], max_points)}
-    roc, pr = [], []
-    for c, name in enumerate(classes):
-        roc += [{"class": name, **row} for row in roc_points(y == c, p[:, c], max_points)]
-        pr += [{"class": name, **row} for row in pr_points(y == c, p[:, c], max_points)]
-    return {"roc": roc, "pr": pr}
-
-
-# ---------------------------------------------------------------- reports
-
-
-def _per_class_and_confusion(y, p, classes, threshold) -> tuple[dict, np.ndarray]:
-    scorer = _Scorer(y, p, threshold)
-    pc = scorer.per_class(np.ones((1, y.size)))
-    per_class = {
-        name: {
-            "support": int(pc["support"][0, i]),
-            "sensitivity": pc["sensitivity"][0, i],
-            "specificity": pc["specificity"][0, i],
-            "ppv": pc["ppv"][0, i],
-            "npv": pc["npv"][0, i],
-            "f1": pc["f1"][0, i],
-        }
-        for i, name in enumerate(classes)
-    }
-    return per_class, pc["cm"][0].astype(np.int64)
-
-
-def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str], *,
-                    threshold: float | None = None, n_bins: int = 15) -> dict:
-    """Headline metrics for integer labels `y_true` (N,) and class probabilities `probs` (N, K), without intervals.
-
-    Keys: n, accuracy, balanced_accuracy, roc_auc, pr_auc, kappa, f1_macro,
-    brier, ece, threshold, per_class{name: {support, sensitivity, specificity,
-    ppv, npv, f1}}, confusion_matrix (counts, rows = true), confusion_matrix_normalized;
-    binary adds sensitivity, specificity, ppv, npv, f1 of the positive class (classes[1]).
-    """
-    y, p = _labels_and_probs(y_true, probs)
-    k = p.shape[1]
-    if len(classes) != k:
-        raise ValueError(f"classes has {len(classes)} names but probs has {k} columns")
-    t = _check_threshold(threshold, k)
-    names = [m for m in headline_metrics(k) if m not in _BINARY_ONLY]
-    out: dict = {"n": int(y.size), **point_estimates(y, p, names, threshold=t, n_bins=n_bins), "threshold": t}
-    if y.size == 0:
-        out.update(per_class={}, confusion_matrix=np.zeros((k, k), dtype=int).tolist(), confusion_matrix_normalized=None)
-        return _nan_to_none(out)
-    per_class, cm = _per_class_and_confusion(y, p, classes, t)
-    out["per_class"] = per_class
-    if k == 2:
-        for name in ("sensitivity", "specificity", "ppv", "npv", "f1"):
-            out[name] = per_class[classes[1]][name]
-    out["confusion_matrix"] = cm.tolist()
-    out["confusion_matrix_normalized"] = _div(cm, cm.sum(axis=1, keepdims=True))
-    return _nan_to_none(out)
-
-
-def evaluate_split(y_true, probs, classes: Sequence[str], *, groups=None,
-                   subgroups: Mapping[str, Sequence] | None = None, operating: dict | float | None = None,
-                   n_resamples: int = 1000, seed: int = 0, alpha: float = 0.05, n_bins: int = 15,
-                   min_subgroup_size: int = 30, temperature: float | None = None) -> dict:
-    """The full, JSON-serialisable evaluation report of one split, laid out for `dvc exp show`.
-
-    `operating` is an `operating_point(...)` dict fitted on validation data, a
-    bare threshold, or None (0.5); it is ignored for K > 2 (argmax).
-    `temperature` only records the temperature the probabilities were scaled
-    with. Top level: n, n_groups, threshold, threshold_rule and, per headline
-    metric, `<metric>`, `<metric>_ci_low`, `<metric>_ci_high`; detail lives in
-    operating_point, bootstrap, per_class, confusion_matrix(_normalized),
-    calibration and subgroups.
-    """
-    y, p = _labels_and_probs(y_true, probs)
-    k = p.shape[1]
-    classes = [str(c) for c in classes]
-    if len(classes) != k:
-        raise ValueError(f"classes has {len(classes)} names but probs has {k} columns")
-    if y.size == 0:
-        raise MedtlError("cannot evaluate an empty split: y_true has no images")
     _check_bootstrap_args(n_resamples, alpha)
-    n_bins = _check_n_bins(n_bins)
-
-    if k > 2:
-        op = {"rule": "argmax", "target": None, "threshold": None, "fitted_on": None}
-    elif operating is None:
-        op = {"rule": "fixed", "target": DEFAULT_THRESHOLD, "threshold": DEFAULT_THRESHOLD, "fitted_on": "fixed"}
-    elif isinstance(operating, Mapping):
-        if "threshold" not in operating or "rule" not in operating:
-            raise ValueError("operating must be a dict from operating_point() with keys 'rule' and 'threshold'")
-        op = dict(operating)
-    else:
-        t = float(operating)
-        op = {"rule": "fixed", "target": t, "threshold": t, "fitted_on": "fixed"}
-    threshold = _check_threshold(op["threshold"], k)
-
-    names = list(headline_metrics(k))
-    _, n_units = _units(groups, y.size)
-    point = point_estimates(y, p, names, threshold=threshold, n_bins=n_bins)
-    ci = bootstrap_ci(y, p, groups, names, n_resamples, seed, threshold, alpha, n_bins=n_bins)
-
-    report: dict = {
-        "n": int(y.size),
-        "n_groups": n_units,
-        "classes": classes,
-        "positive_class": classes[1] if k == 2 else None,
-        "threshold": threshold,
-        "threshold_rule": op["rule"],
-    }
-    for name in names:
-        report[name] = point[name]
-        report[f"{name}_ci_low"] = ci[name]["low"]
-        report[f"{name}_ci_high"] = ci[name]["high"]
-    per_class, cm = _per_class_and_confusion(y, p, classes, threshold)
-    report["operating_point"] = op
-    report["bootstrap"] = {
-        "method": "percentile",
-        "unit": "image" if groups is None else "group",
-        "n_units": n_units,
-        "n_resamples": int(n_resamples),
-        "seed": int(seed),
-        "alpha": float(alpha),
-        "skipped": {name: ci[name]["skipped"] for name in names},
-    }
-    report["per_class"] = per_class
-    report["confusion_matrix"] = cm.tolist()
-    report["confusion_matrix_normalized"] = _div(cm, cm.sum(axis=1, keepdims=True))
-    report["calibration"] = {
-        "n_bins": n_bins,
-        "ece": point["ece"],
-        "brier": point["brier"],
-        "temperature": None if temperature is None else float(temperature),
-        "reliability": reliability_diagram(y, p, n_bins),
-    }
-    report["subgroups"] = {
-        str(attr): subgroup_metrics(y, p, groups, values, classes=classes, threshold=threshold,
-                                    n_resamples=n_resamples, seed=seed, alpha=alpha, n_bins=n_bins,
-                                    min_size=min_subgroup_size)
-        for attr, values in (subgroups or {}).items()
-    }
-    return _nan_to_none(report)
+    threshold = _check_threshold(threshold, p.shape[1])
+    scorer = _Scorer(y, p, threshold)
+    point = scorer.per_class(np.ones((1, y.size)))
+    unit, n_units = _units(groups, y.size)
+    k = p.shape[1]
+    reps = {m: np.empty((n_resamples, k)) for m in PER_CLASS_METRICS}
+    if y.size:
+        for start, w in _resample_weights(unit, n_units, int(n_resamples), seed):
+            pc = scorer.per_class(w)
+            for m in PER_CLASS_METRICS:
+                reps[m][start:start + len(w)] = pc[m]
+    out = []
+    for c in range(k):
+        entry: dict = {"support": int(point["support"][0, c])}
+        for m in PER_CLASS_METRICS:
+            ci = _interval(reps[m][:, c], float(alpha)) if y.size else {"low": None, "high": None}
+            entry[m] = point[m][0, c]
+            entry[f"{m}_ci_low"], entry[f"{m}_ci_high"] = ci["low"], ci["high"]
+        out.append(_nan_to_none(entry))
+    return out, point["cm"][0].astype(np.int64)

@@ -1,4 +1,10 @@
-"""The classifier: normalisation -> backbone -> head, saved with what inference needs."""
+"""The classifier (normalisation -> backbone -> head) and models/model.pt, its one writer and reader.
+
+The model file is a plain dict (loadable with torch's weights_only): format
+version, architecture, classes, backbone and head tensors, and the
+preprocessing record (medtl.imaging.Preprocessing) that turns a file into the
+model's input, so a deployed model decodes new files as its test set was.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from medtl.backbones import Backbone, backbone_from_state
+from medtl.backbones import Backbone, backbone_from_state, backbone_state
 from medtl.errors import MedtlError
-from medtl.io import load_torch
+from medtl.imaging import Preprocessing
+from medtl.io import load_torch, save_torch
+
+MODEL_FORMAT = "medtl-model/2"
 
 
 class Normalize(nn.Module):
@@ -43,15 +52,50 @@ def load_backbone(path: str | Path) -> tuple[Backbone, dict[str, Any]]:
     return backbone_from_state(ckpt), ckpt
 
 
+def model_file(model: Classifier, pre: Preprocessing, **record: Any) -> dict[str, Any]:
+    """The dict saved as models/model.pt; `record` adds what fine-tune knows (params, best epoch, ...)."""
+    if list(pre.classes) != [str(c) for c in pre.classes] or len(pre.classes) != model.head[-1].out_features:
+        raise MedtlError(f"the preprocessing record names {len(pre.classes)} classes but the head has "
+                         f"{model.head[-1].out_features} outputs")
+    return {
+        "format": MODEL_FORMAT,
+        "arch": model.backbone.arch,
+        "classes": list(pre.classes),
+        "backbone": backbone_state(model.backbone),
+        "head": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
+        "dropout": float(model.head[0].p),
+        "preprocessing": pre.to_dict(),
+        **record,
+    }
+
+
+def save_model(ckpt: dict[str, Any], path: str | Path) -> None:
+    if ckpt.get("format") != MODEL_FORMAT:
+        raise MedtlError(f"refusing to write {path}: not a {MODEL_FORMAT} model dict (build it with model_file)")
+    save_torch(ckpt, path)
+
+
 def load_classifier(path: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the classifier saved by fine-tune; the dict carries classes and preprocessing."""
+    """Rebuild the classifier saved by fine-tune; the dict carries classes and the preprocessing record."""
     ckpt = load_torch(path)
+    found = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if found != MODEL_FORMAT:
+        raise MedtlError(f"{path} has format {found!r}, this medtl reads {MODEL_FORMAT!r}; retrain it with the "
+                         "fine-tune stage (dvc repro)")
+    pre = model_preprocessing(ckpt, path)
     try:
         backbone = backbone_from_state(ckpt["backbone"])
-        pre = ckpt["preprocessing"]
-        model = Classifier(backbone, len(ckpt["classes"]), pre["mean"], pre["std"], ckpt.get("dropout", 0.0))
+        model = Classifier(backbone, len(ckpt["classes"]), pre.mean, pre.std, ckpt.get("dropout", 0.0))
         model.head.load_state_dict(ckpt["head"])
     except (KeyError, TypeError) as e:
         raise MedtlError(f"{path} is not a medtl model file (missing {e})") from e
     model.eval()
     return model, ckpt
+
+
+def model_preprocessing(ckpt: dict[str, Any], path: str | Path) -> Preprocessing:
+    pre = Preprocessing.from_dict(ckpt.get("preprocessing"), str(path))
+    if list(pre.classes) != list(ckpt.get("classes") or []):
+        raise MedtlError(f"{path}: the preprocessing record's classes {pre.classes} differ from the model's "
+                         f"{ckpt.get('classes')}")
+    return pre

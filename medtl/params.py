@@ -136,8 +136,30 @@ def read_params_file(path: str | Path = "params.yaml") -> dict:
     return raw
 
 
+# DVC's run cache leaves keys with these names out of a stage's key (dvc/stage/cache.py), at any depth:
+# a change to such a param would restore the outputs of the old value instead of rerunning the stage.
+RUN_CACHE_BLIND_KEYS = ("size", "nfiles")
+
+
+def check_run_cache_keys(raw: Any, path: str | Path, prefix: str = "") -> None:
+    """Refuse any key DVC's run cache cannot see, anywhere in the params file."""
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k in RUN_CACHE_BLIND_KEYS:
+                raise ParamsError(
+                    f"params key '{key}' in {path} is named {k!r}, which DVC's run cache ignores (a change to it "
+                    f"would restore the old outputs instead of rerunning the stage); rename it, e.g. image_size"
+                )
+            check_run_cache_keys(v, path, key)
+    elif isinstance(raw, list):
+        for i, v in enumerate(raw):
+            check_run_cache_keys(v, path, f"{prefix}[{i}]")
+
+
 def load_section(section: str, cls: type[T], path: str | Path = "params.yaml") -> T:
     raw = read_params_file(path)
+    check_run_cache_keys(raw, path)
     value = raw.get(section)
     if value is None:
         value = {}

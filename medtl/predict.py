@@ -1,42 +1,29 @@
 """`medtl predict`: apply a model to new image files, with exactly the pipeline's preprocessing.
 
-Each image goes through the same steps as in the pipeline: the reader decodes
-it to [0, 1], it is quantised as the ingest store does (16 bit), converted to
-the model's channels and resized as preprocess does, and stored as float16 as
-the prepared arrays are; the model carries its own normalisation. A file that
+The model file carries its preprocessing record (medtl.imaging): how files
+were read (window, frame, NIfTI slice), the channels, size, resize rule and
+normalisation. Each file is decoded with those read options and turned into
+the model's input by `medtl.imaging.model_input`, the function preprocess
+used for the evaluated arrays, so no setting has to be retyped. A file that
 cannot be read, or an image that does not fit the model, gets an error row;
 the other images are still predicted.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
-import json
 import multiprocessing
 import sys
 from dataclasses import dataclass
 from typing import Iterator
 from pathlib import Path
 
-import numpy as np
-import torch
-from tqdm import tqdm
-
-from medtl import hardware
 from medtl.errors import MedtlError, UnreadableImage
-from medtl.evaluation import OPERATING_POINT_FORMAT, predict_logits
 from medtl.io import atomic_path, sha256_file
-from medtl.metrics import DEFAULT_THRESHOLD, apply_temperature
-from medtl.model import load_classifier
-from medtl.preprocess import resize, to_channels
-from medtl.readers import ReadOptions, read
-from medtl.sources import iter_files
-from medtl.store import SCALE, quantize
+
+# The training stack is imported where it is used: `medtl --help` imports this module.
 
 DEFAULT_OPERATING_POINT = Path("reports/operating_point.json")
-# Channels that differ by less than this are gray saved as RGB (a common PNG/JPEG export), not colour.
-_GRAY_TOLERANCE = 2.0 / 255.0
 
 
 @dataclass
@@ -48,28 +35,15 @@ class Operating:
     colour: tuple[str, ...] = ()  # "gray" and/or "colour"; empty: unknown
 
 
-def prepare_image(pixels: np.ndarray, preprocessing: dict) -> np.ndarray:
-    """Decoded [0, 1] pixels -> (C, S, S) float16, bit for bit as ingest + preprocess make them."""
-    img = quantize(pixels).astype(np.float32) / SCALE
-    img = resize(to_channels(img, int(preprocessing["channels"])), int(preprocessing["size"]),
-                 preprocessing.get("resize", "pad"))
-    return img.transpose(2, 0, 1).astype(np.float16)
-
-
-def is_colour(pixels: np.ndarray) -> bool:
-    if pixels.ndim != 3 or pixels.shape[2] < 3:
-        return False
-    rgb = pixels[:, :, :3]
-    return float(np.abs(rgb - rgb.mean(axis=2, keepdims=True)).max()) > _GRAY_TOLERANCE
-
-
 def misfit(pixels: np.ndarray, metadata: dict, op: Operating) -> str | None:
     """Why this image does not fit what the model was trained and evaluated on, or None."""
+    from medtl.readers import colour_of
+
     modality = (metadata.get("modality") or "").upper()
     if op.modalities and modality and modality not in op.modalities:
         return (f"modality {modality} but the model was trained and evaluated on {', '.join(op.modalities)} images; "
                 "pass --allow-mismatch to predict anyway")
-    colour = "colour" if is_colour(pixels) else "gray"
+    colour = colour_of(pixels)
     if op.colour and colour not in op.colour:
         return (f"a {colour} image but the model was trained and evaluated on {' and '.join(op.colour)} images "
                 "only; pass --allow-mismatch to predict anyway")
@@ -78,18 +52,15 @@ def misfit(pixels: np.ndarray, metadata: dict, op: Operating) -> str | None:
 
 def load_operating_point(path: Path | None, model_path: Path, classes: list[str], threshold: float | None) -> Operating:
     """Threshold and temperature for `model_path`: from --threshold, the evaluate stage's record, or 0.5."""
+    from medtl.metrics import DEFAULT_THRESHOLD
+    from medtl.operating_point import read_operating_point
+
     record = None
     explicit = path is not None
     if path is None and DEFAULT_OPERATING_POINT.is_file():
         path = DEFAULT_OPERATING_POINT
     if path is not None:
-        try:
-            record = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise MedtlError(f"--operating-point {path} cannot be read as JSON ({e}); expected the "
-                             "reports/operating_point.json written by the evaluate stage") from None
-        if not isinstance(record, dict) or record.get("format") != OPERATING_POINT_FORMAT:
-            raise MedtlError(f"--operating-point {path} is not an operating point file (format {OPERATING_POINT_FORMAT})")
+        record = read_operating_point(Path(path))
         if record.get("model_sha256") != sha256_file(model_path):
             msg = (f"operating point {path} was fitted for a different model than {model_path} (sha256 differs); "
                    "rerun the evaluate stage (dvc repro) for this model, or pass --threshold")
@@ -123,6 +94,8 @@ def load_operating_point(path: Path | None, model_path: Path, classes: list[str]
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files as given, folders walked recursively (hidden files skipped), in a stable order."""
+    from medtl.sources import iter_files
+
     out: list[Path] = []
     for name in inputs:
         p = Path(name)
@@ -135,17 +108,19 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return out
 
 
-def _decode_file(path: Path, read_options: ReadOptions, pre: dict, op: Operating, allow_mismatch: bool):
-    """Decode and prepare one file: (path, error or [(image, refusal or None, prepared array)])."""
+def _decode_file(path: Path, pre: Preprocessing, op: Operating, allow_mismatch: bool):
+    """Decode and prepare one file: (path, error or [(image, refusal or None, model input)])."""
+    from medtl.imaging import decode, model_input
+
     try:
-        decoded = read(path, read_options)
+        decoded = decode(path, pre)
     except UnreadableImage as e:
         return path, str(e)
     out = []
     for k, d in enumerate(decoded):
         image = d.metadata.get("slice") or d.metadata.get("frame") or ("" if len(decoded) == 1 else str(k))
         why = None if allow_mismatch else misfit(d.pixels, d.metadata, op)
-        out.append((image, why, None if why else prepare_image(d.pixels, pre)))
+        out.append((image, why, None if why else model_input(d.pixels, pre)))
     return path, out
 
 
@@ -160,22 +135,27 @@ def _decoded(files: list[Path], decode, workers: int) -> Iterator:
 
 def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32, *,
             operating_point: Path | None = None, threshold: float | None = None,
-            hw: hardware.Hardware | None = None, read_options: ReadOptions = ReadOptions(),
-            allow_mismatch: bool = False, workers: int = 1) -> dict:
+            hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int = 1) -> dict:
     """Write one CSV row per image (or per unreadable file) to `out`; return counts."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from medtl import hardware
+    from medtl.inference import predict_logits, prepare_model
+    from medtl.metrics import apply_temperature, predict_labels
+    from medtl.model import load_classifier, model_preprocessing
+
     if batch_size < 1:
         raise MedtlError(f"--batch-size must be a positive integer, got {batch_size}")
     hw = hw or hardware.select("auto", "auto")
     model, ckpt = load_classifier(model_path)
     classes = list(ckpt["classes"])
-    pre = ckpt["preprocessing"]
+    pre = model_preprocessing(ckpt, model_path)
     op = load_operating_point(operating_point, model_path, classes, threshold)
     files = expand_inputs(inputs)
     if not files:
         raise MedtlError(f"no files found in {', '.join(inputs)}")
-    model.to(hw.device)
-    if hw.channels_last:
-        model.to(memory_format=torch.channels_last)
+    prepare_model(model, hw)
 
     header = ["path", "image", "status", "predicted"] + [f"prob_{c}" for c in classes] + \
              ["above_threshold", "threshold", "error"]
@@ -186,11 +166,8 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
         counts[status] += 1
         if probs is None:
             return [path, image, status, ""] + [""] * len(classes) + ["", "" if op.threshold is None else op.threshold, error]
-        if op.threshold is None:
-            predicted, above = classes[int(np.argmax(probs))], ""
-        else:
-            above = bool(probs[1] >= op.threshold)
-            predicted, above = classes[int(above)], str(above).lower()
+        predicted = classes[int(predict_labels(probs[None], op.threshold)[0])]
+        above = "" if op.threshold is None else str(bool(probs[1] >= op.threshold)).lower()
         return [path, image, status, predicted] + [f"{v:.6f}" for v in probs] + \
                [above, "" if op.threshold is None else op.threshold, ""]
 
@@ -206,9 +183,8 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
-        decode = functools.partial(_decode_file, read_options=read_options, pre=pre, op=op,
-                                   allow_mismatch=allow_mismatch)
-        for path, result in tqdm(_decoded(files, decode, workers), total=len(files), desc="predict", unit="file"):
+        decode_one = functools.partial(_decode_file, pre=pre, op=op, allow_mismatch=allow_mismatch)
+        for path, result in tqdm(_decoded(files, decode_one, workers), total=len(files), desc="predict", unit="file"):
             name = str(path)
             if isinstance(result, str):
                 flush(writer)
@@ -226,24 +202,12 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
     return {**counts, "files": len(files), "threshold": op.threshold, "threshold_source": op.source}
 
 
-def _window(value: str):
-    if "," in value:
-        try:
-            return tuple(float(v) for v in value.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--window {value!r}: expected a preset name or CENTRE,WIDTH") from None
-    return value
-
-
-def _index_or_name(value: str):
-    return int(value) if value.isdigit() else value
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="apply a model to image files and folders",
         description="Apply a model (models/model.pt) to DICOM, NIfTI, PNG or JPEG files and folders with the "
-                    "preprocessing recorded in the model, and write one CSV row per image. See docs/evaluation.md.")
+                    "preprocessing recorded in the model (read options such as the CT window included), and write "
+                    "one CSV row per image. See docs/evaluation.md.")
     p.add_argument("model", type=Path, help="model file written by the fine-tune stage")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (walked recursively)")
     p.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: %(default)s)")
@@ -259,20 +223,15 @@ def register(subparsers) -> None:
                         "(default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    g = p.add_argument_group("read options (use the values of ingest.read the model was trained with)")
-    g.add_argument("--window", type=_window, default=None, help="CT window: preset name or CENTRE,WIDTH (default: the file's)")
-    g.add_argument("--frame", type=_index_or_name, default="middle", help="multi-frame files: first, middle or an index")
-    g.add_argument("--axis", type=int, default=2, help="NIfTI slicing axis (default: %(default)s)")
-    g.add_argument("--slice", type=_index_or_name, default="middle", help="NIfTI: middle, an index, or all")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    options = ReadOptions(window=args.window, frame=args.frame, axis=args.axis, slice=args.slice)
+    from medtl import hardware
+
     hw = hardware.select(args.device, args.precision, key="--device")
     res = predict(args.model, args.inputs, args.out, args.batch_size, operating_point=args.operating_point,
-                  threshold=args.threshold, hw=hw, read_options=options, allow_mismatch=args.allow_mismatch,
-                  workers=args.workers)
+                  threshold=args.threshold, hw=hw, allow_mismatch=args.allow_mismatch, workers=args.workers)
     print(f"medtl predict: {res['ok']} image(s) predicted, {res['error']} unreadable, {res['refused']} refused, "
           f"threshold {res['threshold']} ({res['threshold_source']}) -> {args.out}")
     if res["ok"] == 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -134,7 +135,15 @@ def _cut(n: int, fractions: list[float]) -> list[int]:
     return counts.tolist()
 
 
-def find_duplicates(keys: list[str], splits: list[str], kind: str) -> list[dict]:
+@dataclass(frozen=True)
+class Duplicate:
+    row: int  # the later copy
+    duplicate_of: int  # the copy it repeats
+    kind: str  # what they share: "file" (sha256 of the bytes) or "pixels"
+    cross_split: bool  # in different splits: a leak
+
+
+def find_duplicates(keys: list[str], splits: list[str], kind: str) -> list[Duplicate]:
     """Rows that share `key` (a file or pixel hash) with an earlier row; earlier = an earlier split, then order."""
     rank = {s: i for i, s in enumerate(SPLITS)}
     first: dict[str, int] = {}
@@ -143,5 +152,5 @@ def find_duplicates(keys: list[str], splits: list[str], kind: str) -> list[dict]
     for i in order:
         j = first.setdefault(keys[i], i)
         if j != i:
-            dups.append({"row": i, "duplicate_of": j, "kind": kind, "cross_split": splits[i] != splits[j]})
+            dups.append(Duplicate(i, j, kind, splits[i] != splits[j]))
     return dups

@@ -4,8 +4,8 @@ Two augmented views of each image are pulled together and pushed away from
 the other images of the batch (NT-Xent loss) through a small projection head
 that is discarded afterwards. The augmentations are medical-safe: a random
 resized crop with a conservative scale, flips, a small rotation, mild
-brightness/contrast, gaussian noise and blur; never hue or colour jitter,
-which would change what a stain or a window means.
+brightness/contrast, gaussian noise and blur (torchvision.transforms.v2);
+never hue or colour jitter, which would change what a stain or a window means.
 
 Only images are read: no labels, no validation or test split. Augmentation
 draws come from a seeded generator, so on the CPU two runs with the same seed
@@ -24,11 +24,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from medtl import hardware
 from medtl.backbones import Backbone
+from medtl.data import augment_batch
 from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.imaging import Preprocessing, decode, model_input
 from medtl.io import open_npy
 from medtl.params import require
 
@@ -109,15 +112,14 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def read_image_folder(folder: str | Path, size: int, channels: int, mode: str, out: Path) -> tuple[np.ndarray, dict]:
-    """Decode every readable image under `folder` to (N, channels, size, size) float16 in `out` (memory-mapped).
+def read_image_folder(folder: str | Path, pre: Preprocessing, out: Path) -> tuple[np.ndarray, dict]:
+    """Decode every readable image under `folder` as the training images were, into `out` (memory-mapped).
 
-    Unreadable files are skipped and counted by reason; file names are not
-    kept, since they may carry patient identifiers.
+    Each file goes through the preprocessing record (read options such as the
+    CT window, 16-bit quantisation, channels, resize), so the extra images look
+    like the prepared ones. Unreadable files are skipped and counted by reason;
+    file names are not kept, since they may carry patient identifiers.
     """
-    from medtl.preprocess import resize, to_channels
-    from medtl.readers import read
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ParamsError(f"pretrain.ssl.extra_images: {folder} is not a folder; expected null or a folder of unlabelled images")
@@ -126,20 +128,17 @@ def read_image_folder(folder: str | Path, size: int, channels: int, mode: str, o
     images: list[np.ndarray] = []
     for path in tqdm(files, desc="ssl extra images", unit="file", leave=False):
         try:
-            decoded = read(path)
+            decoded = decode(path, pre)
         except UnreadableImage as e:
             skipped[e.reason] += 1
             continue
-        for d in decoded:
-            px = d.pixels[:, :, None] if d.pixels.ndim == 2 else d.pixels
-            img = resize(to_channels(px.astype(np.float32), channels), size, mode)
-            images.append(np.clip(img, 0.0, 1.0).transpose(2, 0, 1).astype(np.float16))
+        images.extend(model_input(d.pixels, pre) for d in decoded)
     if not images:
         raise ParamsError(
             f"pretrain.ssl.extra_images: no readable image in {folder} ({len(files)} file(s), skipped: "
             f"{dict(skipped) or 'none'}); expected DICOM, NIfTI, PNG, JPEG, BMP or TIFF files"
         )
-    arr = open_npy(out, np.float16, (len(images), channels, size, size))
+    arr = open_npy(out, np.float16, (len(images), pre.channels, pre.image_size, pre.image_size))
     for i, img in enumerate(images):
         arr[i] = img
     arr.flush()
@@ -149,61 +148,33 @@ def read_image_folder(folder: str | Path, size: int, channels: int, mode: str, o
 # ---------------------------------------------------------------- views
 
 
-def _gaussian_kernels(sigmas: torch.Tensor, radius: int) -> torch.Tensor:
-    """(N, 2r+1) normalised 1D gaussians; a sigma of 0 gives the identity kernel."""
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    s = sigmas.clamp_min(1e-3)[:, None]
-    k = torch.exp(-0.5 * (x[None, :] / s) ** 2)
-    return k / k.sum(dim=1, keepdim=True)
+def view_transform(aug: SSLAugment, size: tuple[int, int]) -> v2.Transform:
+    """One random medical-safe view of an image (C, H, W) in [0, 1], as torchvision.transforms.v2 steps; steps that are off are left out."""
+    steps: list[v2.Transform] = []
+    if aug.crop_scale < 1.0 or aug.aspect_limit > 0:
+        steps.append(v2.RandomResizedCrop(size, scale=(aug.crop_scale, 1.0), ratio=(1 / (1 + aug.aspect_limit), 1 + aug.aspect_limit),
+                                          interpolation=v2.InterpolationMode.BILINEAR, antialias=True))
+    if aug.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(aug.hflip))
+    if aug.vflip > 0:
+        steps.append(v2.RandomVerticalFlip(aug.vflip))
+    if aug.rotate_limit > 0:
+        # Zero outside the image, like preprocess's padding.
+        steps.append(v2.RandomRotation(aug.rotate_limit, interpolation=v2.InterpolationMode.BILINEAR, fill=0.0))
+    if aug.blur_p > 0 and aug.blur_sigma > 0:
+        kernel = 2 * max(1, math.ceil(3 * aug.blur_sigma)) + 1
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, aug.blur_sigma))], p=aug.blur_p))
+    if aug.brightness_contrast > 0:
+        # Brightness and contrast only: never hue or saturation.
+        steps.append(v2.ColorJitter(brightness=aug.brightness_contrast, contrast=aug.brightness_contrast))
+    if aug.noise_std > 0:
+        steps.append(v2.GaussianNoise(sigma=aug.noise_std, clip=True))
+    return v2.Compose(steps) if steps else v2.Identity()
 
 
 def make_views(x: torch.Tensor, aug: SSLAugment, gen: torch.Generator) -> torch.Tensor:
-    """One random medical-safe view of each image in `x` (N, C, H, W) in [0, 1]."""
-    n, c, h, w = x.shape
-
-    def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(n, generator=gen)
-
-    # Random resized crop, flips and rotation in one resampling: theta maps output to input coordinates.
-    area = uniform(aug.crop_scale, 1.0)
-    log_ratio = math.log(1 + aug.aspect_limit)
-    ratio = torch.exp(uniform(-log_ratio, log_ratio))
-    sw = torch.sqrt(area * ratio).clamp(max=1.0)
-    sh = torch.sqrt(area / ratio).clamp(max=1.0)
-    cx = (1 - sw) * uniform(-1.0, 1.0)
-    cy = (1 - sh) * uniform(-1.0, 1.0)
-    fx = torch.where(torch.rand(n, generator=gen) < aug.hflip, -1.0, 1.0)
-    fy = torch.where(torch.rand(n, generator=gen) < aug.vflip, -1.0, 1.0)
-    angle = torch.deg2rad(uniform(-aug.rotate_limit, aug.rotate_limit))
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    theta = torch.stack([
-        torch.stack([cos * sw * fx, -sin * sh * fy, cx], dim=1),
-        torch.stack([sin * sw * fx, cos * sh * fy, cy], dim=1),
-    ], dim=1)
-    grid = F.affine_grid(theta, (n, c, h, w), align_corners=False)
-    # Zero outside the image, like preprocess's padding.
-    v = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-    if aug.blur_p > 0 and aug.blur_sigma > 0:
-        radius = max(1, math.ceil(3 * aug.blur_sigma))
-        sigma = torch.where(torch.rand(n, generator=gen) < aug.blur_p, uniform(0.1, aug.blur_sigma), torch.zeros(n))
-        k = _gaussian_kernels(sigma, radius).repeat_interleave(c, dim=0)  # (N*C, K)
-        flat = v.reshape(1, n * c, h, w)
-        flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="replicate"), k[:, None, :, None], groups=n * c)
-        flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="replicate"), k[:, None, None, :], groups=n * c)
-        v = flat.reshape(n, c, h, w)
-
-    if aug.brightness_contrast > 0:
-        bc = aug.brightness_contrast
-        contrast = uniform(1 - bc, 1 + bc).view(n, 1, 1, 1)
-        brightness = uniform(-bc, bc).view(n, 1, 1, 1)
-        mean = v.mean(dim=(1, 2, 3), keepdim=True)
-        v = (v - mean) * contrast + mean + brightness
-
-    if aug.noise_std > 0:
-        std = uniform(0.0, aug.noise_std).view(n, 1, 1, 1)
-        v = v + std * torch.randn(v.shape, generator=gen)
-    return v.clamp(0.0, 1.0)
+    """One random medical-safe view of each image in `x` (N, C, H, W) in [0, 1], every draw from `gen`."""
+    return augment_batch(view_transform(aug, tuple(x.shape[-2:])), x, gen)
 
 
 # ---------------------------------------------------------------- loss and training
@@ -297,11 +268,11 @@ def train_ssl(
     }
 
 
-def extra_pool(params: SSLParams, size: int, channels: int, mode: str, workdir: Path) -> tuple[list[np.ndarray], dict | None]:
+def extra_pool(params: SSLParams, pre: Preprocessing, workdir: Path) -> tuple[list[np.ndarray], dict | None]:
     """The extra unlabelled images, decoded into `workdir`, or nothing when none are configured."""
     if params.extra_images is None:
         return [], None
-    arr, info = read_image_folder(params.extra_images, size, channels, mode, workdir / "extra.npy")
+    arr, info = read_image_folder(params.extra_images, pre, workdir / "extra.npy")
     return [arr], {"folder": params.extra_images, **info}
 
 

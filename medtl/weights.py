@@ -12,30 +12,36 @@ import re
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-from torch import nn
-from torchvision.models import get_model, get_model_weights
-
-from medtl.backbones import SUPPORTED, check_arch
 from medtl.errors import MedtlError, ParamsError
 from medtl.io import load_torch, save_torch, sha256_file, write_text
+
+# torch and torchvision are imported where they are used: `medtl --help` imports this module.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Same pattern torch.hub uses to find the hash prefix in a download's file name.
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")
 
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, "torch.Tensor"]
 
 
 def _weights_enum(arch: str):
+    from torchvision.models import get_model_weights
+
+    from medtl.backbones import check_arch
+
     check_arch(arch)
     return get_model_weights(arch).DEFAULT
 
 
 def hub_cache_path(arch: str) -> Path:
     """Where torchvision caches `arch`'s ImageNet weights (under TORCH_HOME, read at call time)."""
+    import torch
+
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_weights_enum(arch).url)
 
 
@@ -82,6 +88,9 @@ def fetch_imagenet(arch: str) -> StateDict:
 
 def _model_from_state(arch: str, state: Any, source: str) -> nn.Module:
     """`arch` with exactly the tensors of `state`; built on the meta device so no random init runs."""
+    import torch
+    from torchvision.models import get_model
+
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise MedtlError(f"{source} is not a state dict (a mapping of names to tensors) for {arch}")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
@@ -122,6 +131,10 @@ def load_pinned(path: str | Path, sha256: str | None) -> StateDict:
 
 def load_model(arch: str, weights: str = "none", sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The full torchvision model (RGB input, ImageNet head) and a record of where its weights came from."""
+    from torchvision.models import get_model
+
+    from medtl.backbones import check_arch
+
     check_arch(arch)
     if not isinstance(weights, str) or not weights.strip():
         raise ParamsError(f"pretrain.weights must be 'none', 'imagenet' or a file path, got {weights!r}")
@@ -151,6 +164,8 @@ class PulledWeights:
 
 def pull(arch: str, out_dir: str | Path, fetch: Callable[[str], StateDict] = fetch_imagenet) -> PulledWeights:
     """Write `arch`'s ImageNet weights to `out_dir/<arch>-imagenet.pt` (+ `.sha256`) and return the pin."""
+    from medtl.backbones import check_arch
+
     check_arch(arch)
     state = fetch(arch)
     # Refuse to pin a file that would not load as this architecture later.
@@ -173,6 +188,10 @@ def params_block(pulled: PulledWeights) -> str:
 
 
 def _pull_command(args: argparse.Namespace) -> int:
+    from medtl.backbones import SUPPORTED
+
+    if args.arch not in SUPPORTED:
+        raise MedtlError(f"weights pull: unknown backbone {args.arch!r}; supported: {', '.join(SUPPORTED)}")
     pulled = pull(args.arch, args.out)
     print(f"wrote {pulled.path} (sha256 {pulled.sha256})")
     print("\nIn params.yaml:\n")
@@ -182,9 +201,11 @@ def _pull_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
+    from medtl.io import folder_argument  # not medtl.cli: the stages that load weights must not depend on the CLI
+
     parser = subparsers.add_parser("weights", help="pretrained weights for offline machines")
     sub = parser.add_subparsers(dest="weights_command", required=True)
     p = sub.add_parser("pull", help="download torchvision's ImageNet weights for ARCH and pin them by sha256")
-    p.add_argument("arch", choices=list(SUPPORTED), metavar="ARCH", help=f"one of: {', '.join(SUPPORTED)}")
-    p.add_argument("--out", default="models/pretrained", help="folder to write <arch>-imagenet.pt into (default: %(default)s)")
+    p.add_argument("arch", metavar="ARCH", help="a backbone of pretrain.arch, e.g. resnet18, resnet50, densenet121, convnext_tiny")
+    p.add_argument("--out", type=folder_argument, default="models/pretrained", help="folder to write <arch>-imagenet.pt into (default: %(default)s)")
     p.set_defaults(func=_pull_command)

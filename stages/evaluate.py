@@ -3,8 +3,7 @@ from pathlib import Path
 
 from medtl.evaluation import EvaluateParams, run_evaluate
 from medtl.external import set_columns
-from medtl.ingest import ReadParams
-from medtl.params import build, load_section, read_params_file
+from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.stage import main
 
@@ -22,11 +21,9 @@ def _fmt(m: dict, name: str) -> str:
 
 def run() -> str:
     params = load_section("evaluate", EvaluateParams)
-    # External sets are decoded as ingest decoded the model's data.
-    read_options = build(ReadParams, (read_params_file().get("ingest") or {}).get("read") or {}, "ingest.read").options()
-    external = [Path(x) for e in params.external for x in e.ingest_params().source_inputs()]
+    external = [Path(x) for e in params.external for x in e.source_inputs()]
     with stage_record("evaluate", params, inputs=[MODEL, PREPARED, *external], outputs=OUTPUTS):
-        m = run_evaluate(params, MODEL, PREPARED, OUT, read_options)
+        m = run_evaluate(params, MODEL, PREPARED, OUT)
     line = f"{params.split} split, {m['n']} images / {m['n_groups']} patients: ROC AUC {_fmt(m, 'roc_auc')}, " \
            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
     if m.get("threshold") is not None:

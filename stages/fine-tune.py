@@ -13,7 +13,7 @@ from dvclive import Live
 from medtl import distributed
 from medtl.errors import MedtlError
 from medtl.finetune import FinetuneParams, run_finetune
-from medtl.io import save_torch
+from medtl.model import save_model
 from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.stage import main
@@ -22,14 +22,28 @@ BACKBONE, PREPARED, OUT, LIVE = Path("models/backbone.pt"), Path("data/prepared"
 RESUME = Path("models/finetune.ckpt")
 
 
-def train(params: FinetuneParams, world: distributed.World, live: Live | None) -> tuple[dict, dict]:
-    def log(epoch: int, row: dict) -> None:
-        for name, value in row.items():
-            if name != "epoch":
-                live.log_metric(name, value)
-        live.next_step()
+def log_epoch(live: Live, epoch: int, row: dict) -> None:
+    """One epoch's row; the step is the epoch number counted from 1, as every record counts epochs."""
+    live.step = epoch + 1
+    for name, value in row.items():
+        if name != "epoch":
+            live.log_metric(name, value)
+    live.next_step()
 
-    return run_finetune(params, BACKBONE, PREPARED, log if live else None, resume_path=RESUME, world=world)
+
+def keep_best(live: Live, summary: dict) -> None:
+    """dvclive/metrics.json (what `dvc exp show` lists) holds the kept epoch's row, not the last epoch's."""
+    best = next(r for r in summary["history"] if r["epoch"] + 1 == summary["best_epoch"])
+    live.summary = {**{k: v for k, v in best.items() if k != "epoch"}, "best_epoch": summary["best_epoch"],
+                    "epochs_run": summary["epochs_run"], "step": summary["best_epoch"]}
+
+
+def train(params: FinetuneParams, world: distributed.World, live: Live | None) -> tuple[dict, dict]:
+    log = (lambda epoch, row: log_epoch(live, epoch, row)) if live else None
+    ckpt, summary = run_finetune(params, BACKBONE, PREPARED, log, resume_path=RESUME, world=world)
+    if live:
+        keep_best(live, summary)
+    return ckpt, summary
 
 
 def run() -> str:
@@ -52,7 +66,7 @@ def run() -> str:
             # Curves restart with the run; rows of resumed epochs are replayed from the checkpoint.
             with Live(LIVE, save_dvc_exp=False, dvcyaml=False) as live:
                 ckpt, summary = train(params, world, live)
-            save_torch(ckpt, OUT)
+            save_model(ckpt, OUT)
             RESUME.unlink(missing_ok=True)
             rec.seeds["torch"] = params.seed
             rec.hardware = ckpt["hardware"]
@@ -63,7 +77,7 @@ def run() -> str:
     resumed = f", resumed at epoch {summary['resumed_from'] + 1}" if summary["resumed_from"] is not None else ""
     procs = f" x{hw['processes']}" if hw["processes"] > 1 else ""
     return f"{params.strategy} {ckpt['arch']} on {hw['device']}/{hw['precision']}{procs}: " \
-           f"best epoch {summary['best_epoch'] + 1}/{summary['epochs_run']}{resumed}, val AUC {best['val_auc']:.3f}, " \
+           f"best epoch {summary['best_epoch']}/{summary['epochs_run']}{resumed}, val AUC {best['val_auc']:.3f}, " \
            f"val accuracy {best['val_accuracy']:.3f}"
 
 

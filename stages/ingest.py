@@ -15,16 +15,25 @@ def run() -> str:
     params = load_section("ingest", IngestParams)
     if params.source == "medmnist":  # download first, so the record hashes the file that is read
         fetch(Path(params.medmnist.path), params.medmnist.url, params.medmnist.md5)
-    with stage_record("ingest", params, inputs=params.source_inputs(), outputs=[OUT]) as rec:
+    # Source folders are not hashed file by file here: their file names may identify patients. The
+    # manifest lists every decoded file by source_ref and sha256, and dvc.lock holds each folder's md5.
+    files = [p for p in params.source_inputs() if Path(p).is_file()]
+    folders = [p for p in params.source_inputs() if not Path(p).is_file()]
+    with stage_record("ingest", params, inputs=files, outputs=[OUT]) as rec:
         with atomic_dir(OUT) as tmp:
             report = run_ingest(params, tmp)
         rec.seeds["split"] = params.seed
         rec.extra["source"] = report["source"]
         rec.extra["source_root"] = params.source_root()
-    counts = ", ".join(f"{s} {c['images']} images / {c['groups']} patients" for s, c in report["counts"].items())
+        rec.extra["source_folders"] = {"paths": folders, "files_listed_by": "source_ref and sha256 in data/ingested/manifest.csv"}
+        rec.extra["grouping"] = report["grouping"]
+        rec.extra["pseudonym_key"] = report["pseudonym_key"]
+    counts = ", ".join(f"{s} {c['images']} images / {c['groups']} groups" for s, c in report["counts"].items())
+    conflicts = f", {len(report['label_conflicts'])} LABEL CONFLICT(S)" if report["label_conflicts"] else ""
+    image_level = "; groups are images: patient independence not established" if report["grouping"]["kind"] == "image" else ""
     return f"{report['images']} images from {report['files_seen']} files ({counts}); " \
-           f"{report['quarantined']} quarantined, {report['duplicates_removed']} duplicates removed " \
-           f"(details in {OUT / 'report.json'})"
+           f"{report['quarantined']} quarantined, {report['duplicates_removed']} duplicates removed{conflicts}" \
+           f"{image_level} (details in {OUT / 'report.json'})"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ VENV_BIN = Path(sys.executable).parent
 TINY_PARAMS: dict[str, Any] = {
     "ingest": {"workers": 1, "demo": {"patients": 24, "min_images_per_patient": 2, "max_images_per_patient": 3,
                                       "min_size": 48, "max_size": 64}},
-    "preprocess": {"size": 32},
+    "preprocess": {"image_size": 32},
     "finetune": {"epochs": 2, "batch_size": 16, "patience": 2, "augment": {"enabled": False}},
 }
 
@@ -86,3 +86,14 @@ def copy_project(src: Project, dest: Path) -> Project:
     shutil.copytree(src.path, dest, symlinks=True,
                     ignore=lambda d, names: ["tmp"] if Path(d).name == ".dvc" else [])
     return Project(dest)
+
+
+def preprocessing_record(image_size: int, channels: int = 1, classes=("normal", "lesion"), mean=None, std=None,
+                         resize: str = "pad", read: dict | None = None):
+    """A preprocessing record as preprocess writes it, for tests that make prepared arrays or models by hand."""
+    from medtl.imaging import Preprocessing, read_record
+    from medtl.readers import ReadOptions
+
+    return Preprocessing(read=read if read is not None else read_record(ReadOptions()), image_size=image_size,
+                         channels=channels, resize=resize, mean=list(mean or [0.3] * channels),
+                         std=list(std or [0.2] * channels), classes=list(classes))

@@ -57,7 +57,7 @@ def test_unknown_adapt_method_lists_the_choices():
 
 def test_vit_needs_224_pixels(tmp_path):
     prepared = write_prepared(tmp_path / "prepared", n=2, size=32, with_other_splits=False)
-    with pytest.raises(ParamsError, match="vit_b_16 needs preprocess.size 224, got 32"):
+    with pytest.raises(ParamsError, match="vit_b_16 needs preprocess.image_size 224, got 32"):
         run_pretrain(PretrainParams(arch="vit_b_16", device="cpu"), prepared)
 
 

@@ -135,7 +135,7 @@ def test_input_size_rule():
     assert input_size_rule("resnet18") is None
     check_input_size("vit_b_16", 224)
     check_input_size("resnet18", 64)
-    with pytest.raises(ParamsError, match="pretrain.arch vit_b_16 needs preprocess.size 224"):
+    with pytest.raises(ParamsError, match="pretrain.arch vit_b_16 needs preprocess.image_size 224"):
         check_input_size("vit_b_16", 128)
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from medtl.errors import MedtlError, ParamsError
 from medtl.folds import CvParams, assign_fold
-from medtl.ingest import read_manifest
+from medtl.manifest import read_manifest
 from medtl.params import build
 from medtl.preprocess import PreprocessParams
 from tests.project import TINY_PARAMS, deep_update, make_project
@@ -49,11 +49,16 @@ def test_cv_params_are_checked():
     assert build(PreprocessParams, {}, "preprocess").cv.folds == 0
 
 
-# More patients than the shared tiny run, one or two images each, so that a single split's
-# validation fold holds enough patients for an interval at all.
+# The smallest run that still shows the point: more patients than the shared tiny run (one or two
+# images each, so that a single split's validation holds enough patients for an interval at all),
+# 16-pixel images and one epoch, so that the single split and three fold experiments take about a minute.
 CV_PARAMS = deep_update(TINY_PARAMS, {
-    "ingest": {"demo": {"patients": 60, "min_images_per_patient": 1, "max_images_per_patient": 2}},
-    "evaluate": {"bootstrap": {"n_resamples": 200}, "saliency": {"enabled": False}},
+    "ingest": {"split": {"train": 0.6, "val": 0.2, "test": 0.2},
+               "demo": {"patients": 40, "min_images_per_patient": 1, "max_images_per_patient": 2,
+                        "min_size": 24, "max_size": 32}},
+    "preprocess": {"image_size": 16},
+    "finetune": {"epochs": 1, "patience": 1},
+    "evaluate": {"bootstrap": {"n_resamples": 50}, "saliency": {"enabled": False}},
 })
 
 

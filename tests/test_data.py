@@ -27,3 +27,20 @@ def test_augmentation_repeats_after_reseeding():
 
 def test_iter_batches_covers_every_image():
     assert sum(len(b) for b in iter_batches(IMAGES, 5)) == 12
+
+
+def test_augmentation_leaves_torch_global_stream_alone_and_draws_per_image():
+    batches = TrainBatches(np.repeat(IMAGES[:1], 8, axis=0), LABELS[:8], build_augment(AugmentParams(hflip=0.5, rotate_limit=30)))
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    batches.reseed(1)
+    x, _ = batches.batch(list(range(8)))
+    assert torch.equal(torch.rand(4), expected)  # dropout's stream is not consumed by augmentation
+    # Eight copies of one image come out different: each image has its own draw.
+    assert len({bytes(v.numpy()) for v in x}) > 1
+
+
+def test_augmentation_off_is_none():
+    assert build_augment(AugmentParams(enabled=False)) is None
+    assert build_augment(AugmentParams(hflip=0, rotate_limit=0, scale_limit=0, brightness_contrast=0)) is None

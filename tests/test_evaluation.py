@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.backbones import backbone_state, build_backbone
+from medtl.backbones import build_backbone
 from medtl.errors import ParamsError
 from medtl.evaluation import EvaluateParams, age_band, run_evaluate, subgroup_columns
-from medtl.io import save_torch
-from medtl.model import Classifier
+from medtl.model import Classifier, model_file, save_model
 from medtl.params import build
+from medtl.prepared import write_stats
 from medtl.saliency import NoTargetLayer, grad_cam, pick_cases, target_layer
+from tests.project import preprocessing_record
 
 CLASSES = ["normal", "lesion"]
 SIZE = 32
@@ -41,13 +42,11 @@ def write_prepared(root: Path, n: dict[str, int] | None = None, seed: int = 0) -
         np.save(root / f"{split}.npy", _images(rng, labels))
         with open(root / f"{split}.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["image_id", "label", "group", "modality", "photometric", "sex", "age", "label_index"])
+            w.writerow(["image_id", "label", "group", "modality", "photometric", "colour", "sex", "age", "label_index"])
             for i, y in enumerate(labels):
-                w.writerow([f"{split}{i:04d}", CLASSES[y], f"p-{split}{i // 2}", "CT", "MONOCHROME2",
+                w.writerow([f"{split}{i:04d}", CLASSES[y], f"p-{split}{i // 2}", "CT", "MONOCHROME2", "gray",
                             "F" if i % 3 else "M", str(20 + 7 * i), int(y)])
-    stats = {"classes": CLASSES, "size": SIZE, "channels": 1, "resize": "pad", "mean": [0.3], "std": [0.2],
-             "counts": n}
-    (root / "stats.json").write_text(json.dumps(stats))
+    write_stats(root, preprocessing_record(SIZE, classes=CLASSES), n)
     return root
 
 
@@ -56,19 +55,13 @@ def write_model(path: Path, arch: str = "resnet18", seed: int = 0, channels: int
     torch.manual_seed(seed)
     backbone = build_backbone(arch, channels, "none")
     model = Classifier(backbone, len(CLASSES), [0.3] * channels, [0.2] * channels)
-    ckpt = {
-        "format": "medtl-model/1", "arch": arch, "classes": CLASSES, "backbone": backbone_state(model.backbone),
-        "head": {k: v.detach() for k, v in model.head.state_dict().items()}, "dropout": 0.0,
-        "preprocessing": {"size": SIZE, "channels": channels, "resize": "pad", "mean": [0.3] * channels,
-                          "std": [0.2] * channels},
-    }
-    save_torch(ckpt, path)
+    save_model(model_file(model, preprocessing_record(SIZE, channels, classes=CLASSES)), path)
     return path
 
 
 def params(**extra) -> EvaluateParams:
     base = {"device": "cpu", "precision": "fp32", "bootstrap": {"n_resamples": 50}, "min_subgroup_size": 5,
-            "saliency": {"per_case": 1, "size": 64}}
+            "saliency": {"per_case": 1, "image_size": 64}}
     return build(EvaluateParams, {**base, **extra}, "evaluate")
 
 
@@ -198,3 +191,32 @@ def test_pick_cases_takes_the_surest_of_each_kind():
     p = np.array([0.9, 0.2, 0.7, 0.1, 0.6, 0.4])
     cases = pick_cases(labels, np.stack([1 - p, p], 1), 0.5, 1)
     assert cases == {"TP": [0], "FP": [2], "TN": [3], "FN": [1]}
+
+
+def test_prepared_arrays_unlike_their_record_or_the_model_are_refused(setup, tmp_path):
+    from medtl.errors import MedtlError
+    from medtl.prepared import load_split
+
+    model, prepared, _ = setup
+    # arrays of another size than stats.json records (the run cache restoring old outputs looked like this)
+    wrong = _copy_prepared(prepared, tmp_path / "wrong_size")
+    np.save(wrong / "test.npy", np.zeros((24, 1, SIZE * 2, SIZE * 2), np.float16))
+    with pytest.raises(MedtlError, match=rf"test\.npy.*\(1, {SIZE * 2}, {SIZE * 2}\).*image_size {SIZE}"):
+        load_split(wrong, "test")
+    # a record the model was not trained with
+    other = tmp_path / "other"
+    write_prepared(other)
+    from medtl.imaging import read_record
+    from medtl.prepared import load_stats, write_stats
+    from medtl.readers import ReadOptions
+
+    stats = load_stats(other)
+    write_stats(other, preprocessing_record(SIZE, classes=CLASSES, read=read_record(ReadOptions(window="lung"))),
+                stats.counts)
+    with pytest.raises(MedtlError, match="read differ"):
+        run_evaluate(params(saliency={"enabled": False}), model, other, tmp_path / "out")
+    # an older stats.json names the file and both versions
+    (other / "stats.json").write_text(json.dumps({"classes": CLASSES, "size": SIZE, "channels": 1}))
+    with pytest.raises(MedtlError, match=r"stats\.json has format None, this medtl reads 'medtl-prepared/2'"):
+        load_split(other, "val")
+    assert not (tmp_path / "out").exists()

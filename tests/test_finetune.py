@@ -14,10 +14,11 @@ from medtl.backbones import build_backbone
 from medtl.checkpoint import ResumeFile
 from medtl.data import AugmentParams
 from medtl.errors import ParamsError
-from medtl.finetune import FinetuneParams, fit, lr_factor, param_groups
+from medtl.distributed import EpochBatches, World
+from medtl.finetune import FinetuneParams, balanced_row_weights, fit, lr_factor, param_groups
 from medtl.model import Classifier
 from medtl.params import build
-from medtl.preprocess import PreparedSplit
+from medtl.prepared import PreparedSplit
 
 CPU = hardware.Hardware(torch.device("cpu"), "fp32")
 NO_AUG = AugmentParams(enabled=False)
@@ -109,16 +110,34 @@ def test_early_stopping_keeps_the_best_epoch():
     model = classifier()
     summary = fit(p, model, TRAIN, VAL, CPU)
     losses = [r["val_loss"] for r in summary["history"]]
-    assert summary["best_epoch"] == int(np.argmin(losses))
-    assert summary["epochs_run"] < 8 and summary["epochs_run"] == summary["best_epoch"] + 1 + p.patience
+    assert summary["best_epoch"] == int(np.argmin(losses)) + 1  # counted from 1, as printed
+    assert summary["best"] == {k: summary["history"][summary["best_epoch"] - 1][k] for k in summary["best"]}
+    assert summary["epochs_run"] < 8 and summary["epochs_run"] == summary["best_epoch"] + p.patience
     # the saved weights are the best epoch's: recomputing its validation loss gives the recorded value
     with torch.no_grad():
         logits = model(torch.from_numpy(VAL.images.astype(np.float32)))
     assert float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(VAL.labels))) == pytest.approx(min(losses), abs=1e-5)
 
 
-def test_balanced_sampler_and_weighted_loss_run():
-    fit(params(strategy="linear", sampler="balanced", class_weighting=False, label_smoothing=0.1), classifier(), TRAIN, VAL, CPU)
+def test_balanced_sampler_draws_classes_equally_often():
+    labels = np.array([0] * 90 + [1] * 10)
+
+    def minority_share(weights) -> float:
+        drawn = []
+        for epoch in range(20):
+            batches = EpochBatches(len(labels), 10, seed=0, world=World(), weights=weights)
+            batches.set_epoch(epoch)
+            drawn += [i for b in batches for i in b]
+        return float(labels[drawn].mean())
+
+    assert minority_share(balanced_row_weights(labels, 2)) == pytest.approx(0.5, abs=0.05)
+    assert minority_share(None) == pytest.approx(0.1, abs=0.01)  # the plain shuffle keeps the prevalence
+    # and fit trains with it: other batches than the shuffle, so other weights
+    p = params(strategy="linear", sampler="balanced", class_weighting=False, label_smoothing=0.1)
+    balanced, shuffled = classifier(), classifier()
+    fit(p, balanced, TRAIN, VAL, CPU)
+    fit(replace(p, sampler="shuffle"), shuffled, TRAIN, VAL, CPU)
+    assert not torch.equal(balanced.head[-1].weight, shuffled.head[-1].weight)
 
 
 class Interrupt(Exception):

@@ -55,7 +55,7 @@ def test_killed_run_resumes_and_ends_with_the_same_bytes(prepared: Project):
     assert not ckpt.exists()
     resumed_bytes = model.read_bytes()
     steps = (prepared.path / "dvclive/plots/metrics/val_loss.tsv").read_text().splitlines()[1:]
-    assert [line.split("\t")[0] for line in steps] == ["0", "1", "2", "3"]  # curves neither lost nor duplicated
+    assert [line.split("\t")[0] for line in steps] == ["1", "2", "3", "4"]  # curves neither lost nor duplicated
 
     model.unlink()
     stage(prepared)  # uninterrupted
@@ -108,3 +108,46 @@ def test_ddp_two_gloo_processes_match_one_process(prepared: Project):
     assert torch.allclose(one["head"]["1.weight"], two["head"]["1.weight"], atol=1e-4)
     one, two = results["full", 1], results["full", 2]
     assert two["validation"]["val_loss"] == pytest.approx(one["validation"]["val_loss"], abs=0.1)
+
+
+def _stage_module():
+    import importlib.util
+
+    from tests.project import ROOT
+
+    spec = importlib.util.spec_from_file_location("fine_tune_stage", ROOT / "stages" / "fine-tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dvclive_metrics_hold_the_kept_epoch_not_the_last(tmp_path, monkeypatch):
+    import json
+
+    from dvclive import Live
+
+    stage_module = _stage_module()
+    monkeypatch.chdir(tmp_path)
+    history = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": loss, "val_auc": auc, "val_accuracy": acc,
+                "lr": 0.001} for e, (loss, auc, acc) in enumerate([(0.7, 0.60, 0.55), (0.4, 0.91, 0.80),
+                                                                  (0.6, 0.75, 0.70)])]
+    summary = {"best_epoch": 2, "epochs_run": 3, "history": history}  # the second epoch's weights were kept
+    with Live("dvclive", save_dvc_exp=False, dvcyaml=False) as live:
+        for row in history:
+            stage_module.log_epoch(live, row["epoch"], row)
+        stage_module.keep_best(live, summary)
+    shown = json.loads((tmp_path / "dvclive/metrics.json").read_text())
+    assert shown["val_auc"] == 0.91 and shown["val_loss"] == 0.4 and shown["val_accuracy"] == 0.80
+    assert shown["best_epoch"] == 2 and shown["step"] == 2 and shown["epochs_run"] == 3
+    rows = (tmp_path / "dvclive/plots/metrics/val_auc.tsv").read_text().splitlines()[1:]
+    assert [r.split("\t")[0] for r in rows] == ["1", "2", "3"]  # curve steps count epochs as the record does
+
+
+def test_the_stage_line_model_file_and_experiment_table_name_the_same_epoch(tiny_run: Project):
+    import json
+
+    ckpt = load_torch(tiny_run.path / "models/model.pt")
+    shown = json.loads((tiny_run.path / "dvclive/metrics.json").read_text())
+    assert shown["best_epoch"] == ckpt["best_epoch"] == shown["step"]
+    for k, v in ckpt["validation"].items():
+        assert shown[k] == pytest.approx(v), k

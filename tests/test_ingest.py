@@ -16,12 +16,32 @@ from pydicom.data import get_testdata_file
 import medtl.ingest
 from medtl import demo
 from medtl.errors import MedtlError
-from medtl.ingest import MANIFEST_COLUMNS, IngestParams, read_manifest, run_ingest
+from medtl.ingest import IngestParams, run_ingest
+from medtl.manifest import CORE_COLUMNS as MANIFEST_COLUMNS
+from medtl.manifest import read_manifest
 from medtl.params import build
-from medtl.phi import WHITELIST
+from medtl.phi import KEY_ENV, WHITELIST, source_ref
 from medtl.store import PixelStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def pseudonym_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "test key")
+
+
+def paths_by_ref(root: Path) -> dict[str, str]:
+    """What `medtl locate` does: every relative path under root (folders with a trailing /) by its source_ref."""
+    out = {}
+    for p in root.rglob("*"):
+        rel = p.relative_to(root).as_posix() + ("/" if p.is_dir() else "")
+        out[source_ref(rel)] = rel
+    return out
+
+
+def reasons(report: dict) -> dict:
+    return {r: n for r, n in report["quarantine_reasons"].items() if n}
 
 
 def params(**raw) -> IngestParams:
@@ -76,18 +96,19 @@ def test_folder_formats_quarantine_and_accounting(tmp_path):
     report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.2,
                           classes=["benign", "malignant"])
     accounted(report)
-    assert report["quarantine_reasons"] == {"corrupt_image": 1, "empty_class_folder": 1, "not_an_image": 1,
-                                            "unknown_label": 1}
-    where = {q["reason"]: q["source_path"] for q in report["quarantine"]}
+    assert reasons(report) == {"corrupt_image": 1, "empty_class_folder": 1, "not_an_image": 1, "unknown_label": 1}
+    names = paths_by_ref(root)
+    where = {q["reason"]: names[q["source_ref"]] for q in report["quarantine"]}
     assert (where["unknown_label"], where["empty_class_folder"]) == ("other/x.png", "empty_class/")
     assert report["images"] == 36 and len(rows) == 36
     assert list(rows[0])[: len(MANIFEST_COLUMNS)] == MANIFEST_COLUMNS
     assert {r["channels"] for r in rows} == {"1", "3"}
-    assert all(not Path(r["source_path"]).is_absolute() and (root / r["source_path"]).is_file() for r in rows)
-    assert not any(str(tmp_path) in q["detail"] for q in report["quarantine"])  # no machine paths in the report
+    assert all((root / names[r["source_ref"]]).is_file() for r in rows)
+    text = (tmp_path / "out" / "manifest.csv").read_text() + (tmp_path / "out" / "report.json").read_text()
+    assert str(tmp_path) not in text and "benign_1" not in text and "sub0" not in text  # no path segments
     store = PixelStore(tmp_path / "out" / "pixels.u16")
-    r = next(r for r in rows if r["source_path"].endswith(".tif"))
-    original = np.asarray(Image.open(root / r["source_path"]), np.float32) / 255
+    r = next(r for r in rows if names[r["source_ref"]].endswith(".tif"))
+    original = np.asarray(Image.open(root / names[r["source_ref"]]), np.float32) / 255
     got = store.get(int(r["offset"]), int(r["height"]), int(r["width"]), int(r["channels"]))[..., 0]
     assert np.abs(got - original).max() < 1e-4
 
@@ -96,7 +117,8 @@ def test_quarantine_limit_and_nothing_usable(tmp_path):
     root = class_folders(tmp_path / "data", per_class=6)
     for i in range(3):
         (root / "benign" / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff" + b"junk")
-    with pytest.raises(MedtlError, match=r"quarantined 3 of 15 files .*max_quarantine_fraction=0.05.*bad0.jpg"):
+    with pytest.raises(MedtlError, match=r"quarantined 3 of 15 files .*max_quarantine_fraction=0.05.*f-[0-9a-f]{16} "
+                                         r"\(corrupt_image.*medtl locate"):
         ingest(tmp_path, source="folder", folder={"root": str(root)})
     empty = tmp_path / "empty"
     (empty / "a").mkdir(parents=True)
@@ -116,8 +138,8 @@ def test_unexpected_reader_error_is_quarantined(tmp_path, monkeypatch):
 
     monkeypatch.setattr(medtl.ingest, "read", flaky)
     report, _ = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
-    assert report["quarantine_reasons"] == {"decode_error": 1}
-    assert "RuntimeError: reader bug" in report["quarantine"][0]["detail"]
+    assert reasons(report) == {"decode_error": 1}
+    assert report["quarantine"][0]["detail"] == "unexpected RuntimeError while decoding"  # the message may quote values
 
 
 def write_manifest(path: Path, rows: list[dict]) -> Path:
@@ -143,7 +165,9 @@ def test_csv_patients_with_several_images_never_span_splits(tmp_path):
     report, manifest = ingest(tmp_path, source="csv", csv={"manifest": str(m), "metadata": ["site"]},
                               max_quarantine_fraction=0.1)
     accounted(report)
-    assert report["quarantine_reasons"] == {"missing_file": 1, "no_label": 1}
+    assert reasons(report) == {"missing_file": 1, "no_label": 1}
+    assert {q.get("line") for q in report["quarantine"]} == {len(rows), len(rows) + 1}  # CSV lines, header = 1
+    assert report["grouping"] == {"kind": "column", "rule": None, "images_by_kind": {"column": len(manifest)}}
     spans: dict[str, set] = {}
     for r in manifest:
         spans.setdefault(r["group"], set()).add(r["split"])
@@ -166,14 +190,15 @@ def test_cross_split_duplicates_are_dropped_or_fail(tmp_path):
     shutil.copy(root / "train" / "a" / "train2.png", root / "train" / "a" / "again.png")
     report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)})
     accounted(report)
-    removed = {(d["source_path"], d["kind"]) for d in report["duplicates"] if d["action"] == "removed"}
+    names = paths_by_ref(root)
+    removed = {(names[d["image"]["source_ref"]], d["kind"]) for d in report["duplicates"] if d["action"] == "removed"}
     assert removed == {("test/a/copy.png", "file"), ("test/b/copy.tif", "pixels")}
     assert report["duplicates_removed"] == 2
     kept = [d for d in report["duplicates"] if d["action"] != "removed"]
-    assert [(d["kind"], d["splits"][0] == d["splits"][1]) for d in kept] == [("file", True)]
-    assert "test/a/copy.png" not in {r["source_path"] for r in rows}
-    assert {r["split"] for r in rows if r["source_path"].startswith("test/")} == {"test"}
-    with pytest.raises(MedtlError, match=r"2 image\(s\) are duplicated across splits.*test/a/copy.png \(test\)"):
+    assert [(d["kind"], d["image"]["split"] == d["duplicate_of"]["split"]) for d in kept] == [("file", True)]
+    assert "test/a/copy.png" not in {names[r["source_ref"]] for r in rows}
+    assert {r["split"] for r in rows if names[r["source_ref"]].startswith("test/")} == {"test"}
+    with pytest.raises(MedtlError, match=r"2 image\(s\) are duplicated across splits.*'source_ref': '" + source_ref("test/a/copy.png")):
         ingest(tmp_path, source="folder", folder={"root": str(root)}, duplicates="fail")
 
 
@@ -190,9 +215,9 @@ def test_nifti_volume_slices_share_a_group(tmp_path):
     assert report["files_seen"] == 8 and report["images"] == 40
     by_file: dict[str, set] = {}
     for r in rows:
-        by_file.setdefault(r["source_path"], set()).add((r["group"], r["split"]))
+        by_file.setdefault(r["source_ref"], set()).add((r["group"], r["split"]))
     assert all(len(v) == 1 for v in by_file.values()) and len(by_file) == 8
-    assert sorted(int(r["slice"]) for r in rows if r["source_path"] == "ct/v0.nii.gz") == [0, 1, 2, 3, 4]
+    assert sorted(int(r["slice"]) for r in rows if r["source_ref"] == source_ref("ct/v0.nii.gz")) == [0, 1, 2, 3, 4]
 
 
 def test_demo_phi_never_reaches_the_artifacts(tmp_path):
@@ -200,6 +225,7 @@ def test_demo_phi_never_reaches_the_artifacts(tmp_path):
                           demo={"patients": 12, "min_size": 32, "max_size": 40, "max_images_per_patient": 2})
     accounted(report)
     assert set(rows[0]) <= set(MANIFEST_COLUMNS) | set(WHITELIST)
+    assert report["grouping"]["kind"] == "source" and report["pseudonym_key"] == "user"
     text = (tmp_path / "out" / "manifest.csv").read_text() + (tmp_path / "out" / "report.json").read_text()
     for p in demo.fake_patients(12, 0.4, 7):
         for value in vars(p).values():
@@ -232,12 +258,19 @@ def test_pydicom_test_files_through_a_dicom_source(tmp_path):
         rows.append({"path": f"study{i % 3}/{name}", "label": "x" if i % 2 else "y"})
     labels = write_manifest(tmp_path / "labels.csv", rows)
     report, manifest = ingest(tmp_path, source="dicom", dicom={"root": str(root), "labels": str(labels)},
-                              max_quarantine_fraction=0.5, split={"train": 1.0, "val": 0.0, "test": 0.0})
+                              max_quarantine_fraction=0.5, split={"train": 1.0, "val": 0.0, "test": 0.0},
+                              label_conflicts="keep")
     accounted(report)
-    got = {Path(r["source_path"]).name: (int(r["height"]), int(r["width"]), int(r["channels"])) for r in manifest}
+    import logging
+    assert logging.getLogger("pydicom").propagate is False, logging.getLogger("pydicom").handlers
+    # MR_small in five transfer syntaxes decodes to identical pixels, labelled x and y by turns here
+    (conflict,) = report["label_conflicts"]
+    assert conflict["labels"] == ["x", "y"] and conflict["action"] == "kept" and len(conflict["images"]) == 5
+    names = paths_by_ref(root)
+    got = {Path(names[r["source_ref"]]).name: (int(r["height"]), int(r["width"]), int(r["channels"])) for r in manifest}
     assert got == DECODED
-    reasons = {Path(q["source_path"]).name: q["reason"] for q in report["quarantine"]}
-    assert reasons == QUARANTINED
+    why = {Path(names[q["source_ref"]]).name: q["reason"] for q in report["quarantine"]}
+    assert why == QUARANTINED
     ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     text = (tmp_path / "out" / "manifest.csv").read_text()
     assert str(ct.PatientID) not in text and str(ct.SOPInstanceUID) not in text

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -46,12 +47,18 @@ def report(project) -> dict:
     return json.loads((project.path / "data/ingested/report.json").read_text())
 
 
-def rehash_sources(project, rows: list[dict]) -> None:
-    """What `medtl verify` does: every source_path, under the recorded source root, still has its sha256."""
-    record = json.loads((project.path / "data/ingested.provenance.json").read_text())
-    root = project.path / record["extra"]["source_root"]
-    for r in rows:
-        assert hashlib.sha256((root / r["source_path"]).read_bytes()).hexdigest() == r["sha256"], r["source_path"]
+def rehash_sources(project, rows: list[dict]) -> dict[str, str]:
+    """`medtl locate` maps every image back to a file that still has its sha256; returns image id -> path."""
+    out = project.run(sys.executable, "-m", "medtl.cli", "locate", *[r["image_id"] for r in rows]).stdout
+    found = {}
+    for line in out.splitlines():
+        image_id, ref, where, check = line.split("\t")
+        path = Path(where.split(" [")[0])
+        assert check == "sha256 matches" and hashlib.sha256((project.path / path).read_bytes()).hexdigest() == \
+            next(r["sha256"] for r in rows if r["image_id"] == image_id), line
+        found[image_id] = path.as_posix()
+    assert sorted(found) == sorted(r["image_id"] for r in rows)
+    return found
 
 
 def ingest_params(project, extra: dict) -> None:
@@ -68,9 +75,10 @@ def test_folder_and_csv_sources_through_dvc(project):
     project.dvc("repro", "ingest")
     rows = manifest(project)
     assert len(rows) == 16 and {r["label"] for r in rows} == {"normal", "abnormal"}
-    assert {Path(r["source_path"]).suffix for r in rows} == {".png", ".jpg", ".tif", ".gz"}
     assert {r["split"] for r in rows} == {"train", "val", "test"}
-    rehash_sources(project, rows)
+    paths = rehash_sources(project, rows)
+    assert {Path(p).suffix for p in paths.values()} == {".png", ".jpg", ".tif", ".gz"}
+    assert all(p.startswith("srcdata/images/") for p in paths.values())
 
     # New data in the folder reruns ingest: the folder is a dependency through ${ingest.data}.
     shutil.copy(root / "normal/nested/0.png", root / "normal/extra.png")
@@ -79,7 +87,8 @@ def test_folder_and_csv_sources_through_dvc(project):
     assert report(project)["duplicates"][0]["kind"] == "file"  # the copy is found, and listed
 
     # A csv manifest with groups: a path escaping the root stops the stage with a clear message.
-    lines = ["path,label,patient"] + [f"{r['source_path']},{r['label']},P{i // 2}" for i, r in enumerate(rows)]
+    lines = ["path,label,patient"] + [f"{paths[r['image_id']].removeprefix('srcdata/images/')},{r['label']},P{i // 2}"
+                                      for i, r in enumerate(rows)]
     (root / "labels.csv").write_text("\n".join(lines + ["../../params.yaml,normal,P99"]) + "\n")
     ingest_params(project, {"source": "csv", "data": "srcdata", "csv": {"manifest": "srcdata/images/labels.csv",
                                                                         "group_column": "patient"}})
@@ -121,14 +130,22 @@ def test_medmnist_and_dicom_sources_through_dvc(project):
         d = tree / f"patient{i % 3}"
         d.mkdir(parents=True, exist_ok=True)
         shutil.copy(get_testdata_file(name), d / name)
-        labels.append(f"patient{i % 3}/{name},{'yes' if i % 2 else 'no'}")
+        labels.append(f"patient{i % 3}/{name},{'yes' if name.startswith('MR_small') else 'no'}")  # MR_small: same pixels
     (src / "dicom_labels.csv").write_text("\n".join(labels) + "\n")
+    ingest_params(project, {"source": "dicom", "data": "srcdata", "max_quarantine_fraction": 0.2, "classes": [],
+                            "split": {"train": 1.0, "val": 0.0, "test": 0.0},
+                            "dicom": {"root": "srcdata/dicom", "labels": "srcdata/dicom_labels.csv"}})
+    res = project.dvc("repro", "ingest", check=False)  # real patient ids need a pseudonym key of the hospital's own
+    assert res.returncode != 0 and "MEDTL_PSEUDONYM_KEY" in res.stderr + res.stdout
+    project.env["MEDTL_PSEUDONYM_KEY"] = "hospital secret"
     ingest_params(project, {"source": "dicom", "data": "srcdata", "max_quarantine_fraction": 0.2, "classes": [],
                             "split": {"train": 1.0, "val": 0.0, "test": 0.0},
                             "dicom": {"root": "srcdata/dicom", "labels": "srcdata/dicom_labels.csv"}})
     project.dvc("repro", "ingest")
     rep = report(project)
-    assert rep["files_seen"] == 7 and rep["quarantine_reasons"] == {"truncated": 1} and rep["images"] == 6
+    assert rep["files_seen"] == 7 and rep["images"] == 6
+    assert {r: n for r, n in rep["quarantine_reasons"].items() if n} == {"truncated": 1}
+    assert rep["pseudonym_key"] == "user" and rep["grouping"]["kind"] == "patient_id"
     rows = manifest(project)
     assert str(ds.PatientID) not in (project.path / "data/ingested/manifest.csv").read_text()
     rehash_sources(project, rows)

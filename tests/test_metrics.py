@@ -1,11 +1,11 @@
 import json
-import time
 
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
 from medtl import metrics as M
+from medtl import metrics_report as R
 from medtl.errors import MedtlError
 
 # A 10-image binary case small enough to check by hand.
@@ -15,6 +15,11 @@ P10 = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.15, 0.35, 0.7, 0.8, 0.9])
 PROBS10 = np.stack([1 - P10, P10], axis=1)
 
 
+def report(y, probs, classes, threshold=None):
+    """The report's point values (a few resamples: intervals are tested on their own)."""
+    return R.evaluate_split(y, probs, classes, operating=threshold, n_resamples=10)
+
+
 def _binary_data(n, rng, signal=1.5):
     y = rng.integers(0, 2, n)
     logit = rng.normal(size=n) + signal * (2 * y - 1)
@@ -22,7 +27,7 @@ def _binary_data(n, rng, signal=1.5):
 
 
 def test_binary_metrics_match_hand_computed_values():
-    m = M.compute_metrics(Y10, PROBS10, ["benign", "malignant"])
+    m = report(Y10, PROBS10, ["benign", "malignant"])
     # At 0.5: TP = 3 (0.7 0.8 0.9), FN = 1 (0.35), FP = 1 (0.6), TN = 5.
     assert m["n"] == 10
     assert m["confusion_matrix"] == [[5, 1], [1, 3]]
@@ -56,7 +61,7 @@ def test_ece_matches_hand_computed_bins():
 
 
 def test_threshold_changes_binary_operating_metrics():
-    m = M.compute_metrics(Y10, PROBS10, ["neg", "pos"], threshold=0.3)
+    m = report(Y10, PROBS10, ["neg", "pos"], threshold=0.3)
     # At 0.3: TP = 4, FP = 3 (0.3 0.4 0.6).
     assert m["threshold"] == 0.3
     assert m["sensitivity"] == 1.0
@@ -75,7 +80,7 @@ def test_multiclass_metrics_match_hand_computed_values():
         [0.1, 0.2, 0.7],
         [0.5, 0.1, 0.4],
     ])
-    m = M.compute_metrics(y, probs, ["a", "b", "c"])
+    m = report(y, probs, ["a", "b", "c"])
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
     assert m["accuracy"] == pytest.approx(4 / 6)
     assert m["balanced_accuracy"] == pytest.approx((0.5 + 1 + 0.5) / 3)
@@ -90,7 +95,7 @@ def test_multiclass_metrics_match_hand_computed_values():
 
 
 def test_undefined_metrics_are_none_not_zero():
-    m = M.compute_metrics(np.zeros(4, dtype=int), np.full((4, 2), 0.5), ["neg", "pos"])
+    m = report(np.zeros(4, dtype=int), np.full((4, 2), 0.5), ["neg", "pos"])
     assert m["roc_auc"] is None and m["sensitivity"] is None and m["pr_auc"] is None
     assert m["specificity"] == 0.0  # all four called positive at p_pos >= 0.5
     json.dumps(m, allow_nan=False)
@@ -107,14 +112,14 @@ def test_standalone_helpers_agree_with_report():
 
 def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="y_true has 3 entries but probs has 10 rows"):
-        M.compute_metrics(Y10[:3], PROBS10, ["a", "b"])
+        report(Y10[:3], PROBS10, ["a", "b"])
     with pytest.raises(ValueError, match="probs must be finite probabilities"):
-        M.compute_metrics(Y10, PROBS10 * 3, ["a", "b"])
+        report(Y10, PROBS10 * 3, ["a", "b"])
     with pytest.raises(ValueError, match="unknown metric 'auroc'"):
         M.bootstrap_ci(Y10, PROBS10, metrics=["auroc"])
-    with pytest.raises(MedtlError, match="expected one of fixed, youden, sensitivity, specificity"):
+    with pytest.raises(MedtlError, match="expected a rule among fixed, youden, sensitivity, specificity"):
         M.choose_threshold(Y10, P10, "f1")
-    with pytest.raises(MedtlError, match="needs a target sensitivity"):
+    with pytest.raises(MedtlError, match="expected a target sensitivity"):
         M.choose_threshold(Y10, P10, "sensitivity")
     with pytest.raises(MedtlError, match="0 positives"):
         M.choose_threshold(np.zeros(5, dtype=int), np.linspace(0, 1, 5), "youden")
@@ -151,8 +156,8 @@ def test_threshold_is_a_function_of_validation_data_only():
     assert op["fitted_on"] == "validation" and op["val_sensitivity"] >= 0.9
     y_a, p_a = _binary_data(200, rng, signal=0.5)
     y_b, p_b = _binary_data(200, rng, signal=3.0)
-    report_a = M.evaluate_split(y_a, p_a, ["neg", "pos"], operating=op, n_resamples=50)
-    report_b = M.evaluate_split(y_b, p_b, ["neg", "pos"], operating=op, n_resamples=50)
+    report_a = R.evaluate_split(y_a, p_a, ["neg", "pos"], operating=op, n_resamples=50)
+    report_b = R.evaluate_split(y_b, p_b, ["neg", "pos"], operating=op, n_resamples=50)
     # Whatever the test split holds, the operating threshold is the one fitted on validation.
     assert report_a["threshold"] == report_b["threshold"] == op["threshold"]
     assert report_a["threshold_rule"] == "sensitivity"
@@ -236,13 +241,22 @@ def test_resamples_with_one_class_are_skipped_and_counted():
     assert ci["accuracy"]["skipped"] == 0
 
 
-def test_bootstrap_is_fast_enough():
+def test_bootstrap_does_not_depend_on_how_resamples_are_chunked(monkeypatch):
+    # Resamples are evaluated in chunks of the weight matrix; the chunk size is memory, never results.
     rng = np.random.default_rng(7)
-    y, p = _binary_data(2000, rng)
-    groups = rng.integers(0, 700, y.size)
-    start = time.perf_counter()
-    M.bootstrap_ci(y, p, groups, None, 1000, seed=0)
-    assert time.perf_counter() - start < 5.0
+    y, p = _binary_data(300, rng)
+    groups = rng.integers(0, 100, y.size)
+    whole = M.bootstrap_ci(y, p, groups, None, 200, seed=0)
+    per_class = M.per_class_metrics(y, p, groups, n_resamples=200, seed=0)[0]
+    monkeypatch.setattr(M, "_CHUNK_ELEMENTS", 1000)  # 3 resamples per chunk
+    chunked = M.bootstrap_ci(y, p, groups, None, 200, seed=0)
+    for name, ci in whole.items():  # equal up to summation order
+        assert chunked[name] == {"low": pytest.approx(ci["low"], rel=1e-12), "high": pytest.approx(ci["high"], rel=1e-12),
+                                 "skipped": ci["skipped"]}, name
+    assert M.per_class_metrics(y, p, groups, n_resamples=200, seed=0)[0] == per_class
+    # and the same draws give the headline's sensitivity interval for the positive class
+    assert per_class[1]["sensitivity_ci_low"] == whole["sensitivity"]["low"]
+    assert per_class[1]["sensitivity_ci_high"] == whole["sensitivity"]["high"]
 
 
 # ---------------------------------------------------------------- calibration
@@ -284,7 +298,7 @@ def test_subgroups_flag_small_or_one_class_groups():
     y, p = _binary_data(160, rng)
     site = np.array(["north"] * 100 + ["south"] * 10 + ["east"] * 40 + [""] * 10, dtype=object)
     y[110:150] = 0  # "east" has no positive
-    out = M.subgroup_metrics(y, p, None, site, classes=["neg", "pos"], n_resamples=100, min_size=30)
+    out = R.subgroup_metrics(y, p, None, site, classes=["neg", "pos"], n_resamples=100, min_size=30)
     assert set(out) == {"north", "south", "east", "missing"}
     assert out["north"]["too_small"] is False and out["north"]["reason"] is None
     assert out["south"]["too_small"] is True and "10 images" in out["south"]["reason"]
@@ -301,19 +315,22 @@ def test_evaluate_split_report_is_flat_json_with_intervals():
     sex = rng.choice(["F", "M"], y.size)
     y_val, p_val = _binary_data(200, rng)
     op = M.operating_point(y_val, p_val, "youden")
-    report = M.evaluate_split(y, p, ["normal", "pneumonia"], groups=patients, subgroups={"sex": sex},
-                              operating=op, n_resamples=200, seed=0, temperature=1.3)
-    text = json.dumps(report, allow_nan=False)
-    assert json.loads(text) == report
+    full = R.evaluate_split(y, p, ["normal", "pneumonia"], groups=patients, subgroups={"sex": sex},
+                                                         operating=op, n_resamples=200, seed=0, temperature=1.3)
+    text = json.dumps(full, allow_nan=False)
+    assert json.loads(text) == full
     for name in M.BINARY_HEADLINE:
-        assert report[f"{name}_ci_low"] <= report[name] <= report[f"{name}_ci_high"], name
-    assert report["threshold"] == op["threshold"] and report["positive_class"] == "pneumonia"
-    assert report["bootstrap"]["unit"] == "group" and report["bootstrap"]["n_units"] == len(set(patients))
-    assert report["calibration"]["temperature"] == 1.3
-    assert sum(row["count"] for row in report["calibration"]["reliability"]) == 400
-    assert set(report["subgroups"]["sex"]) == {"F", "M"}
-    # Everything compute_metrics reports is in the full report too.
-    assert set(M.compute_metrics(y, p, ["normal", "pneumonia"])) <= set(report)
+        assert full[f"{name}_ci_low"] <= full[name] <= full[f"{name}_ci_high"], name
+    assert full["threshold"] == op["threshold"] and full["positive_class"] == "pneumonia"
+    assert full["bootstrap"]["unit"] == "group" and full["bootstrap"]["n_units"] == len(set(patients))
+    assert full["calibration"]["temperature"] == 1.3
+    assert sum(row["count"] for row in full["calibration"]["reliability"]) == 400
+    assert set(full["subgroups"]["sex"]) == {"F", "M"}
+    # Every per-class value has its patient-bootstrap interval.
+    for name, row in full["per_class"].items():
+        for m in M.PER_CLASS_METRICS:
+            assert row[f"{m}_ci_low"] <= row[m] <= row[f"{m}_ci_high"], (name, m)
+            assert row[f"{m}_ci_high"] > row[f"{m}_ci_low"], (name, m)
 
 
 def test_evaluate_split_multiclass_uses_argmax():
@@ -321,7 +338,7 @@ def test_evaluate_split_multiclass_uses_argmax():
     y = rng.integers(0, 3, 300)
     logits = rng.normal(size=(300, 3))
     logits[np.arange(300), y] += 1.5
-    report = M.evaluate_split(y, M.apply_temperature(logits, 1.0), ["a", "b", "c"], n_resamples=100)
+    report = R.evaluate_split(y, M.apply_temperature(logits, 1.0), ["a", "b", "c"], n_resamples=100)
     assert report["threshold"] is None and report["threshold_rule"] == "argmax"
     assert "sensitivity" not in report and "f1_macro_ci_low" in report
     assert report["bootstrap"]["unit"] == "image"
@@ -329,17 +346,17 @@ def test_evaluate_split_multiclass_uses_argmax():
 
 
 def test_curve_points_match_sklearn_and_are_downsampled():
-    rows = M.roc_points(Y10, P10)
+    rows = R.roc_points(Y10, P10)
     fpr, tpr, _ = skm.roc_curve(Y10, P10, drop_intermediate=False)
     assert [r["fpr"] for r in rows] == pytest.approx(fpr)
     assert [r["tpr"] for r in rows] == pytest.approx(tpr)
     assert rows[0]["threshold"] is None and rows[1]["threshold"] == 0.9
-    pr = M.pr_points(Y10, P10)
+    pr = R.pr_points(Y10, P10)
     assert pr[0] == {"recall": 0.0, "precision": 1.0, "threshold": None}
     assert pr[-1]["recall"] == 1.0 and pr[-1]["precision"] == pytest.approx(0.4)
     rng = np.random.default_rng(13)
     y, p = _binary_data(5000, rng)
-    curves = M.curve_points(y, np.stack([1 - p, p], axis=1), ["neg", "pos"])
+    curves = R.curve_points(y, np.stack([1 - p, p], axis=1), ["neg", "pos"])
     assert len(curves["roc"]) <= 200 and len(curves["pr"]) <= 200
     assert curves["roc"][0]["fpr"] == 0.0 and curves["roc"][-1]["tpr"] == 1.0
     json.dumps(curves, allow_nan=False)

@@ -76,7 +76,7 @@ def test_numbers_accept_integers_and_keep_defaults():
         ("ingest", "source", "pacs", "demo"),
         ("finetune", "lr", "fast", "a number"),
         ("finetune", "epochs", 0, "a positive integer"),
-        ("preprocess", "size", 3, "between 16 and 1024"),
+        ("preprocess", "image_size", 3, "between 16 and 1024"),
     ],
 )
 def test_bad_names_and_values_in_each_section(tmp_path, section, key, value, allowed):
@@ -100,3 +100,33 @@ def test_a_stage_with_a_bad_param_exits_with_one_paragraph_and_writes_nothing(tm
     assert "Traceback" not in res.stderr
     assert "'workres'" in res.stderr and "ingest" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+@pytest.mark.parametrize("where", [("preprocess", "size"), ("evaluate", "saliency", "nfiles"), ("model_card", "size")])
+def test_keys_the_dvc_run_cache_ignores_are_refused_anywhere(tmp_path, where):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    node = raw
+    for k in where[:-1]:
+        node = node.setdefault(k, {})
+    node[where[-1]] = 64
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match="run cache") as e:
+        load_section("finetune", FinetuneParams, path)  # any stage: the whole file is checked
+    assert ".".join(where) in str(e.value) and str(path) in str(e.value)
+
+
+def test_no_params_dataclass_has_a_field_the_run_cache_ignores():
+    import dataclasses
+    import typing
+
+    def fields(cls, prefix):
+        for f in dataclasses.fields(cls):
+            yield f"{prefix}.{f.name}"
+            for tp in (typing.get_type_hints(cls)[f.name], *typing.get_args(typing.get_type_hints(cls)[f.name])):
+                if dataclasses.is_dataclass(tp):
+                    yield from fields(tp, f"{prefix}.{f.name}")
+
+    names = [n for section, cls in SECTIONS.items() for n in fields(cls, section)]
+    assert len(names) > 80
+    assert [n for n in names if n.rsplit(".", 1)[-1] in ("size", "nfiles")] == []

@@ -9,11 +9,17 @@ from medtl.errors import MedtlError, ParamsError
 from medtl.phi import (
     DEFAULT_PSEUDONYM_KEY,
     KEY_ENV,
+    KEY_FILE_ENV,
     WHITELIST,
     age_in_years,
+    check_header_metadata,
+    check_metadata_columns,
     filter_metadata,
+    identifying_token,
     is_phi_name,
+    key_kind,
     pseudonymise,
+    source_ref,
     uses_default_key,
 )
 
@@ -30,6 +36,7 @@ def test_pseudonym_shape_and_stability():
 
 def test_key_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
     assert uses_default_key()
     assert pseudonymise("x") == pseudonymise("x", DEFAULT_PSEUDONYM_KEY)
     monkeypatch.setenv(KEY_ENV, "hospital secret")
@@ -82,3 +89,47 @@ def test_harmless_names_are_not_phi():
 )
 def test_age_in_years(age, birth, seen, expected):
     assert age_in_years(age, birth, seen) == expected
+
+
+def test_key_file_and_key_kind(monkeypatch, tmp_path):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    assert key_kind() == "default"
+    key = tmp_path / "medtl.key"
+    key.write_text("  file secret\n")
+    monkeypatch.setenv(KEY_FILE_ENV, str(key))
+    assert key_kind() == "user" and pseudonymise("x") == pseudonymise("x", b"file secret")
+    monkeypatch.setenv(KEY_ENV, "env secret")  # the variable wins over the file
+    assert pseudonymise("x") == pseudonymise("x", b"env secret")
+    monkeypatch.delenv(KEY_ENV)
+    key.write_text("\n")
+    with pytest.raises(MedtlError, match="empty"):
+        pseudonymise("x")
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "absent.key"))
+    with pytest.raises(MedtlError, match=f"{KEY_FILE_ENV}.*absent.key"):
+        pseudonymise("x")
+
+
+def test_source_refs_hide_the_path_and_differ_from_patient_pseudonyms():
+    ref = source_ref("DOE^JOHN_MRN12345/IM0001.dcm", b"k")
+    assert re.fullmatch(r"f-[0-9a-f]{16}", ref) and "MRN" not in ref
+    assert ref == source_ref("DOE^JOHN_MRN12345/IM0001.dcm", b"k") != source_ref("DOE^JOHN_MRN12345/IM0002.dcm", b"k")
+    assert ref[2:] != pseudonymise("DOE^JOHN_MRN12345/IM0001.dcm", b"k")[2:]
+
+
+@pytest.mark.parametrize("column, token", [("pt_name", "name"), ("mrn_number", "mrn"), ("referrer", "referrer"),
+                                           ("notes", "notes"), ("free text", "free text"), ("MRNNumber", "mrn"),
+                                           ("PatientBirthDate", "patientbirthdate"), ("home_phone", "phone")])
+def test_identifying_names_are_matched_by_tokens(column, token):
+    assert identifying_token(column) == token
+    with pytest.raises(ParamsError, match="allow_columns"):
+        check_metadata_columns([column])
+    assert check_metadata_columns([column, "site"], allowed=[column]) == [column]
+
+
+def test_header_metadata_values_must_have_their_standard_form():
+    checked, blanked = check_header_metadata({"modality": "DOE^JOHN", "photometric": "JOHN", "sex": "F", "age": "45",
+                                              "body_part": "CHEST", "manufacturer": "Acme Imaging"})
+    assert checked == {"modality": "", "photometric": "", "sex": "F", "age": "45", "body_part": "CHEST",
+                       "manufacturer": "Acme Imaging"}
+    assert sorted(blanked) == ["modality", "photometric"]

@@ -11,28 +11,42 @@ import torch
 from PIL import Image
 
 from medtl import cli, demo
-from medtl.evaluation import operating_point_record
-from medtl.model import load_classifier
-from medtl.predict import prepare_image
-from medtl.preprocess import resize, to_channels
-from medtl.readers import read
+from medtl.imaging import model_input
+from medtl.model import load_classifier, model_preprocessing
+from medtl.operating_point import data_profile, operating_point_record
+from medtl.prepared import load_split
+from medtl.readers import colour_of, read
 from medtl.store import PixelStore, PixelStoreWriter, quantize
+from tests.project import preprocessing_record
 from tests.test_evaluation import write_model, write_prepared
 
 
 @pytest.mark.parametrize("shape, channels, mode", [((45, 70), 1, "pad"), ((50, 40, 3), 1, "crop"),
                                                     ((37, 61), 3, "stretch")])
-def test_prepare_image_is_bit_for_bit_the_pipeline(tmp_path, shape, channels, mode):
+def test_model_input_of_decoded_pixels_is_bit_for_bit_the_store_path(tmp_path, shape, channels, mode):
     pixels = np.random.default_rng(1).random(shape, dtype=np.float32)
-    # The pipeline: ingest quantises into the store, preprocess reads it back, converts, resizes, stores float16.
+    # The pipeline: ingest quantises into the store, preprocess reads it back and applies the same function.
     writer = PixelStoreWriter(tmp_path / "pixels.u16")
     offset, h, w, c = writer.append(quantize(pixels))
     writer.close()
-    img = PixelStore(tmp_path / "pixels.u16").get(offset, h, w, c)
-    arr = np.zeros((1, channels, 32, 32), dtype=np.float16)
-    arr[0] = resize(to_channels(img, channels), 32, mode).transpose(2, 0, 1)
-    got = prepare_image(pixels, {"size": 32, "channels": channels, "resize": mode})
-    assert got.dtype == np.float16 and np.array_equal(got, arr[0])
+    stored = PixelStore(tmp_path / "pixels.u16").get(offset, h, w, c)
+    pre = preprocessing_record(32, channels, resize=mode)
+    got = model_input(pixels, pre)
+    assert got.dtype == np.float16 and got.shape == (channels, 32, 32)
+    assert np.array_equal(got, model_input(stored, pre))
+
+
+def test_colour_is_decided_by_the_pixels_not_the_format():
+    rng = np.random.default_rng(3)
+    gray = rng.random((20, 20), dtype=np.float32)
+    assert colour_of(gray) == "gray"
+    assert colour_of(np.repeat(gray[:, :, None], 3, axis=2)) == "gray"  # RGB of gray content
+    jpeg_like = np.repeat(gray[:, :, None], 3, axis=2)
+    jpeg_like[:, :, 2] += 1 / 255  # a JPEG's rounding between channels is still gray
+    assert colour_of(np.clip(jpeg_like, 0, 1)) == "gray"
+    tinted = np.repeat(gray[:, :, None], 3, axis=2)
+    tinted[5, 5] = [1.0, 0.0, 0.0]
+    assert colour_of(tinted) == "colour"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +56,8 @@ def files(tmp_path_factory):
     _, ckpt = load_classifier(model)
     prepared = write_prepared(root / "prepared", {"train": 2, "val": 8, "test": 2})
     op = {"rule": "youden", "target": None, "threshold": 0.4, "fitted_on": "validation"}
-    (root / "op.json").write_text(json.dumps(operating_point_record(model, ckpt, op, 1.5, prepared)))
+    profile = data_profile([load_split(prepared, s) for s in ("train", "val", "test")])
+    (root / "op.json").write_text(json.dumps(operating_point_record(model, ckpt["classes"], op, 1.5, profile)))
     images = root / "images"
     patient = demo.fake_patients(1, 0.5, 3)[0]
     dcm = demo.write_patient_images(patient, 2, (40, 60), 3, images)
@@ -84,7 +99,7 @@ def test_predict_folder_rows_probabilities_and_refusals(files, tmp_path, capsys)
     # Each probability is the model on the pipeline's preprocessing, with the recorded temperature 1.5.
     model, ckpt = load_classifier(files["model"])
     for name, path in (("image0.dcm", files["dcm"][0]), ("gray.png", files["images"] / "gray.png")):
-        x = torch.from_numpy(prepare_image(read(path)[0].pixels, ckpt["preprocessing"]).astype(np.float32))[None]
+        x = torch.from_numpy(model_input(read(path)[0].pixels, model_preprocessing(ckpt, "m")).astype(np.float32))[None]
         with torch.no_grad():
             p = torch.softmax(model(x) / 1.5, dim=1)[0].numpy()
         r = rows[name]
@@ -114,3 +129,18 @@ def test_predict_with_nothing_readable_or_a_missing_input_fails_clearly(files, t
     assert "no image could be predicted" in capsys.readouterr().err
     assert run_cli(files["model"], tmp_path / "missing.dcm", "--out", tmp_path / "q.csv") == 2
     assert "missing.dcm does not exist" in capsys.readouterr().err
+
+
+def test_a_model_or_operating_point_of_another_format_is_refused_naming_the_file(files, tmp_path, capsys):
+    from medtl.io import load_torch, save_torch
+
+    old = tmp_path / "old.pt"
+    save_torch({**load_torch(files["model"]), "format": "medtl-model/1"}, old)
+    assert run_cli(old, files["dcm"][0], "--out", tmp_path / "p.csv") == 2
+    err = capsys.readouterr().err
+    assert str(old) in err and "medtl-model/1" in err and "medtl-model/2" in err
+    op = tmp_path / "op.json"
+    op.write_text(json.dumps({**json.loads(files["op"].read_text()), "format": "medtl-operating-point/1"}))
+    assert run_cli(files["model"], files["dcm"][0], "--out", tmp_path / "p.csv", "--operating-point", op) == 2
+    err = capsys.readouterr().err
+    assert str(op) in err and "medtl-operating-point/1" in err

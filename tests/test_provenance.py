@@ -15,6 +15,7 @@ import torch
 
 from medtl.cli import main
 from medtl.io import write_json
+from medtl.phi import pseudonymise
 from medtl.provenance import stage_record
 from medtl.provenance.bom import validate_bom
 
@@ -77,12 +78,13 @@ def _source_files(root: Path) -> list[dict]:
     rows = []
     for i, (name, mrn) in enumerate(zip(FAKE_NAMES[:2], FAKE_NAMES[2:])):
         for j in range(3):
-            rel = f"p{i}/img{j}.dcm"
+            # folder and file names carry the identifiers too, as PACS exports often do
+            rel = f"{name}_{mrn}/img{j}_{mrn}.dcm"
             p = root / "data/raw" / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             # a fake header with identifiers, which must never reach the evidence
             p.write_bytes(f"DICM PatientName={name} PatientID={mrn} ".encode() + bytes([i, j]) * 64)
-            rows.append({"image_id": f"im{i}{j}", "source_path": rel, "label": ["normal", "lesion"][i], "group": f"g{i:04d}",
+            rows.append({"image_id": f"im{i}{j}", "rel": rel, "source_ref": pseudonymise(rel), "label": ["normal", "lesion"][i], "group": f"g{i:04d}",
                          "split": ["train", "train", "test"][j] if i == 0 else ["train", "val", "test"][j]})
     return rows
 
@@ -96,10 +98,10 @@ def _build_outputs(root: Path) -> None:
         out = root / "data/ingested"
         out.mkdir(parents=True)
         with open(out / "manifest.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["image_id", "source_path", "sha256", "label", "group", "split", "modality", "height", "width", "channels", "offset"])
+            w = csv.DictWriter(f, extrasaction="ignore", fieldnames=["image_id", "source_ref", "sha256", "label", "group", "split", "modality", "height", "width", "channels", "offset"])
             w.writeheader()
             for k, r in enumerate(rows):
-                w.writerow({**r, "sha256": sha256_file(root / "data/raw" / r["source_path"]), "modality": "CT", "height": 8, "width": 8, "channels": 1, "offset": k * 64})
+                w.writerow({**r, "sha256": sha256_file(root / "data/raw" / r["rel"]), "modality": "CT", "height": 8, "width": 8, "channels": 1, "offset": k * 64})
         np.arange(6 * 64, dtype=np.uint16).tofile(out / "pixels.u16")
         write_json(out / "report.json", {"images": 6, "quarantined": [], "duplicates": [], "counts": {"train": {"normal": 2, "lesion": 1}}})
         rec.seeds["split"] = 42
@@ -223,15 +225,20 @@ def test_audit_writes_evidence_and_verify_passes(ws, capsys):
     assert (rc, lines) == (0, [])
 
 
+VICTIM = f"{FAKE_NAMES[1]}_{FAKE_NAMES[3]}/img2_{FAKE_NAMES[3]}.dcm"
+
+
 def test_source_files_outside_the_pipeline_are_checked_from_the_manifest(ws, capsys):
     # an auditor holding the sources elsewhere points verify at them
     shutil.move(ws / "data/raw", ws.parent / "sources")
-    src = ws.parent / "sources/p0/img1.dcm"
+    src = ws.parent / "sources" / VICTIM
     src.write_bytes(src.read_bytes() + b"x")
     capsys.readouterr()
     assert main(["verify", "reports/audit/provenance.json", "--source-root", str(ws.parent / "sources")]) == 1
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("MISMATCH")]
-    assert len(lines) == 1 and lines[0].startswith("MISMATCH source p0/img1.dcm: expected sha256 "), lines
+    # the evidence knows the file by pseudonym; on the auditor's machine the changed file is named
+    assert len(lines) == 1 and lines[0].startswith(f"MISMATCH source {pseudonymise(VICTIM)}: expected sha256 "), lines
+    assert VICTIM in lines[0]
 
 
 def test_no_patient_identifiers_in_evidence(ws, capsys):
@@ -243,7 +250,7 @@ def test_no_patient_identifiers_in_evidence(ws, capsys):
         assert not any(n in rec.read_text() for n in FAKE_NAMES)
 
 
-@pytest.mark.parametrize("victim", ["data/prepared/train.npy", "models/model.pt", "params.yaml", "data/raw/p1/img2.dcm"])
+@pytest.mark.parametrize("victim", ["data/prepared/train.npy", "models/model.pt", "params.yaml", "data/raw/" + VICTIM])
 def test_tampering_names_exactly_that_artifact(ws, capsys, victim):
     p = ws / victim
     data = bytearray(p.read_bytes())
@@ -252,7 +259,26 @@ def test_tampering_names_exactly_that_artifact(ws, capsys, victim):
     rc, lines = verify_lines(capsys)
     assert rc == 1
     assert len(lines) == 1, lines
-    assert lines[0].startswith(f"MISMATCH {victim}: expected sha256 "), lines
+    if victim.startswith("data/raw/"):
+        assert lines[0].startswith(f"MISMATCH source {pseudonymise(VICTIM)}: expected sha256 ") and VICTIM in lines[0], lines
+    else:
+        assert lines[0].startswith(f"MISMATCH {victim}: expected sha256 "), lines
+
+
+def test_source_folder_is_described_without_file_names(ws):
+    stmt = json.loads((ws / "reports/audit/provenance.json").read_text())
+    raw = next(d for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"] if d["name"] == "data/raw")
+    assert raw["annotations"]["medtl.kind"] == "source-folder" and raw["annotations"]["nfiles"] == 6
+    assert "files" not in raw["annotations"]
+    record = json.loads((ws / "data/ingested.provenance.json").read_text())
+    assert record["inputs"][0]["path"] == "data/raw" and "files" not in record["inputs"][0]
+
+
+def test_a_quarantined_source_file_that_changed_is_reported_by_its_folder(ws, capsys):
+    (ws / "data/raw/unreadable.dcm").write_bytes(b"not in the manifest")
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith("MISMATCH data/raw: expected sha256 "), lines
+    assert "over 6 files" in lines[0] and "over 7 files" in lines[0]
 
 
 def test_dirty_workspace_is_flagged(ws, capsys):
@@ -267,7 +293,8 @@ def test_dirty_workspace_is_flagged(ws, capsys):
     assert audit("--allow-dirty") == 0
 
 
-def test_signed_evidence_verifies_and_forgeries_fail(ws, capsys, tmp_path):
+def test_signed_evidence_verifies_and_forgeries_fail(ws, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "correct horse battery staple")
     assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
     assert main(["keygen", "--out", str(tmp_path / "other")]) == 0
     assert audit("--sign-key", str(tmp_path / "k/medtl-signing.key")) == 0
@@ -311,3 +338,278 @@ def test_experiment_is_recorded(ws, capsys):
     stmt = json.loads((ws / "reports/audit/provenance.json").read_text())
     exp = stmt["predicate"]["buildDefinition"]["internalParameters"]["experiment"]
     assert exp["name"] == "lr-sweep-1" and exp["ref"].startswith("refs/exps/")
+
+
+def test_envelope_verifies_with_securesystemslib(ws, tmp_path, monkeypatch):
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import SSlibKey
+
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "correct horse battery staple")
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    assert audit("--sign-key", str(tmp_path / "k/medtl-signing.key")) == 0
+    envelope = json.loads((ws / "reports/audit/provenance.dsse.json").read_text())
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    # the key id is computed by securesystemslib, not taken from medtl
+    key = SSlibKey.from_crypto(load_pem_public_key((tmp_path / "k/medtl-signing.pub").read_bytes()))
+    env = Envelope.from_dict(json.loads(json.dumps(envelope)))  # from_dict consumes the dict it is given
+    accepted = env.verify([key], 1)
+    assert list(accepted) == [key.keyid] == [envelope["signatures"][0]["keyid"]]
+    assert env.payload == (ws / "reports/audit/provenance.json").read_bytes()
+
+    envelope["payload"] = __import__("base64").b64encode(env.payload.replace(b"models/model.pt", b"models/other.pt")).decode()
+    with pytest.raises(VerificationError):
+        Envelope.from_dict(json.loads(json.dumps(envelope))).verify([key], 1)
+
+
+def test_private_key_is_protected_by_a_passphrase(ws, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE", raising=False)
+    secret, wrong = tmp_path / "pass.txt", tmp_path / "wrong.txt"
+    secret.write_text("s3cret phrase\n")
+    wrong.write_text("not it\n")
+    assert main(["keygen", "--out", str(tmp_path / "k"), "--passphrase-file", str(secret)]) == 0
+    key = tmp_path / "k/medtl-signing.key"
+    assert key.read_text().startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----") and key.stat().st_mode & 0o077 == 0
+    assert b"s3cret" not in key.read_bytes()
+
+    envelope = ws / "reports/audit/provenance.dsse.json"
+    capsys.readouterr()
+    assert audit("--sign-key", str(key)) == 2  # no passphrase given and no terminal to ask on
+    assert "protected by a passphrase" in capsys.readouterr().err and not envelope.exists()
+    assert audit("--sign-key", str(key), "--passphrase-file", str(wrong)) == 2
+    assert "wrong passphrase" in capsys.readouterr().err and not envelope.exists()
+    assert audit("--sign-key", str(key), "--passphrase-file", str(secret)) == 0
+    assert verify_lines(capsys, "--pub-key", str(tmp_path / "k/medtl-signing.pub")) == (0, [])
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "s3cret phrase")
+    assert audit("--sign-key", str(key)) == 0
+
+    # keygen without a passphrase source and without a terminal refuses; --no-passphrase is explicit
+    monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE")
+    assert main(["keygen", "--out", str(tmp_path / "k2")]) == 2
+    assert "--no-passphrase" in capsys.readouterr().err and not (tmp_path / "k2").exists()
+    assert main(["keygen", "--out", str(tmp_path / "k3"), "--no-passphrase"]) == 0
+    assert (tmp_path / "k3/medtl-signing.key").read_text().startswith("-----BEGIN PRIVATE KEY-----")
+
+
+def test_keygen_asks_twice_at_a_terminal(tmp_path, monkeypatch, capsys):
+    from medtl.provenance import signing
+
+    answers = iter(["typed phrase", "typed phrase", "a", "b"])
+    monkeypatch.setattr(signing, "_interactive", lambda: True)
+    monkeypatch.setattr(signing.getpass, "getpass", lambda prompt="": next(answers))
+    monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE", raising=False)
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    loaded = signing.serialization.load_pem_private_key((tmp_path / "k/medtl-signing.key").read_bytes(), password=b"typed phrase")
+    assert signing.keyid(loaded.public_key()) == signing.keyid(signing.load_public_key(tmp_path / "k/medtl-signing.pub"))
+    assert main(["keygen", "--out", str(tmp_path / "k2")]) == 2
+    assert "differ" in capsys.readouterr().err and not (tmp_path / "k2/medtl-signing.key").exists()
+
+
+def _edit_evidence(ws: Path, change) -> None:
+    path = ws / "reports/audit/provenance.json"
+    stmt = json.loads(path.read_text())
+    change(stmt)
+    path.write_text(json.dumps(stmt, indent=2))
+
+
+def _dep(stmt: dict, name: str) -> dict:
+    return next(d for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"] if d["name"] == name)
+
+
+@pytest.mark.parametrize("name", ["../../../../etc/passwd", "/etc/passwd", "data/../../../../../etc/passwd"])
+def test_verify_refuses_evidence_names_outside_the_root(ws, capsys, name):
+    import hashlib
+
+    sha = hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest()  # a hash that would match, were the file read
+    _edit_evidence(ws, lambda s: _dep(s, "params.yaml").update(name=name, digest={"sha256": sha}))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1
+    assert lines == [f"MISMATCH {name}: expected a path inside the project root, actual "
+                     f"{'an absolute path' if name.startswith('/') else 'a path that climbs out of the root'} (refused, not read)"]
+
+
+def test_verify_refuses_a_subject_outside_the_root(ws, capsys, tmp_path):
+    import hashlib
+
+    # the model is swapped for a file outside the project, and the evidence names it with its true hash
+    outside = tmp_path / "other-model.pt"
+    outside.write_bytes(b"a different model")
+    sha = hashlib.sha256(outside.read_bytes()).hexdigest()
+    _edit_evidence(ws, lambda s: s["subject"][0].update(name=str(outside), digest={"sha256": sha}))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0].startswith(f"MISMATCH {outside}: expected a path inside the project root, actual an absolute path"), lines
+
+    _edit_evidence(ws, lambda s: s["subject"][0].update(name="models/../../other-model.pt"))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and "models/../../other-model.pt: expected a path inside the project root" in lines[0], lines
+
+
+def test_verify_refuses_a_symlink_pointing_outside(ws, capsys, tmp_path):
+    # same bytes, so the hash matches: only the link's target gives it away
+    outside = tmp_path / "model-copy.pt"
+    shutil.copy(ws / "models/model.pt", outside)
+    (ws / "models/model.pt").unlink()
+    (ws / "models/model.pt").symlink_to(outside)
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0] == (f"MISMATCH models/model.pt: expected a path inside the project root, actual a symlink to {outside}, "
+                                    "outside the root (refused, not read)"), lines
+
+    # a link inside a folder artifact is refused the same way
+    (ws / "models/model.pt").unlink()
+    shutil.copy(outside, ws / "models/model.pt")
+    train = ws / "data/prepared/train.npy"
+    shutil.copy(train, tmp_path / "train.npy")
+    train.unlink()
+    train.symlink_to(tmp_path / "train.npy")
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and any(x.startswith("MISMATCH data/prepared/train.npy: expected a path inside the project root, actual a symlink") for x in lines), lines
+
+
+def test_verify_requires_the_subject(ws, capsys):
+    (ws / "models/model.pt").unlink()
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0].startswith("MISMATCH models/model.pt: expected sha256 ") and "missing" in lines[0], lines
+    _edit_evidence(ws, lambda s: s.update(subject=[]))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and lines[0].startswith("MISMATCH subject: expected the model"), lines
+
+
+def test_verify_refuses_folder_entries_and_source_roots_outside(ws, capsys):
+    _edit_evidence(ws, lambda s: _dep(s, "data/prepared")["annotations"]["files"].update({"../../../../etc/passwd": "0" * 64}))
+    rc, lines = verify_lines(capsys)
+    assert rc == 1 and "MISMATCH data/prepared/../../../../etc/passwd: expected a path inside the project root" in "\n".join(lines), lines
+
+    _edit_evidence(ws, lambda s: _dep(s, "data/prepared")["annotations"]["files"].pop("../../../../etc/passwd"))
+    _edit_evidence(ws, lambda s: _dep(s, "source-data")["annotations"].update(source_root="/etc"))
+    capsys.readouterr()
+    assert main(["verify", "reports/audit/provenance.json"]) == 0  # the recorded root is not followed; the sources are skipped
+    assert "recorded source root '/etc' is an absolute path" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def evidence(project) -> dict:
+    from medtl.provenance.audit import collect
+
+    return collect(project, "models/model.pt")
+
+
+def _render(ev: dict, root: Path) -> tuple[str, str]:
+    from medtl.provenance import report
+
+    return report.render_markdown(ev), report.render_html(ev, root)
+
+
+def _with(ev: dict, **changes) -> dict:
+    import copy
+
+    out = copy.deepcopy(ev)
+    out.update(changes)
+    return out
+
+
+def test_checklist_reports_evidence_never_compliance(evidence, project):
+    from medtl.provenance.report import checklist
+
+    statuses = {c["status"] for c in checklist(evidence)}
+    assert statuses <= {"evidence present", "missing", "not applicable"} and "evidence present" in statuses
+    md, html = _render(evidence, project)
+    table = md[md.index("## Regulatory checklist"):]
+    assert " met " not in table and "NOT MET" not in table and ">met<" not in html and "NOT MET" not in html
+
+
+def test_image_level_split_is_said_and_patient_claims_need_real_groups(evidence, project):
+    from medtl.provenance.report import checklist
+
+    split = lambda ev: next(c for c in checklist(ev) if "split by patient" in c["item"])  # noqa: E731
+    # the fake ingest recorded no grouping: unknown counts as image-level
+    for ev in (evidence, _with(evidence, ingest_report={"grouping": {"kind": "image", "rule": None}})):
+        assert split(ev)["status"] == "missing"
+        for text in _render(ev, project):
+            assert "image-level split: patient independence not established" in text.lower()
+            assert "Patients in more than one split" not in text
+    ev = _with(evidence, ingest_report={"grouping": {"kind": "patient_id", "rule": None}, "pseudonym_key": "user"})
+    # the fake manifest puts both patients in several splits: real groups, and they show the overlap
+    assert split(ev)["status"] == "missing" and "DICOM PatientID" in split(ev)["evidence"]
+    assert "2 patients appear in more than one split" in split(ev)["evidence"]
+    ev["source_data"] = {**ev["source_data"], "patients_in_several_splits": 0, "shared_between": {}}
+    assert split(ev)["status"] == "evidence present"
+    md, html = _render(ev, project)
+    assert "image-level" not in md.lower() and "image-level" not in html.lower() and "Patients in more than one split" in html
+
+
+def test_pseudonym_key_and_allowed_identifier_columns_are_stated(evidence, project):
+    ev = _with(evidence, ingest_report={"grouping": {"kind": "rule", "rule": r"person(?P<group>\d+)_"}, "pseudonym_key": "default",
+                                        "metadata_columns": ["sex", "site"], "allowed_identifier_columns": ["site"]})
+    md, html = _render(ev, project)
+    for text in (md, html):
+        assert "public default key" in text and "Pseudonyms: the public default key" in text  # a red flag: folder data, public key
+        assert "identifier columns allowed by the user" in text and "person(?P&lt;group&gt;" in html
+    ev["ingest_report"]["pseudonym_key"] = "user"
+    md, _ = _render(ev, project)
+    assert "user-held key" in md and "Pseudonyms: the public default key" not in md
+
+
+def test_unedited_demo_model_card_on_real_data_is_flagged(evidence, project):
+    import yaml
+
+    from medtl.provenance import card
+    from tests.project import ROOT
+
+    shipped = yaml.safe_load((ROOT / "params.yaml").read_text())["model_card"]
+    assert " ".join(shipped["intended_use"].split()) == card.DEMO_INTENDED_USE  # the detector knows the shipped text
+    assert " ".join(shipped["out_of_scope"].split()) == card.DEMO_OUT_OF_SCOPE
+    md, html = _render(evidence, project)
+    assert "MODEL CARD NOT EDITED" not in md and 'id="demo-model-card"' not in html  # an edited card on folder data
+
+    ev = _with(evidence, model_card=shipped)  # params.ingest.source is folder
+    md, html = _render(ev, project)
+    assert "MODEL CARD NOT EDITED" in md and 'id="demo-model-card"' in html and '<div class="flag">MODEL CARD NOT EDITED' in html
+    assert any(c["status"] == "missing" and "shipped demo text" in c["evidence"] for c in __import__("medtl.provenance.report", fromlist=["x"]).checklist(ev))
+
+    ev["params"] = {**ev["params"], "ingest": {**ev["params"]["ingest"], "source": "demo"}}
+    md, html = _render(ev, project)
+    assert "MODEL CARD NOT EDITED" not in md and 'id="demo-model-card"' not in html
+
+
+def test_report_html_escapes_every_value(evidence, project):
+    hostile = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    ev = _with(evidence, model_card={"intended_use": hostile, "users": [hostile], "limitations": [hostile]},
+               params={**evidence["params"], "ingest": {"source": hostile}})
+    ev["model"] = {**ev["model"], "classes": [hostile, "lesion"], "arch": hostile}
+    _, html = _render(ev, project)
+    assert "<script" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
+
+
+BLOCKED = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "sklearn", "albumentations", "cv2", "numpy", "onnx", "onnxruntime"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Block())
+import argparse
+from medtl import export
+from medtl.provenance import commands
+parser = argparse.ArgumentParser(prog="medtl")
+sub = parser.add_subparsers(dest="command", required=True)
+commands.register(sub)
+export.register(sub)
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+def test_verify_and_keygen_need_no_training_stack(ws, tmp_path):
+    # a reviewer's machine: no torch, torchvision, scikit-learn or numpy
+    def medtl(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", BLOCKED, *argv], cwd=ws, capture_output=True, text=True,
+                              env={**os.environ, "MEDTL_SIGNING_PASSPHRASE": "reviewer phrase"})
+
+    r = medtl("verify", "reports/audit/provenance.json")
+    assert r.returncode == 0 and "OK:" in r.stdout, r.stdout + r.stderr
+    r = medtl("keygen", "--out", str(tmp_path / "k"))
+    assert r.returncode == 0 and (tmp_path / "k/medtl-signing.key").read_text().startswith("-----BEGIN ENCRYPTED"), r.stderr
+    r = medtl("export", "--help")
+    assert r.returncode == 0 and "onnx" in r.stdout, r.stderr

@@ -224,7 +224,7 @@ def _preprocess(p: Project, preexec=None) -> subprocess.CompletedProcess:
 def copy_of_reference(reference, tmp_path) -> Project:
     p = Project(tmp_path / "copy")
     shutil.copytree(reference[0].path, p.path, symlinks=True, ignore=shutil.ignore_patterns("cache"))
-    p.update_params({"preprocess": {"size": 96}})  # four times the bytes of the outputs in place
+    p.update_params({"preprocess": {"image_size": 96}})  # four times the bytes of the outputs in place
     return p
 
 

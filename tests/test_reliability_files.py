@@ -24,7 +24,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medtl.errors import MedtlError
-from medtl.ingest import IngestParams, read_manifest, run_ingest
+from medtl.ingest import IngestParams, run_ingest
+from medtl.manifest import read_manifest
+from medtl.phi import source_ref
 from medtl.io import load_torch
 from medtl.params import build
 from tests.project import ROOT
@@ -117,12 +119,12 @@ def test_each_broken_file_is_quarantined_with_its_reason_and_the_rest_is_ingeste
                                "max_quarantine_fraction": 0.4, "workers": 2})
     assert res.returncode == 0, res.stderr
     report = json.loads((work / "data/ingested/report.json").read_text())
-    reasons = {Path(q["source_path"]).name: q["reason"] for q in report["quarantine"]}
-    assert reasons == {name: reason for name, (_, reason) in CORPUS.items()}
+    reasons = {q["source_ref"]: q["reason"] for q in report["quarantine"]}
+    assert reasons == {source_ref(f"lesion/{name}"): reason for name, (_, reason) in CORPUS.items()}
     assert all(q["detail"] for q in report["quarantine"])
     rows = read_manifest(work / "data/ingested/manifest.csv")
-    assert sorted(Path(r["source_path"]).name for r in rows) == sorted(
-        f"{c}_{i:02d}.png" for c in ("normal", "lesion") for i in range(12))
+    assert sorted(r["source_ref"] for r in rows) == sorted(
+        source_ref(f"{c}/{c}_{i:02d}.png") for c in ("normal", "lesion") for i in range(12))
     assert report["files_seen"] == 24 + len(CORPUS) and report["images"] == 24
     # Every decoded pixel is finite and in range: nothing broken slipped into the store.
     store = np.fromfile(work / "data/ingested/pixels.u16", dtype=np.uint16)
@@ -240,9 +242,9 @@ def test_a_csv_manifest_path_that_leaves_the_data_root_is_refused(tmp_path):
     try:
         report = run_ingest(params, out)
     except MedtlError as e:  # refusing the whole manifest is as good as refusing the row
-        assert "secret.png" in str(e)
+        assert "labels.csv line 22" in str(e) and "secret" not in str(e)  # named by line: paths may identify
         return
-    refused = {q["source_path"]: q["reason"] for q in report["quarantine"]}
-    assert len(refused) == 2 and all("secret.png" in p for p in refused), refused
-    names = {Path(r["source_path"]).name for r in read_manifest(out / "manifest.csv")}
-    assert "secret.png" not in names and len(names) == 20
+    refused = {q["line"]: q["reason"] for q in report["quarantine"]}
+    assert sorted(refused) == [22, 23], refused
+    refs = {r["source_ref"] for r in read_manifest(out / "manifest.csv")}
+    assert refs == {source_ref(f"img{i}.png") for i in range(20)}

@@ -43,12 +43,12 @@ CANDIDATES: list[Any] = ["oops", "", 3, -7, 2.5, True, False, None, [1, "a"], {"
 OUT_OF_RANGE: list[tuple[str, Any]] = [
     ("ingest.max_quarantine_fraction", 2.0), ("ingest.workers", 0), ("ingest.demo.patients", 2),
     ("ingest.split", {"train": 0.5, "val": 0.1, "test": 0.1}), ("ingest.demo.prevalence", 1.0), ("ingest.read.axis", 7),
-    ("preprocess.size", 8), ("preprocess.size", 5000), ("preprocess.channels", 2),
+    ("preprocess.image_size", 8), ("preprocess.image_size", 5000), ("preprocess.channels", 2),
     ("pretrain.batch_size", 0), ("pretrain.ssl.temperature", 0.001), ("pretrain.ssl.augment.crop_scale", 0.0),
     ("finetune.lr", 0.0), ("finetune.lr", -1.0), ("finetune.epochs", 0), ("finetune.batch_size", 1),
     ("finetune.label_smoothing", 1.5), ("finetune.warmup_epochs", 99), ("finetune.momentum", 1.0),
     ("evaluate.bootstrap.n_resamples", 3), ("evaluate.bootstrap.alpha", 0.7), ("evaluate.calibration_bins", 1),
-    ("evaluate.saliency.size", 10), ("evaluate.threshold.target", 0.9), ("evaluate.split", "train"),
+    ("evaluate.saliency.image_size", 10), ("evaluate.threshold.target", 0.9), ("evaluate.split", "train"),
 ]
 
 

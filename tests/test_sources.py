@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 from medtl.errors import MedtlError, ParamsError
 from medtl.ingest import IngestParams
 from medtl.params import build
-from medtl.sources import open_source
+from medtl.sources import Resolved, open_source
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -36,7 +36,7 @@ def png(path: Path, value: int = 0, size: int = 16) -> Path:
 
 
 def items(source) -> dict:
-    return {i.source_path: i for i in source.items}
+    return {i.relative: i for i in source.items}
 
 
 # folder
@@ -73,13 +73,24 @@ def test_folder_split_layout_is_detected(tmp_path):
         open_source(params(source="folder", folder={"root": str(tmp_path), "layout": "splits"}), tmp_path)
 
 
-def test_folder_refuses_a_symlink_leaving_the_root(tmp_path):
+def test_folder_quarantines_links_that_leave_the_root_loop_or_dangle(tmp_path):
     outside = png(tmp_path / "outside.png")
     root = tmp_path / "root"
     png(root / "a" / "ok.png")
+    png(root / "b" / "real.png", 2)
     os.symlink(outside, root / "a" / "escape.png")
-    with pytest.raises(MedtlError, match="outside the data root"):
-        list(open_source(params(source="folder", folder={"root": str(root)}), tmp_path).items)
+    os.symlink(root / "a" / "loop1.png", root / "a" / "loop2.png")
+    os.symlink(root / "a" / "loop2.png", root / "a" / "loop1.png")
+    os.symlink(root / "a" / "gone.png", root / "a" / "dangling.png")
+    os.symlink(root / "a", root / "a" / "again")  # a folder link back to its parent
+    os.symlink(root / "b", root / "a" / "inside")  # a folder link inside the root is followed
+    got = items(open_source(params(source="folder", folder={"root": str(root)}), tmp_path))
+    assert {k: i.problem for k, i in got.items()} == {
+        "a/ok.png": None, "a/escape.png": "link_outside_root", "a/loop1.png": "symlink_loop",
+        "a/loop2.png": "symlink_loop", "a/dangling.png": "dangling_symlink", "a/again": "symlink_loop",
+        "a/inside/real.png": None, "b/real.png": None,
+    }
+    assert all(i.path is None for i in got.values() if i.problem)  # never read
 
 
 def test_missing_root_and_required_params_are_clear(tmp_path):
@@ -123,7 +134,7 @@ def test_csv_path_template_and_explicit_columns(tmp_path):
                                                 "path_template": "{dx}/{image_id}.jpg", "label_column": "dx",
                                                 "group_column": "lesion_id"}), tmp_path)
     (item,) = src.items
-    assert (item.source_path, item.label, item.group) == ("mel/ISIC_1.jpg", "mel", "L1")
+    assert (item.relative, item.label, item.group, item.group_kind) == ("mel/ISIC_1.jpg", "mel", "L1", "column")
     with pytest.raises(MedtlError, match="group_column' names column 'patient'"):
         open_source(params(source="csv", csv={"manifest": str(m), "group_column": "patient", "path_template": "{dx}",
                                               "label_column": "dx"}), tmp_path)
@@ -146,7 +157,7 @@ def test_csv_refuses_identifying_metadata_and_bad_splits(tmp_path):
     m = write_csv(tmp_path / "m.csv", "path,label,PatientName,split\na.png,x,DOE^JOHN,holdout\n")
     with pytest.raises(ParamsError, match="PatientName"):
         open_source(params(source="csv", csv={"manifest": str(m), "metadata": ["PatientName"]}), tmp_path)
-    with pytest.raises(MedtlError, match="'holdout'"):
+    with pytest.raises(MedtlError, match="line 2: the value in column 'split' is not a split name"):
         open_source(params(source="csv", csv={"manifest": str(m)}), tmp_path)
 
 
@@ -180,10 +191,10 @@ def test_dicom_labels_by_uid_are_resolved_from_headers(tmp_path):
     src = open_source(params(source="dicom", dicom={"root": str(root), "labels": str(labels), "key": "SOPInstanceUID",
                                                     "key_column": "uid"}), tmp_path)
     item = items(src)["s1/CT_small.dcm"]
-    assert src.resolve(item, {"SOPInstanceUID": ct.SOPInstanceUID, "PatientID": "X1"}) == ("a", "X1", None, "")
-    assert src.resolve(item, {"SOPInstanceUID": "9.9", "PatientID": "X1"})[2] == "no_label"
+    assert src.resolve(item, {"SOPInstanceUID": ct.SOPInstanceUID, "PatientID": "X1"}) == Resolved("a", "X1")
+    assert src.resolve(item, {"SOPInstanceUID": "9.9", "PatientID": "X1"}).problem == "no_label"
     (missing,) = src.unmatched()
-    assert missing.source_path == "labels.csv line 3" and "1.2.3.4" not in missing.detail
+    assert missing.relative == "labels.csv line 3" and missing.line == 3 and "1.2.3.4" not in missing.detail
 
 
 # medmnist

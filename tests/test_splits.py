@@ -6,7 +6,7 @@ from collections import defaultdict
 import pytest
 
 from medtl.errors import MedtlError
-from medtl.splits import assign_splits, find_duplicates, link_duplicates
+from medtl.splits import Duplicate, assign_splits, find_duplicates, link_duplicates
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
@@ -63,4 +63,4 @@ def test_duplicates_merge_groups_unless_fixed_apart():
 
 def test_find_duplicates_flags_the_later_split():
     dups = find_duplicates(["h", "h", "k"], ["test", "train", "train"], "file")
-    assert dups == [{"row": 0, "duplicate_of": 1, "kind": "file", "cross_split": True}]
+    assert dups == [Duplicate(row=0, duplicate_of=1, kind="file", cross_split=True)]

@@ -1,5 +1,4 @@
 """SimCLR continued pretraining on tiny data: it learns, it is deterministic, it never reads labels or val/test."""
-import json
 import re
 
 import numpy as np
@@ -10,7 +9,9 @@ from PIL import Image
 from medtl.adaptation import PretrainParams, run_pretrain
 from medtl.errors import ParamsError
 from medtl.params import build
+from medtl.prepared import write_stats
 from medtl.ssl import SSLAugment, SSLParams, make_views, nt_xent
+from tests.project import preprocessing_record
 
 
 def _toy_images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -30,9 +31,8 @@ def write_prepared(folder, n=16, size=32, with_other_splits=True):
     folder.mkdir(parents=True, exist_ok=True)
     train = _toy_images(n, size)
     np.save(folder / "train.npy", train.astype(np.float16))
-    stats = {"classes": ["a", "b"], "size": size, "channels": 1, "resize": "pad",
-             "mean": [float(train.mean())], "std": [float(train.std())]}
-    (folder / "stats.json").write_text(json.dumps(stats))
+    write_stats(folder, preprocessing_record(size, classes=["a", "b"], mean=[float(train.mean())],
+                                             std=[float(train.std())]), {"train": n})
     if with_other_splits:
         for split in ("val", "test"):
             np.save(folder / f"{split}.npy", _toy_images(4, size, seed=1).astype(np.float16))
@@ -145,3 +145,24 @@ def test_extra_images_must_be_a_folder_with_images(tmp_path):
     (empty / "readme.txt").write_text("x")
     with pytest.raises(ParamsError, match="no readable image"):
         run_pretrain(ssl_params(extra_images=str(empty)), prepared)
+
+
+def test_extra_images_are_decoded_with_the_training_images_record(tmp_path):
+    """A CT window and the 16-bit quantisation apply to the extra images as to the prepared ones."""
+    from medtl import demo
+    from medtl.imaging import decode, model_input, read_record
+    from medtl.readers import ReadOptions
+    from medtl.ssl import read_image_folder
+
+    folder = tmp_path / "extra"
+    patient = demo.fake_patients(1, 0.5, 3)[0]
+    files = demo.write_patient_images(patient, 2, (40, 60), 3, folder)
+    windowed = preprocessing_record(24, read=read_record(ReadOptions(window=(300.0, 600.0))))
+    arr, info = read_image_folder(folder, windowed, tmp_path / "extra.npy")
+    assert info["images"] == 2 and arr.shape == (2, 1, 24, 24)
+    expected = np.stack([model_input(decode(f, windowed)[0].pixels, windowed) for f in sorted(files)])
+    assert np.array_equal(np.asarray(arr), expected)
+    # the file's own window gives other pixels: the record's window was applied
+    plain = preprocessing_record(24)
+    other, _ = read_image_folder(folder, plain, tmp_path / "plain.npy")
+    assert not np.array_equal(np.asarray(other), np.asarray(arr))

@@ -127,7 +127,6 @@ def test_imagenet_offline_points_to_weights_pull(no_network):
 
 def test_imagenet_offline_stage_params_fail_before_any_output(tmp_path, monkeypatch, no_network):
     """`weights: imagenet` on an offline machine stops the stage with exit code 2 and writes nothing."""
-    import json
     import subprocess
     import sys
 
@@ -138,7 +137,10 @@ def test_imagenet_offline_stage_params_fail_before_any_output(tmp_path, monkeypa
     prepared = tmp_path / "data" / "prepared"
     prepared.mkdir(parents=True)
     np.save(prepared / "train.npy", np.zeros((2, 1, 32, 32), np.float16))
-    (prepared / "stats.json").write_text(json.dumps({"classes": ["a", "b"], "size": 32, "channels": 1, "mean": [0.5], "std": [0.2]}))
+    from medtl.prepared import write_stats
+    from tests.project import preprocessing_record
+
+    write_stats(prepared, preprocessing_record(32, classes=["a", "b"], mean=[0.5]), {"train": 2})
     (tmp_path / "params.yaml").write_text("pretrain:\n  weights: imagenet\n")
     # A real offline machine: the download goes to an address that cannot resolve.
     env = {**os.environ, "PYTHONPATH": str(root), "TORCH_HOME": str(tmp_path / "th"),

@@ -3,8 +3,10 @@
 The walk goes model -> the stages that produced it (dvc.lock and each stage's
 record) -> every artifact on the way (sha256, and the md5 DVC locked) -> the
 source manifest (each source file's sha256) and the pretrained weights.
-Patient identifiers never enter the evidence: groups are counted, not listed,
-and source paths stay in the manifest, which is referenced by hash.
+Patient identifiers never enter the evidence: groups are counted, not listed;
+source files are known only through the manifest (a keyed pseudonym of each
+relative path and the file's sha256), which is referenced by hash; a folder of
+source data is described by its digest and file count, never by its file names.
 """
 from __future__ import annotations
 
@@ -23,7 +25,10 @@ from medtl.provenance import environment as env
 from medtl.provenance.hashing import describe
 from medtl.provenance.record import RECORD_SUFFIX, load_record, record_path_for, utc_now
 
-MANIFEST_CORE = {"image_id", "source_path", "sha256", "label", "group", "split", "height", "width", "channels", "offset"}
+MANIFEST_CORE = {"image_id", "source_ref", "source_path", "sha256", "label", "group", "split", "height", "width", "channels", "offset"}
+# dependencies under these folders are code, whose file names may be listed; other folders a stage reads
+# without any stage writing them are source data (images, unlabelled extra images)
+CODE_FOLDERS = ("medtl/", "stages/")
 SUBGROUP_MAX_VALUES = 12
 PIPELINE_FILES = ("params.yaml", "dvc.yaml", "dvc.lock", "uv.lock")
 
@@ -152,9 +157,8 @@ def manifest_summary(path: Path) -> dict:
             columns = list(rows[0].keys()) if rows else []
     except (OSError, csv.Error, UnicodeDecodeError) as e:
         raise MedtlError(f"source manifest {path} cannot be read: {e}") from e
-    missing = {"source_path", "sha256"} - set(columns)
-    if rows and missing:
-        raise MedtlError(f"source manifest {path} lacks columns {', '.join(sorted(missing))}")
+    if rows and ("sha256" not in columns or not {"source_ref", "source_path"} & set(columns)):
+        raise MedtlError(f"source manifest {path} lacks the columns sha256 and source_ref: it does not say which source file each image came from")
     by_split_class: dict[str, Counter] = defaultdict(Counter)
     groups: dict[str, set] = defaultdict(set)
     for r in rows:
@@ -190,10 +194,16 @@ def manifest_summary(path: Path) -> dict:
     }
 
 
-def sources_of(manifest: Path) -> list[tuple[str, str]]:
-    """(source_path, sha256) for every row of the manifest."""
-    with open(manifest, newline="", encoding="utf-8") as f:
-        return [(r["source_path"], r["sha256"]) for r in csv.DictReader(f)]
+def withhold_source_paths(paths: list[str], folders: list[str]) -> list[str]:
+    """Paths with those inside source-data folders replaced by a count per folder (their names may identify patients)."""
+    kept, hidden = [], Counter()
+    for p in paths:
+        folder = next((f for f in folders if p.strip('"') == f or p.strip('"').startswith(f.rstrip("/") + "/")), None)
+        if folder is None:
+            kept.append(p)
+        else:
+            hidden[folder] += 1
+    return kept + [f"{n} file(s) under {f} (source data: names withheld)" for f, n in sorted(hidden.items())]
 
 
 def _count_parameters(obj) -> int:
@@ -321,8 +331,6 @@ def collect(root: Path, model: str) -> dict:
     git = env.git_state(root)
     if git["commit"] is None:
         problems.append("not a git checkout: the code cannot be identified by commit")
-    elif git["dirty"]:
-        problems.append("git working tree is dirty: " + ", ".join(git["changed"][:10]) + (" …" if len(git["changed"]) > 10 else ""))
 
     stage_names = lineage(lock, model)
     records: dict[str, dict] = {}
@@ -339,6 +347,7 @@ def collect(root: Path, model: str) -> dict:
             problems.append(f"stage {name} has no provenance record (looked for {expected})")
 
     # every file the lineage touched, hashed now; dvc.lock's md5 kept beside for comparison
+    produced = {out for st in lock.values() for out in st["outs"]}
     artifacts: dict[str, dict] = {}
     for name in stage_names:
         for role in ("deps", "outs"):
@@ -348,9 +357,10 @@ def collect(root: Path, model: str) -> dict:
                     if path in artifacts and role == "outs":
                         artifacts[path]["stage"] = name
                     continue
-                d = describe(p, path, with_md5=True)
+                source = role == "deps" and p.is_dir() and path not in produced and not path.startswith(CODE_FOLDERS)
+                d = describe(p, path, with_md5=True, list_files=not source)
                 d.update(dvc_md5=md5, stage=name if role == "outs" else None, role="output" if role == "outs" else "input")
-                d["kind"] = "model" if path == model else "artifact"
+                d["kind"] = "model" if path == model else "source-folder" if source else "artifact"
                 artifacts[path] = d
                 if md5 and d["md5"] != md5:
                     problems.append(f"{path} does not match dvc.lock (md5 {d['md5']} in the workspace, {md5} locked)")
@@ -361,6 +371,9 @@ def collect(root: Path, model: str) -> dict:
             artifacts[path] = d
     if model not in artifacts:
         raise MedtlError(f"{model} is not in dvc.lock")
+    if git["commit"] is not None and git["dirty"]:
+        git["changed"] = withhold_source_paths(git["changed"], [p for p, d in artifacts.items() if d["kind"] == "source-folder"])
+        problems.append("git working tree is dirty: " + ", ".join(git["changed"][:10]) + (" …" if len(git["changed"]) > 10 else ""))
 
     # outputs a stage recorded but dvc.yaml does not declare (e.g. evaluate's saliency images) are evidence too
     for name, rec in records.items():
@@ -442,13 +455,13 @@ def collect(root: Path, model: str) -> dict:
 OUTPUT_FILES = ("provenance.json", "ml-bom.json", "report.md", "report.html")
 
 
-def write_evidence(ev: dict, root: Path, out_dir: Path, sign_key: Path | None = None) -> list[Path]:
+def write_evidence(ev: dict, root: Path, out_dir: Path, sign_key: Path | None = None, passphrase_file: Path | None = None) -> list[Path]:
     """Write provenance.json, ml-bom.json, report.md, report.html (and provenance.dsse.json when signing)."""
     from medtl.io import write_json, write_text
     from medtl.provenance import bom, report, signing, statement
     from medtl.provenance.verify import envelope_path_for
 
-    key = signing.load_private_key(sign_key) if sign_key else None  # fail before writing anything
+    key = signing.load_private_key(sign_key, passphrase_file) if sign_key else None  # fail before writing anything
     doc = bom.build_bom(ev)
     errors = bom.validate_bom(doc)
     if errors:

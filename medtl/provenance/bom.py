@@ -30,15 +30,17 @@ def _dataset(ev: dict, src: dict) -> dict:
         "bom-ref": "data:source",
         "name": "source-data",
         "version": src["manifest_sha256"][:12],
-        "description": f"{src['images']} images from {src['patients_total']} patients (pseudonymous groups); per split and class: {counts}",
+        "description": (f"{src['images']} images from {src['patients_total']} patients (pseudonymous groups)" if card.grouping(ev)["patient_level"]
+                        else f"{src['images']} images; {card.IMAGE_LEVEL}") + f"; per split and class: {counts}",
         "hashes": _sha(src["manifest_sha256"]),
         "data": [{
             "type": "dataset",
             "name": "source-data",
-            "description": f"Manifest {src['manifest']} lists every source file with the sha256 of its bytes.",
+            "description": f"Manifest {src['manifest']} lists every source file by a keyed pseudonym of its path with the sha256 of its bytes.",
             "classification": "medical images (de-identified: pixels and whitelisted metadata only)",
             "sensitiveData": ["source DICOM headers may hold patient identifiers; none are copied into artifacts"],
-            "contents": {"properties": [_prop("manifest", src["manifest"]), _prop("images", str(src["images"])), _prop("patients", str(src["patients_total"]))]},
+            "contents": {"properties": [_prop("manifest", src["manifest"]), _prop("images", str(src["images"])), _prop("groups", str(src["patients_total"])),
+                                        _prop("grouping", card.grouping(ev)["kind"])]},
         }],
     }
 

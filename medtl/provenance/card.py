@@ -88,6 +88,78 @@ def fmt(v, digits: int = 4) -> str:
     return str(v)
 
 
+# The model card params.yaml ships with, written for the synthetic demo. Left unedited on real data it
+# would describe the wrong model, so the report flags it (tests/test_report.py keeps the two in step).
+DEMO_INTENDED_USE = (
+    "Research and engineering demonstration: binary classification (normal vs lesion) of single "
+    "grayscale CT-like images, to show the pipeline, its evidence and its audit trail. Replace this "
+    "text with the clinical task, patient population, care setting and intended users of your model."
+)
+DEMO_OUT_OF_SCOPE = (
+    "Any clinical decision. The default data are synthetic; a model trained on them says nothing "
+    "about real patients."
+)
+
+# ingest's grouping kinds that are real patient ids; "image" (or no record) means each image is its own group
+PATIENT_GROUPINGS = {"patient_id": "DICOM PatientID", "column": "a patient column of the source",
+                     "rule": "a rule over the file path", "source": "the source's own patient grouping"}
+IMAGE_LEVEL = "image-level split: patient independence not established"
+
+
+def _words(text) -> str:
+    return " ".join(str(text or "").split())
+
+
+def data_source(ev: dict) -> str | None:
+    """ingest.source from params.yaml (demo, folder, csv, dicom, medmnist), else from the ingest record."""
+    src = ((ev.get("params") or {}).get("ingest") or {}).get("source")
+    if src:
+        return str(src)
+    desc = (ev.get("source_data") or {}).get("description")
+    return str(desc.get("source")) if isinstance(desc, dict) and desc.get("source") else None
+
+
+def demo_card_on_real_data(ev: dict) -> bool:
+    """The shipped demo model card, unedited, describing a model trained on non-demo data."""
+    mc = ev.get("model_card") or {}
+    unedited = _words(mc.get("intended_use")) == _words(DEMO_INTENDED_USE) or _words(mc.get("out_of_scope")) == _words(DEMO_OUT_OF_SCOPE)
+    return unedited and data_source(ev) not in (None, "demo")
+
+
+def grouping(ev: dict) -> dict:
+    """How ingest grouped images into patients: {kind, rule, patient_level, text}; no record counts as image-level."""
+    report = ev.get("ingest_report") if isinstance(ev.get("ingest_report"), dict) else {}
+    g = report.get("grouping") if isinstance(report.get("grouping"), dict) else {}
+    kind = str(g.get("kind") or "image")
+    rule = g.get("rule")
+    if kind in PATIENT_GROUPINGS:
+        text = f"patient groups from {PATIENT_GROUPINGS[kind]}" + (f" ({rule})" if kind in ("rule", "column") and rule else "")
+        return {"kind": kind, "rule": rule, "patient_level": True, "text": text}
+    why = "no grouping recorded by ingest" if not g else "the source has no patient ids: each image is its own group"
+    return {"kind": "image", "rule": rule, "patient_level": False, "text": f"{IMAGE_LEVEL} ({why})"}
+
+
+def pseudonym_key(ev: dict) -> tuple[str, bool]:
+    """(what the report says about the pseudonym key, whether it is a concern)."""
+    report = ev.get("ingest_report") if isinstance(ev.get("ingest_report"), dict) else {}
+    kind = report.get("pseudonym_key")
+    if kind == "user":
+        return "a user-held key (MEDTL_PSEUDONYM_KEY): pseudonyms cannot be recomputed without it", False
+    if kind == "default":
+        demo = data_source(ev) == "demo"
+        return ("the public default key: anyone who can list real ids can recompute the pseudonyms"
+                + ("" if not demo else " (acceptable for the synthetic demo)")), not demo
+    return "not recorded by ingest", data_source(ev) not in (None, "demo")
+
+
+def identifier_columns(ev: dict) -> tuple[list[str], list[str]]:
+    """(metadata columns kept, identifier-like columns kept only because the user allowed them)."""
+    report = ev.get("ingest_report") if isinstance(ev.get("ingest_report"), dict) else {}
+    kept = [str(c) for c in report.get("metadata_columns") or [] if c is not None]
+    allowed = [str(c) for c in report.get("allowed_identifier_columns") or [] if c is not None]
+    return kept, allowed
+
+
 def intended_use(ev: dict) -> str:
     card = ev.get("model_card") or {}
     return str(card.get("intended_use") or DEFAULT_INTENDED_USE)

@@ -55,11 +55,14 @@ def dvc_dir_md5(md5s: dict[str, str]) -> str:
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8"), usedforsecurity=False).hexdigest() + ".dir"
 
 
-def describe(path: str | Path, name: str | None = None, with_md5: bool = False) -> dict:
+def describe(path: str | Path, name: str | None = None, with_md5: bool = False, list_files: bool = True) -> dict:
     """Hash a file or folder into a JSON-ready description.
 
     file:   {path, type: file, sha256, size[, md5]}
     folder: {path, type: dir, sha256 (combined), size, nfiles, files: {relpath: sha256}[, md5]}
+
+    list_files=False leaves out `files`: for source data, whose file and folder
+    names may carry patient names or record numbers.
     """
     p = Path(path)
     name = name if name is not None else Path(path).as_posix()
@@ -78,6 +81,7 @@ def describe(path: str | Path, name: str | None = None, with_md5: bool = False) 
         d = {"path": name, "type": "dir", "sha256": combined_digest(files), "size": total, "nfiles": len(files)}
         if with_md5:
             d["md5"] = dvc_dir_md5(md5s)
-        d["files"] = files
+        if list_files:
+            d["files"] = files
         return d
     raise MedtlError(f"cannot hash {path}: no such file or folder")

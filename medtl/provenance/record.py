@@ -124,7 +124,8 @@ def stage_record(
     if absent:
         raise MedtlError(f"stage {stage} cannot start: inputs not found: {', '.join(absent)}")
     rec = StageRecord(stage=stage, params=params, inputs=list(inputs), outputs=list(outputs))
-    rec._inputs_hashed = [describe(p, _rel(p)) for p in inputs]
+    # inputs by digest and file count only: an input folder may be source data whose file names identify patients
+    rec._inputs_hashed = [describe(p, _rel(p), list_files=False) for p in inputs]
     yield rec
     write_json(record_path, rec.to_dict())
 

@@ -2,15 +2,19 @@
 
 The statement is signed over DSSE's pre-authentication encoding (PAE), so the
 payload type is bound into the signature and the payload bytes are signed as
-written, with no JSON canonicalisation.
+written, with no JSON canonicalisation. Key ids follow securesystemslib, so
+its stock DSSE verifier (and in-toto tooling built on it) accepts the envelope.
+Private keys are PKCS#8 PEM encrypted with a passphrase.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import getpass
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -23,6 +27,8 @@ from medtl.io import atomic_path
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 PRIVATE_NAME = "medtl-signing.key"
 PUBLIC_NAME = "medtl-signing.pub"
+PASSPHRASE_ENV = "MEDTL_SIGNING_PASSPHRASE"
+KEY_TYPE = SCHEME = "ed25519"  # securesystemslib's names for the key type and signature scheme
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -31,18 +37,67 @@ def pae(payload_type: str, payload: bytes) -> bytes:
 
 
 def keyid(public_key: Ed25519PublicKey) -> str:
-    """sha256 of the DER SubjectPublicKeyInfo: a stable name for the key."""
+    """securesystemslib's default key id: sha256 of the canonical JSON of {keytype, scheme, keyval}."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    # canonical JSON (sorted keys, no whitespace); every value here is ASCII, so json.dumps produces it exactly
+    doc = {"keytype": KEY_TYPE, "scheme": SCHEME, "keyval": {"public": raw}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
+
+
+def legacy_keyid(public_key: Ed25519PublicKey) -> str:
+    """sha256 of the DER SubjectPublicKeyInfo: the key id of envelopes signed by earlier medtl versions."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()
 
 
-def keygen(out_dir: str | Path, force: bool = False) -> tuple[Path, Path]:
+def _passphrase_from(file: str | Path | None) -> bytes | None:
+    """The passphrase from --passphrase-file (its first line) or MEDTL_SIGNING_PASSPHRASE; None if neither is given."""
+    if file is not None:
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MedtlError(f"--passphrase-file {file} cannot be read: {getattr(e, 'strerror', None) or e}") from e
+        value = text.splitlines()[0] if text.splitlines() else ""
+        if not value:
+            raise MedtlError(f"--passphrase-file {file} is empty; its first line is the passphrase")
+        return value.encode("utf-8")
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value is not None:
+        if not value:
+            raise MedtlError(f"{PASSPHRASE_ENV} is set but empty")
+        return value.encode("utf-8")
+    return None
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+def new_passphrase(file: str | Path | None = None) -> bytes:
+    """The passphrase for a new key: file, environment, or typed twice at a terminal."""
+    given = _passphrase_from(file)
+    if given is not None:
+        return given
+    if not _interactive():
+        raise MedtlError(f"a passphrase is needed to protect the private key: set {PASSPHRASE_ENV}, pass --passphrase-file FILE, "
+                         "run in a terminal to type it, or pass --no-passphrase to write the key unencrypted")
+    first = getpass.getpass("passphrase for the new signing key: ")
+    if not first:
+        raise MedtlError("an empty passphrase does not protect the key; pass --no-passphrase to write it unencrypted")
+    if getpass.getpass("the same passphrase again: ") != first:
+        raise MedtlError("the two passphrases differ; nothing was written")
+    return first.encode("utf-8")
+
+
+def keygen(out_dir: str | Path, force: bool = False, passphrase: bytes | None = None) -> tuple[Path, Path]:
+    """Write an Ed25519 key pair; the private key is encrypted with `passphrase` (None: unencrypted)."""
     out = Path(out_dir)
     private, public = out / PRIVATE_NAME, out / PUBLIC_NAME
     if not force and (private.exists() or public.exists()):
         raise MedtlError(f"{private} or {public} already exists; choose another --out or pass --force to replace them")
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    encryption = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
     with atomic_path(private) as tmp:
         os.chmod(tmp, 0o600)  # the private key must not be world-readable, even briefly
         tmp.write_bytes(pem)
@@ -51,13 +106,26 @@ def keygen(out_dir: str | Path, force: bool = False) -> tuple[Path, Path]:
     return private, public
 
 
-def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+def load_private_key(path: str | Path, passphrase_file: str | Path | None = None) -> Ed25519PrivateKey:
+    """The signing key; an encrypted one is opened with the passphrase from the file, the environment or the terminal."""
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        data = Path(path).read_bytes()
     except OSError as e:
         raise MedtlError(f"signing key {path} cannot be read: {e.strerror or e}") from e
+    encrypted = b"ENCRYPTED" in data.split(b"\n", 1)[0]
+    password = None
+    if encrypted:
+        password = _passphrase_from(passphrase_file)
+        if password is None:
+            if not _interactive():
+                raise MedtlError(f"signing key {path} is protected by a passphrase: set {PASSPHRASE_ENV} or pass --passphrase-file FILE")
+            password = getpass.getpass(f"passphrase for {path}: ").encode("utf-8")
+    try:
+        key = serialization.load_pem_private_key(data, password=password)
     except (ValueError, TypeError) as e:
-        raise MedtlError(f"signing key {path} is not an unencrypted PEM private key: {e}") from e
+        if encrypted:
+            raise MedtlError(f"signing key {path} cannot be opened: wrong passphrase (or a damaged key file)") from e
+        raise MedtlError(f"signing key {path} is not a PEM private key: {e}") from e
     if not isinstance(key, Ed25519PrivateKey):
         raise MedtlError(f"signing key {path} is a {type(key).__name__}; medtl signs with Ed25519 (make one with `medtl keygen`)")
     return key
@@ -71,9 +139,11 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:
-        try:  # a private key file also holds the public key
+        try:  # an unencrypted private key file also holds the public key
             key = serialization.load_pem_private_key(data, password=None).public_key()
         except (ValueError, TypeError) as e:
+            if b"ENCRYPTED" in data:
+                raise MedtlError(f"{path} is an encrypted private key; pass the .pub file `medtl keygen` wrote beside it") from None
             raise MedtlError(f"public key {path} is not a PEM public key: {e}") from e
     if not isinstance(key, Ed25519PublicKey):
         raise MedtlError(f"public key {path} is a {type(key).__name__}; expected Ed25519")
@@ -105,10 +175,11 @@ def check_envelope(env: dict, payload: bytes, public_key: Ed25519PublicKey) -> s
     if env.get("payloadType") != PAYLOAD_TYPE:
         return f"payloadType is {env.get('payloadType')!r}, expected {PAYLOAD_TYPE!r}"
     kid = keyid(public_key)
+    kids = {kid, legacy_keyid(public_key)}
     message = pae(env["payloadType"], payload)
     tried = 0
     for s in env["signatures"]:
-        if not isinstance(s, dict) or (s.get("keyid") and s["keyid"] != kid):
+        if not isinstance(s, dict) or (s.get("keyid") and s["keyid"] not in kids):
             continue
         tried += 1
         try:

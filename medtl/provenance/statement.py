@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from medtl.provenance import card
+
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "urn:medtl:buildtype:dvc-pipeline:v1"
@@ -24,7 +26,11 @@ def _artifact_descriptor(a: dict) -> dict:
     if a["type"] == "dir":
         # the folder digest is sha256 over "<sha256>  <relpath>\n" lines; each file is listed to trace a change
         ann["digest_of"] = "file manifest"
-        ann["files"] = a["files"]
+        ann["nfiles"] = a.get("nfiles")
+        if "files" in a:
+            ann["files"] = a["files"]
+        else:  # source data: file names may identify patients; the source manifest names each file by pseudonym + sha256
+            ann["files_withheld"] = True
     return {"name": a["path"], "digest": {"sha256": a["sha256"]}, "annotations": ann}
 
 
@@ -42,8 +48,9 @@ def build_statement(ev: dict) -> dict:
                 "manifest": src["manifest"],
                 "source_root": src.get("source_root"),
                 "images": src["images"],
-                "patients": src["patients_total"],
-                "note": "the manifest lists every source file with the sha256 of its bytes",
+                "groups": src["patients_total"],
+                "grouping": card.grouping(ev)["kind"],  # "image": each image its own group, patients not identified
+                "note": "the manifest lists every source file by a keyed pseudonym of its path (source_ref) with the sha256 of its bytes",
             },
         })
     w = ev.get("weights")

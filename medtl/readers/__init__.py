@@ -131,6 +131,23 @@ def read(path: str | Path, options: ReadOptions = ReadOptions()) -> list[Decoded
     raise UnreadableImage("not_an_image", f"{path} is not a DICOM, NIfTI, PNG, JPEG, BMP or TIFF image")
 
 
+# Channels that differ by less than this are gray saved as RGB (a common PNG/JPEG export), not colour.
+GRAY_TOLERANCE = 2.0 / 255.0
+
+
+def colour_of(pixels: np.ndarray) -> str:
+    """"gray" or "colour", decided by the pixels, not the file format: RGB with equal channels is gray.
+
+    The one definition used wherever colour matters: what the model was
+    evaluated on (preprocess records it per image) and what `medtl predict` accepts.
+    """
+    if pixels.ndim != 3 or pixels.shape[2] < 3:
+        return "gray"
+    rgb = np.asarray(pixels[:, :, :3], dtype=np.float32)
+    spread = rgb.max(axis=2) - rgb.min(axis=2)
+    return "colour" if float(spread.max(initial=0.0)) > GRAY_TOLERANCE else "gray"
+
+
 # Intensity steps shared by the readers.
 
 def apply_window(values: np.ndarray, centre: float, width: float, function: str = "LINEAR") -> np.ndarray:

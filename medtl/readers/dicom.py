@@ -16,12 +16,13 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, as_pi
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medtl.errors import UnreadableImage
-from medtl.phi import age_in_years
+from medtl.phi import PHOTOMETRIC_VALUES, LibraryWarning, age_in_years, error_kind, warning_kind
 from medtl.readers import Decoded, ReadOptions, apply_window, check_finite, check_size, rescale_to_unit
 
 __all__ = ["is_dicom", "read", "apply_window", "IDENTITY_KEYWORDS"]
 
 IDENTITY_KEYWORDS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+BURNED_IN = "BurnedInAnnotation"  # (0028,0301), returned in Decoded.identity
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 # Objects that are valid DICOM but hold no picture: structures, plans, reports, waveforms, states.
@@ -42,6 +43,19 @@ def is_dicom(path: Path) -> bool:
 
 
 def read(path: Path, options: ReadOptions) -> Decoded:
+    """Decode one frame. pydicom's warnings quote header values (names typed into the wrong field), so they are
+    re-issued as LibraryWarning naming only their kind ("invalid_value:UI")."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return _read(path, options)
+    finally:
+        for kind in sorted({warning_kind(w) for w in caught}):
+            warnings.warn(kind, LibraryWarning, stacklevel=2)
+
+
+def _read(path: Path, options: ReadOptions) -> Decoded:
     ds, ended_early = _open(path)
     if not any(k in ds for k in _PIXEL_KEYWORDS):
         described = any(k in ds for k in ("SOPClassUID", "Modality", "Rows")) or "MediaStorageSOPClassUID" in ds.file_meta
@@ -53,10 +67,13 @@ def read(path: Path, options: ReadOptions) -> Decoded:
     try:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     except (TypeError, ValueError) as e:
-        raise UnreadableImage("corrupt_dicom", f"{path}: invalid Rows/Columns ({e})") from None
+        raise UnreadableImage("corrupt_dicom", f"{path}: invalid Rows/Columns ({error_kind(e)})") from None
     if rows <= 0 or cols <= 0:
         raise UnreadableImage("corrupt_dicom", f"{path}: Rows/Columns missing or zero")
     check_size(path, rows, cols, options)
+    stated = _text(ds, "PhotometricInterpretation").upper()
+    if stated and stated not in PHOTOMETRIC_VALUES:  # the value itself is never repeated: it may be free text
+        raise UnreadableImage("invalid_photometric", f"{path}: PhotometricInterpretation is not a defined DICOM term")
     frames = _number_of_frames(ds)
     index = _frame_index(path, frames, options.frame)
 
@@ -80,6 +97,9 @@ def read(path: Path, options: ReadOptions) -> Decoded:
     if frames > 1:
         metadata["frame"] = str(index)
     identity = {k: str(ds.get(k, "") or "").strip() for k in IDENTITY_KEYWORDS}
+    # Not an identity but, like one, a header fact for ingest that is never stored: YES means text
+    # (often a name or an id) is drawn into the pixels.
+    identity[BURNED_IN] = _text(ds, BURNED_IN).upper()
     return Decoded(np.ascontiguousarray(pixels, dtype=np.float32), metadata, identity)
 
 
@@ -96,9 +116,9 @@ def _open(path: Path) -> tuple[pydicom.Dataset, bool]:
                 if not any(k in ds for k in ("SOPClassUID", "Modality", "Rows", "PatientID") + _PIXEL_KEYWORDS):
                     raise InvalidDicomError("no DICOM preamble and no recognisable elements")
         except (EOFError, OSError) as e:
-            raise UnreadableImage("truncated", f"{path}: DICOM header ends early ({e})") from None
+            raise UnreadableImage("truncated", f"{path}: DICOM header ends early ({error_kind(e)})") from None
         except Exception as e:
-            raise UnreadableImage("corrupt_dicom", f"{path}: {e}") from None
+            raise UnreadableImage("corrupt_dicom", f"{path}: the DICOM header cannot be parsed ({error_kind(e)})") from None
     # pydicom keeps what it parsed before an unexpected end of file and only warns.
     ended_early = any("end of file" in str(w.message).lower() for w in caught)
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
@@ -148,12 +168,12 @@ def _decode(path: Path, ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, st
     try:
         pixel_options = as_pixel_options(ds)
     except Exception as e:
-        raise UnreadableImage("corrupt_dicom", f"{path}: invalid image pixel description ({e})") from None
+        raise UnreadableImage("corrupt_dicom", f"{path}: invalid image pixel description ({error_kind(e)})") from None
     try:
         # raw=False converts YBR_FULL / YBR_FULL_422 to RGB.
         arr, meta = decoder.as_array(ds, index=index, validate=True, raw=False, **pixel_options)
     except Exception as e:
-        raise UnreadableImage(_decode_failure_reason(e), f"{path} ({ts.name}): {e}") from None
+        raise UnreadableImage(_decode_failure_reason(e), f"{path} ({ts.name}): the pixel data cannot be decoded ({error_kind(e)})") from None
     photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")) or "")
     return arr, photometric.strip().upper()
 
@@ -244,7 +264,7 @@ def _palette_to_rgb(path: Path, ds: pydicom.Dataset, arr: np.ndarray) -> np.ndar
         every_index = np.arange(first, first + (entries or 65536)).astype(arr.dtype)
         table_max = int(apply_color_lut(every_index, ds).max())
     except Exception as e:
-        raise UnreadableImage("undecodable_pixels", f"{path}: palette colour lookup failed ({e})") from None
+        raise UnreadableImage("undecodable_pixels", f"{path}: palette colour lookup failed ({error_kind(e)})") from None
     # Descriptors often claim 16 bits for 8-bit tables; scale by what the table holds.
     return np.clip(rgb.astype(np.float64) / (255.0 if table_max <= 255 else 65535.0), 0.0, 1.0).astype(np.float32)
 

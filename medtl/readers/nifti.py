@@ -16,6 +16,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
 from medtl.errors import UnreadableImage
+from medtl.phi import error_kind
 from medtl.readers import (
     METADATA_FIELDS,
     Decoded,
@@ -47,9 +48,9 @@ def read(path: Path, options: ReadOptions) -> list[Decoded]:
     try:
         img = nib.load(str(path))
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UnreadableImage("truncated", f"{path}: NIfTI header ends early ({e})") from None
+        raise UnreadableImage("truncated", f"{path}: NIfTI header ends early ({error_kind(e)})") from None
     except (ImageFileError, ValueError, OSError) as e:
-        raise UnreadableImage("corrupt_nifti", f"{path}: {' '.join(str(e).split())}") from None
+        raise UnreadableImage("corrupt_nifti", f"{path}: the NIfTI header cannot be parsed ({error_kind(e)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise UnreadableImage("unsupported_format", f"{path} is a {type(img).__name__}, not NIfTI")
 
@@ -73,10 +74,10 @@ def read(path: Path, options: ReadOptions) -> list[Decoded]:
             img = nib.as_closest_canonical(img)
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape[: len(shape)])
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:
-        raise UnreadableImage("truncated", f"{path}: voxel data ends early ({e})") from None
+        raise UnreadableImage("truncated", f"{path}: voxel data ends early ({error_kind(e)})") from None
     except (ValueError, OSError) as e:
         kind = "truncated" if "buffer" in str(e) or "size" in str(e) or "bytes" in str(e) else "corrupt_nifti"
-        raise UnreadableImage(kind, f"{path}: {' '.join(str(e).split())}") from None
+        raise UnreadableImage(kind, f"{path}: the voxel data cannot be read ({error_kind(e)})") from None
     check_finite(path, data)
     zooms = [float(z) for z in img.header.get_zooms()[: len(shape)]]
 

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtl.errors import UnreadableImage
+from medtl.phi import error_kind
 from medtl.readers import METADATA_FIELDS, Decoded, ReadOptions, check_finite, check_size, rescale_to_unit, robust_range
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff"}
@@ -44,13 +45,13 @@ def read(path: Path, options: ReadOptions) -> Decoded:
         try:
             im = Image.open(path)
         except Image.DecompressionBombError as e:
-            raise UnreadableImage("too_large", f"{path}: {e}") from None
+            raise UnreadableImage("too_large", f"{path}: more pixels than Pillow's safety limit ({error_kind(e)})") from None
         except UnidentifiedImageError:
             if _has_image_magic(path):
                 raise UnreadableImage("corrupt_image", f"{path} starts like an image but Pillow cannot parse it") from None
             raise UnreadableImage("not_an_image", f"{path} has an image file name but its content is not an image") from None
         except (OSError, SyntaxError, ValueError) as e:
-            raise UnreadableImage(_failure_reason(e), f"{path}: {e}") from None
+            raise UnreadableImage(_failure_reason(e), f"{path}: Pillow cannot decode it ({error_kind(e)})") from None
         with im:
             if im.format not in FORMATS:
                 raise UnreadableImage("unsupported_format", f"{path} is a {im.format} image; PNG, JPEG, BMP and TIFF are read")
@@ -68,9 +69,9 @@ def read(path: Path, options: ReadOptions) -> Decoded:
             except UnreadableImage:
                 raise
             except Image.DecompressionBombError as e:
-                raise UnreadableImage("too_large", f"{path}: {e}") from None
+                raise UnreadableImage("too_large", f"{path}: more pixels than Pillow's safety limit ({error_kind(e)})") from None
             except (OSError, SyntaxError, ValueError, EOFError) as e:
-                raise UnreadableImage(_failure_reason(e), f"{path}: {e}") from None
+                raise UnreadableImage(_failure_reason(e), f"{path}: Pillow cannot decode it ({error_kind(e)})") from None
     metadata = dict.fromkeys(METADATA_FIELDS, "")
     metadata["photometric"] = "RGB" if pixels.ndim == 3 else "MONOCHROME2"
     if frames > 1:

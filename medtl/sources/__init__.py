@@ -10,8 +10,10 @@ folder), which ingest quarantines with its reason.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -23,16 +25,34 @@ from medtl.errors import MedtlError
 
 @dataclass
 class SourceItem:
-    source_path: str  # as recorded in the manifest (relative to the source root)
+    relative: str  # path relative to the source root; only ever stored as its keyed hash (source_ref)
     path: Path | None = None  # file to decode; None when `pixels` is given
     label: str | None = None
     group: str | None = None  # raw group id (patient, lesion); pseudonymised in ingest
+    group_kind: str | None = None  # where the group came from: column, rule, source (see Grouping in ingest)
     split: str | None = None  # a split fixed by the source, respected by ingest
     extra: dict[str, str] = field(default_factory=dict)  # explicitly requested metadata
     pixels: np.ndarray | None = None  # already-decoded image in [0, 1] (array datasets)
     sha256: str | None = None  # of the source file, when the source already knows it (array containers)
+    index: str | None = None  # which image of an array container ("train/17"); not identifying
+    line: int | None = None  # line of the source's CSV that names this item; not identifying
     problem: str | None = None  # quarantine reason found while enumerating (missing file, no label)
-    detail: str = ""  # what the problem is, for the report
+    detail: str = ""  # what the problem is, for the report: fixed words and numbers, never a path or header value
+
+    @property
+    def ref_key(self) -> str:
+        """What `source_ref` hashes: the relative path, plus the index inside an array container."""
+        return f"{self.relative}#{self.index}" if self.index is not None else self.relative
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """An item's label and group, read from its decoded header (DICOM keyed by UID), or why they cannot be."""
+
+    label: str | None
+    group: str | None
+    problem: str | None = None
+    detail: str = ""
 
 
 @dataclass
@@ -43,10 +63,20 @@ class Source:
     cleanup: Callable[[], None] | None = None  # removes temporary files when ingest is done
     count: int | None = None  # number of items, for the progress bar, when `items` is a generator
     # Labels and groups known only from the decoded header (DICOM keyed by UID):
-    # resolve(item, identity) -> (label, group, problem, detail); called in ingest's main process.
-    resolve: Callable[[SourceItem, dict], tuple[str | None, str | None, str | None, str]] | None = None
+    # resolve(item, identity) -> Resolved; called in ingest's main process.
+    resolve: Callable[[SourceItem, dict], "Resolved"] | None = None
     # Problems known only once every file is decoded (label rows that matched no file).
     unmatched: Callable[[], list[SourceItem]] | None = None
+    header_group: str = "PatientID"  # the header keyword a group read from the file comes from
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file found under a source root, or a link that cannot be followed (problem set)."""
+
+    path: Path
+    problem: str | None = None  # symlink_loop, dangling_symlink, link_outside_root
+    detail: str = ""
 
 
 # name -> module exposing `open_source(params: IngestParams, workdir: Path) -> Source`
@@ -71,38 +101,83 @@ def open_source(params, workdir: Path) -> Source:
     return module.open_source(params, workdir)
 
 
-def iter_files(root: Path, skip: Iterable[Path] = ()) -> Iterator[Path]:
-    """Every regular file under root, in a stable order, hidden files skipped.
+def walk_files(root: Path, skip: Iterable[Path] = (), within: Path | None = None) -> Iterator[FileEntry]:
+    """Every regular file under root, in a stable order, hidden files skipped, links followed inside root.
 
-    A symlink that leads outside root is an error, so a source never reads
-    files it was not pointed at.
+    A link that loops, dangles or leads outside root is yielded with a problem
+    instead of being read, so it is quarantined and counted, never silently
+    skipped or fatal. `within` (default: root) is the data root links may not leave.
     """
     skip = {Path(p).resolve() for p in skip}
-    real_root = root.resolve()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            p = Path(dirpath) / name
-            real = p.resolve()
+    real_root = (within or root).resolve()
+
+    def visit(folder: Path, seen: frozenset) -> Iterator[FileEntry]:
+        try:
+            names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+        except OSError as e:
+            yield FileEntry(folder, "unreadable_folder", f"the folder cannot be listed ({e.strerror or type(e).__name__})")
+            return
+        for name in names:
+            p = folder / name
+            if p.is_symlink():
+                try:
+                    real = p.resolve(strict=True)
+                except FileNotFoundError:
+                    yield FileEntry(p, "dangling_symlink", "symbolic link to nothing")
+                    continue
+                except (RuntimeError, OSError) as e:  # RuntimeError: Python's "Symlink loop"
+                    if isinstance(e, RuntimeError) or getattr(e, "errno", None) == errno.ELOOP:
+                        yield FileEntry(p, "symlink_loop", "symbolic link that leads back to itself")
+                    else:
+                        yield FileEntry(p, "dangling_symlink", f"symbolic link that cannot be followed ({e.strerror or type(e).__name__})")
+                    continue
+                if not real.is_relative_to(real_root):
+                    yield FileEntry(p, "link_outside_root", "symbolic link to a file outside the data root")
+                    continue
+            else:
+                real = p.resolve()
             if real in skip:
                 continue
-            if not real.is_relative_to(real_root):
-                raise MedtlError(f"{p} is a link to {real}, outside the data root {root}; "
-                                 "copy the file into the root or point the source at a folder that holds it")
-            if real.is_file():
-                yield p
+            if real.is_dir():
+                if real in seen:
+                    yield FileEntry(p, "symlink_loop", "symbolic link to a folder that contains it")
+                    continue
+                yield from visit(p, seen | {real})
+            elif real.is_file():
+                yield FileEntry(p)
+
+    yield from visit(root, frozenset({root.resolve()}))
+
+
+def iter_files(root: Path, skip: Iterable[Path] = ()) -> Iterator[Path]:
+    """The readable files of `walk_files`; a link outside root is an error, loops and dangling links are skipped."""
+    for entry in walk_files(root, skip):
+        if entry.problem == "link_outside_root":
+            raise MedtlError(f"{entry.path} is a link to a file outside {root}; copy the file into the folder instead")
+        if entry.problem is None:
+            yield entry.path
+
+
+def entry_item(entry: FileEntry, root: Path, **fields) -> "SourceItem":
+    """A SourceItem for a walked file, carrying the entry's problem if it has one."""
+    item = SourceItem(entry.path.relative_to(root).as_posix(), path=None if entry.problem else entry.path, **fields)
+    if entry.problem:
+        item.problem, item.detail = entry.problem, entry.detail
+    return item
 
 
 def inside_root(root: Path, relative: str, what: str) -> Path:
     """root / relative, refusing absolute paths, '..' and symlinks that leave root."""
     rel = Path(relative)
     if rel.is_absolute() or relative.startswith(("/", "\\")) or (len(relative) > 1 and relative[1] == ":"):
-        raise MedtlError(f"{what}: path {relative!r} is absolute; expected a path relative to the data root {root}")
+        raise MedtlError(f"{what}: the path is absolute; expected a path relative to the data root {root}")
     full = root / rel
-    if not full.resolve().is_relative_to(root.resolve()):
-        raise MedtlError(f"{what}: path {relative!r} leads outside the data root {root} "
+    try:
+        inside = full.resolve().is_relative_to(root.resolve())
+    except (RuntimeError, OSError):  # a symlink loop: left to the reader, which quarantines it
+        inside = True
+    if not inside:
+        raise MedtlError(f"{what}: the path leads outside the data root {root} "
                          "(through '..' or a symbolic link); every image must lie inside the root")
     return full
 
@@ -130,6 +205,29 @@ def split_name(name: str) -> str | None:
     return SPLIT_NAMES.get(name.strip().lower())
 
 
-def class_order(found: Iterable[str], declared: list[str]) -> list[str]:
-    """The declared classes (ingest.classes), or the labels found, sorted."""
-    return list(declared) if declared else sorted(set(found))
+def compile_group_rule(rule: str | None, key: str):
+    """A group rule: a regex with a named group `group`, searched in each file's relative path."""
+    from medtl.errors import ParamsError
+
+    if rule is None:
+        return None
+    try:
+        pattern = re.compile(rule)
+    except re.error as e:
+        raise ParamsError(f"params key '{key}' has value {rule!r}, which is not a regular expression ({e}); "
+                          r"expected e.g. 'person(?P<group>\d+)_'") from None
+    if "group" not in pattern.groupindex:
+        raise ParamsError(f"params key '{key}' has value {rule!r}; expected a regular expression with a named group "
+                          r"`group`, e.g. 'person(?P<group>\d+)_'")
+    return pattern
+
+
+def apply_group_rule(pattern, item: SourceItem) -> None:
+    """Set the item's group from its relative path; no match is a quarantine reason (the rule is meant to cover every file)."""
+    if pattern is None or item.problem:
+        return
+    match = pattern.search(item.relative)
+    if match is None or not match.group("group"):
+        item.problem, item.detail = "no_group", "the group rule does not match this file's path"
+        return
+    item.group, item.group_kind = match.group("group"), "rule"

@@ -8,12 +8,33 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medtl import demo
+from medtl.params import require
 from medtl.sources import Source, SourceItem
+
+
+@dataclass(frozen=True)
+class DemoParams:
+    patients: int = 120
+    min_images_per_patient: int = 2
+    max_images_per_patient: int = 4
+    min_size: int = 96
+    max_size: int = 160
+    prevalence: float = 0.4
+    seed: int = 7
+
+    def check(self, key: str) -> None:
+        require(self.patients >= 6, f"{key}.patients", self.patients, "at least 6")
+        require(1 <= self.min_images_per_patient <= self.max_images_per_patient, f"{key}.min_images_per_patient",
+                self.min_images_per_patient, f"between 1 and max_images_per_patient ({self.max_images_per_patient})")
+        require(16 <= self.min_size <= self.max_size <= 2048, f"{key}.min_size", self.min_size,
+                f"between 16 and max_size ({self.max_size}), at most 2048")
+        require(0 < self.prevalence < 1, f"{key}.prevalence", self.prevalence, "a fraction strictly between 0 and 1")
 
 
 def open_source(params, workdir: Path) -> Source:
@@ -26,10 +47,11 @@ def open_source(params, workdir: Path) -> Source:
         for path in demo.write_patient_images(patient, n, (p.min_size, p.max_size), p.seed, tmp):
             items.append(
                 SourceItem(
-                    source_path="demo/" + path.relative_to(tmp).as_posix(),
+                    "demo/" + path.relative_to(tmp).as_posix(),
                     path=path,
                     label=demo.CLASSES[int(patient.diseased)],
-                    # group left to the DICOM PatientID, pseudonymised by ingest
+                    group=patient.patient_id,  # the generator's patient, pseudonymised by ingest
+                    group_kind="source",
                 )
             )
     return Source(

@@ -5,21 +5,34 @@
 With `path`, labels are matched to files before decoding. With an identifier,
 they are matched to the value read from each file's header after decoding, so
 every file is opened once. The group (default PatientID) is read from the
-header and pseudonymised by ingest; identifiers never reach the manifest or
-the report (an unmatched label row is reported by its line number).
+header and pseudonymised by ingest; identifiers and paths never reach the
+manifest, the report or a message (a label row is named by its line number).
 """
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from medtl.errors import MedtlError
-from medtl.sources import Source, SourceItem, existing_dir, existing_file, inside_root, iter_files
+from medtl.sources import Resolved, Source, SourceItem, entry_item, existing_dir, existing_file, inside_root, walk_files
 from medtl.sources.csv import column, read_table
 
 
+@dataclass(frozen=True)
+class DicomParams:
+    root: str = ""  # a tree of DICOM files
+    labels: str = ""  # CSV with a key column and a label column
+    key: Literal["path", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID"] = "path"
+    key_column: str | None = None  # default: the key's own name (path, SOPInstanceUID, ...)
+    label_column: str = "label"
+    group: Literal["PatientID", "StudyInstanceUID", "SeriesInstanceUID"] = "PatientID"
+    include: str = "*"  # file-name pattern, e.g. "*.dcm" to leave sidecar files out
+
+
 def open_source(params, workdir: Path) -> Source:
-    p = params.dicom
+    p: DicomParams = params.dicom
     root = existing_dir(p.root, "ingest.dicom.root")
     labels_path = existing_file(p.labels, "ingest.dicom.labels", f"a CSV file with a {p.key_column or p.key} column and a label column")
     header, rows = read_table(labels_path, "ingest.dicom.labels")
@@ -34,38 +47,44 @@ def open_source(params, workdir: Path) -> Source:
         if p.key == "path":
             value = inside_root(root, value, f"{labels_path.name} line {n}").relative_to(root).as_posix()
         if value in labels and labels[value][0] != row[label_col]:
-            shown = value if p.key == "path" else "the same identifier"  # UIDs are not repeated in messages
-            raise MedtlError(f"{labels_path.name} lines {labels[value][1]} and {n} give {shown} two labels "
-                             f"({labels[value][0]!r} and {row[label_col]!r})")
+            # neither paths nor UIDs are repeated in messages: they may identify a patient
+            raise MedtlError(f"{labels_path.name} lines {labels[value][1]} and {n} give the same "
+                             f"{'file' if p.key == 'path' else p.key} two labels ({labels[value][0]!r} and {row[label_col]!r})")
         labels.setdefault(value, (row[label_col], n))
 
-    files = [f for f in iter_files(root, skip=[labels_path]) if fnmatch.fnmatch(f.name, p.include)]
+    skip = labels_path.resolve()
     items = []
     used: set[str] = set()
-    for f in files:
-        rel = f.relative_to(root).as_posix()
-        item = SourceItem(rel, path=f)
-        if p.key == "path":
+    n_files = 0
+    for entry in walk_files(root):
+        if not fnmatch.fnmatch(entry.path.name, p.include) or (not entry.problem and entry.path.resolve() == skip):
+            continue
+        item = entry_item(entry, root)
+        n_files += 1
+        rel = item.relative
+        if p.key == "path" and not item.problem:
             if rel in labels:
-                item.label = labels[rel][0]
+                item.label, item.line = labels[rel][0], labels[rel][1]
                 used.add(rel)
             else:
                 item.problem, item.detail = "no_label", f"no row of {labels_path.name} names this file"
+        elif p.key == "path" and rel in labels:
+            used.add(rel)  # a broken link that a label row names: quarantined once, as the link
         items.append(item)
     if p.key == "path":
         items += _missing(labels, used, labels_path)
 
-    def resolve(item: SourceItem, identity: dict) -> tuple[str | None, str | None, str | None, str]:
+    def resolve(item: SourceItem, identity: dict) -> Resolved:
         group = identity.get(p.group) or None
         if p.key == "path":
-            return item.label, group, None, ""
+            return Resolved(item.label, group)
         value = identity.get(p.key, "")
         if not value:
-            return None, group, "no_label", f"the file has no {p.key} to look its label up by"
+            return Resolved(None, group, "no_label", f"the file has no {p.key} to look its label up by")
         if value not in labels:
-            return None, group, "no_label", f"no row of {labels_path.name} has this file's {p.key}"
+            return Resolved(None, group, "no_label", f"no row of {labels_path.name} has this file's {p.key}")
         used.add(value)
-        return labels[value][0], group, None, ""
+        return Resolved(labels[value][0], group)
 
     def unmatched() -> list[SourceItem]:
         return [] if p.key == "path" else _missing(labels, used, labels_path)
@@ -73,16 +92,17 @@ def open_source(params, workdir: Path) -> Source:
     return Source(
         items=items,
         classes=[],
-        description={"source": "dicom", "key": p.key, "group": p.group, "label_rows": len(rows), "files": len(files)},
+        description={"source": "dicom", "key": p.key, "group": p.group, "label_rows": len(rows), "files": n_files},
         resolve=resolve,
         unmatched=unmatched,
+        header_group=p.group,
     )
 
 
 def _missing(labels: dict[str, tuple[str, int]], used: set[str], labels_path: Path) -> list[SourceItem]:
     """A quarantine item for every label row that matched no file, named by its line (not its key)."""
     return [
-        SourceItem(f"{labels_path.name} line {line}", label=label, problem="missing_file",
+        SourceItem(f"{labels_path.name} line {line}", label=label, line=line, problem="missing_file",
                    detail="no file under ingest.dicom.root matches this label row")
         for value, (label, line) in sorted(labels.items(), key=lambda kv: kv[1][1]) if value not in used
     ]

@@ -5,19 +5,36 @@
 
 `layout: auto` takes the second form when every top-level folder is a split
 name. Each image is its own group unless the images carry a patient id in
-their header (DICOM PatientID); use a csv source to give groups explicitly.
+their header (DICOM PatientID) or `group_rule` finds one in the file's path,
+e.g. `person(?P<group>\\d+)_` for Kermany's `person123_bacteria_456.jpeg`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from medtl.errors import MedtlError
-from medtl.sources import SPLIT_NAMES, Source, SourceItem, existing_dir, iter_files, split_name
+from medtl.sources import (
+    SPLIT_NAMES, Source, SourceItem, apply_group_rule, compile_group_rule, entry_item, existing_dir, split_name,
+    walk_files,
+)
+
+
+@dataclass(frozen=True)
+class FolderParams:
+    root: str = ""  # one subfolder per class, or per split (Training/, Testing/) each with one per class
+    layout: Literal["auto", "classes", "splits"] = "auto"
+    group_rule: str | None = None  # regex with a named group `group` over the relative path; null: no rule
+
+    def check(self, key: str) -> None:
+        compile_group_rule(self.group_rule, f"{key}.group_rule")
 
 
 def open_source(params, workdir: Path) -> Source:
-    p = params.folder
+    p: FolderParams = params.folder
     root = existing_dir(p.root, "ingest.folder.root")
+    rule = compile_group_rule(p.group_rule, "ingest.folder.group_rule")
     top = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not top:
         raise MedtlError(f"ingest.folder.root {root} has no subfolders; expected one subfolder per class "
@@ -29,9 +46,9 @@ def open_source(params, workdir: Path) -> Source:
         layout = "splits" if all(split_name(d.name) for d in top) else "classes"
     if layout == "splits":
         bad = [d.name for d in top if not split_name(d.name)]
-        if bad:
-            raise MedtlError(f"ingest.folder.layout is 'splits' but {root} has top-level folder(s) "
-                             f"{', '.join(bad)} that are not split names (expected one of {', '.join(sorted(SPLIT_NAMES))})")
+        if bad:  # folder names are not repeated: they may be patient folders of a wrongly chosen root
+            raise MedtlError(f"ingest.folder.layout is 'splits' but {len(bad)} top-level folder(s) of ingest.folder.root "
+                             f"are not split names (expected one of {', '.join(sorted(SPLIT_NAMES))})")
         pairs = [(split_name(d.name), d) for d in top]
         for f in sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")):
             items.append(SourceItem(f.name, path=f, problem="no_label", detail="file is not inside a split/class folder"))
@@ -40,20 +57,23 @@ def open_source(params, workdir: Path) -> Source:
 
     for split, base in pairs:
         class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-        loose = sorted(f for f in base.iterdir() if f.is_file() and not f.name.startswith("."))
+        loose = sorted(f for f in base.iterdir() if not f.is_dir() and not f.name.startswith("."))
         for f in loose:  # an image beside the class folders has no label
             items.append(SourceItem(f.relative_to(root).as_posix(), path=f, split=split, problem="no_label",
                                     detail="file is not inside a class folder"))
         for d in class_dirs:
             classes.add(d.name)
-            files = list(iter_files(d))
-            if not files:
+            n = len(items)
+            for entry in walk_files(d, within=root):
+                item = entry_item(entry, root, label=d.name, split=split)
+                apply_group_rule(rule, item)
+                items.append(item)
+            if len(items) == n:
                 items.append(SourceItem(d.relative_to(root).as_posix() + "/", split=split, problem="empty_class_folder",
-                                        detail=f"class folder {d.name} holds no files"))
-            for f in files:
-                items.append(SourceItem(f.relative_to(root).as_posix(), path=f, label=d.name, split=split))
+                                        detail="class folder holds no files"))
     return Source(
         items=items,
         classes=sorted(classes),
-        description={"source": "folder", "layout": layout, "files": sum(i.path is not None for i in items)},
+        description={"source": "folder", "layout": layout, "files": sum(i.path is not None for i in items),
+                     "group_rule": p.group_rule},
     )

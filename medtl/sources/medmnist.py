@@ -3,26 +3,42 @@
 With `url` and `md5`, a missing file is downloaded first (`fetch`, run by the
 stage before its provenance record opens, so the record hashes the file that
 was read). Images are streamed one split at a time, so only one split's array
-is in memory. Every row's source_path is the .npz file itself (its sha256 is
-the file's, so `medtl verify` can re-hash it); `npz_index` says which image.
+is in memory. Every row's sha256 is the .npz file's (so `medtl verify` can
+re-hash it) and `npz_index` says which image (`train/17`). MedMNIST carries no
+patient ids, so each image is its own group.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medtl.errors import MedtlError
 from medtl.io import sha256_file
+from medtl.params import require
 from medtl.sources import Source, SourceItem
 
 SPLIT_KEYS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class MedmnistParams:
+    path: str = ""  # e.g. data/raw/pneumoniamnist.npz
+    url: str = ""  # downloaded to `path` when it is missing
+    md5: str = ""  # checked after a download
+
+    def check(self, key: str) -> None:
+        require(not self.md5 or re.fullmatch(r"[0-9a-fA-F]{32}", self.md5) is not None, f"{key}.md5", self.md5,
+                "32 hexadecimal digits")
+        require(not self.url or bool(self.md5), f"{key}.md5", self.md5, "the file's md5 whenever url is set")
 _CHUNK = 1 << 20
 
 
@@ -95,7 +111,7 @@ def open_source(params, workdir: Path) -> Source:
             scale = float(np.iinfo(images.dtype).max) if np.issubdtype(images.dtype, np.integer) else 1.0
             for i in range(len(images)):
                 yield SourceItem(
-                    path.name, label=name(int(labels[i])), group=f"{path.name}/{s}/{i}", split=s,
+                    path.name, label=name(int(labels[i])), split=s, index=f"{s}/{i}",
                     extra={"npz_index": f"{s}/{i}"}, sha256=file_sha,
                     pixels=np.asarray(images[i], dtype=np.float32) / scale,
                 )

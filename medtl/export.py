@@ -1,0 +1,283 @@
+"""`medtl export`: the fine-tuned model as ONNX or TorchScript, for deployment outside medtl.
+
+The exported graph takes what the pipeline's prepared arrays hold: float32
+images of shape (N, C, S, S) with pixels in [0, 1], already resized as the
+model's preprocessing record says. Normalisation is inside the graph. It
+returns `logits` and `probabilities` (softmax of logits / temperature, when
+evaluation fitted a temperature). Everything a deployment needs to feed it
+and to read its output (classes, the preprocessing record, the operating
+point fitted on validation, the sha256 of the source model.pt) travels inside
+the file: ONNX metadata_props, or TorchScript extra files.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from medtl.errors import MedtlError
+from medtl.io import atomic_path, sha256_file
+
+EXPORT_FORMAT = "medtl-export/1"
+FORMATS = ("onnx", "torchscript")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+DEFAULT_OPERATING_POINT = Path("reports/operating_point.json")
+TORCHSCRIPT_METADATA = "medtl.json"  # the extra file holding the metadata in a TorchScript archive
+ONNX_OPSET = 17
+PARITY_TOLERANCE = 1e-4
+INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
+# torch and numpy are imported inside the functions: `medtl --help` and `medtl verify` load this module to list the subcommand
+
+
+def exported_module(classifier, temperature: float | None):
+    """The classifier with its calibrated softmax attached: one graph from prepared pixels to probabilities."""
+    import torch
+    from torch import nn
+
+    class Exported(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.classifier = classifier
+            self.temperature = float(temperature) if temperature else 1.0
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.classifier(image)
+            return logits, torch.softmax(logits / self.temperature, dim=1)
+
+    return Exported().eval()
+
+
+def read_operating_point(path: Path | None, model_path: Path, classes: list[str]) -> dict | None:
+    """The evaluate stage's operating point for this model; None when there is none.
+
+    An explicit --operating-point must belong to the model; the default file is
+    skipped with a note when it was fitted for another model (e.g. after a new
+    fine-tune that has not been evaluated yet).
+    """
+    from medtl.evaluation import OPERATING_POINT_FORMAT
+
+    explicit = path is not None
+    path = path if explicit else DEFAULT_OPERATING_POINT
+    if not path.is_file():
+        if explicit:
+            raise MedtlError(f"--operating-point {path} does not exist; expected reports/operating_point.json from the evaluate stage")
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MedtlError(f"operating point {path} cannot be read as JSON ({e}); expected the file the evaluate stage writes") from None
+    if not isinstance(record, dict) or record.get("format") != OPERATING_POINT_FORMAT:
+        raise MedtlError(f"operating point {path} is not an operating point file (format {OPERATING_POINT_FORMAT})")
+    if record.get("model_sha256") != sha256_file(model_path):
+        msg = f"operating point {path} was fitted for a different model than {model_path} (sha256 differs)"
+        if explicit:
+            raise MedtlError(msg + "; rerun the evaluate stage for this model (dvc repro)")
+        print(f"medtl export: note: {msg}; exporting without an operating point", file=sys.stderr)
+        return None
+    if record.get("classes") != classes:
+        raise MedtlError(f"operating point {path} is for classes {record.get('classes')}, the model has {classes}")
+    return record
+
+
+def metadata(ckpt: dict, model_path: Path, operating_point: dict | None, fmt: str) -> dict[str, str]:
+    """String key/value pairs (ONNX metadata_props accept nothing else); structured values as JSON."""
+    pre = ckpt.get("preprocessing") or {}
+    channels, size = _input_shape(ckpt)
+    temperature = (operating_point or {}).get("temperature")
+    return {
+        "medtl.format": EXPORT_FORMAT,
+        "medtl.export_format": fmt,
+        "medtl.source_model": model_path.name,
+        "medtl.source_model_sha256": sha256_file(model_path),
+        "medtl.arch": str((ckpt.get("backbone") or {}).get("arch", ckpt.get("arch", "unknown"))),
+        "medtl.classes": json.dumps(list(ckpt["classes"])),
+        # the record is carried whole, whatever keys it holds, so newer records pass through unchanged
+        "medtl.preprocessing": json.dumps(pre, sort_keys=True, default=str),
+        "medtl.operating_point": json.dumps(operating_point, sort_keys=True) if operating_point else "null",
+        "medtl.input": json.dumps({"name": INPUT_NAME, "shape": ["N", channels, size, size], "dtype": "float32",
+                                   "range": [0.0, 1.0], "normalisation": "inside the graph"}),
+        "medtl.outputs": json.dumps({"logits": "raw scores, one per class",
+                                     "probabilities": "softmax(logits / temperature)", "temperature": temperature or 1.0}),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_tracer():
+    """torch.jit's deprecation notices and the tracer's note on the backbone's input-shape check (a guard,
+    constant for a fixed channel count) say nothing the user can act on."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _input_shape(ckpt: dict) -> tuple[int, int]:
+    """(channels, side) of the prepared images the model takes, from its preprocessing record."""
+    pre = ckpt.get("preprocessing") or {}
+    try:
+        return int(pre["channels"]), int(pre["image_size"] if "image_size" in pre else pre["size"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise MedtlError(f"the model's preprocessing record {pre} lacks channels or image size ({e}); it cannot be exported") from None
+
+
+def _example(ckpt: dict):
+    import torch
+
+    c, s = _input_shape(ckpt)
+    return torch.rand(2, c, s, s, generator=torch.Generator().manual_seed(0))
+
+
+def to_onnx(module, example, meta: dict[str, str]) -> bytes:
+    import onnx
+    import torch
+
+    buf = io.BytesIO()
+    # the TorchScript-based exporter: deterministic, no extra packages, and handles the torchvision backbones
+    torch.onnx.export(module, (example,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                      dynamic_axes={INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
+                      opset_version=ONNX_OPSET, do_constant_folding=True, dynamo=False)
+    proto = onnx.load_from_string(buf.getvalue())
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.doc_string = f"medtl export of {meta['medtl.source_model']} (sha256 {meta['medtl.source_model_sha256']})"
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def to_torchscript(module, example, meta: dict[str, str]) -> bytes:
+    import torch
+
+    with torch.no_grad():
+        traced = torch.jit.trace(module, (example,), check_trace=True)
+    buf = io.BytesIO()
+    torch.jit.save(traced, buf, _extra_files={TORCHSCRIPT_METADATA: json.dumps(meta, indent=2, sort_keys=True)})
+    return buf.getvalue()
+
+
+def export(model_path: Path, fmt: str, operating_point: Path | None = None) -> tuple[bytes, dict[str, str]]:
+    """The exported file's bytes and the metadata carried in it."""
+    from medtl.model import load_classifier
+
+    if fmt not in FORMATS:
+        raise MedtlError(f"--format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
+    classifier, ckpt = load_classifier(model_path)
+    op = read_operating_point(operating_point, model_path, list(ckpt["classes"]))
+    meta = metadata(ckpt, model_path, op, fmt)
+    module = exported_module(classifier, (op or {}).get("temperature"))
+    example = _example(ckpt)
+    with _quiet_tracer():
+        data = to_onnx(module, example, meta) if fmt == "onnx" else to_torchscript(module, example, meta)
+    return data, meta
+
+
+def run_export(data: bytes, fmt: str, images):
+    """(logits, probabilities) of the exported file on `images`, with its own runtime (onnxruntime or torch.jit)."""
+    import numpy as np
+    import torch
+
+    x = np.ascontiguousarray(images, dtype=np.float32)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        logits, probs = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+        return logits, probs
+    with _quiet_tracer():
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    with torch.no_grad():
+        logits, probs = module(torch.from_numpy(x))
+    return logits.numpy(), probs.numpy()
+
+
+def parity(model_path: Path, data: bytes, fmt: str, images, temperature: float | None = None) -> float:
+    """Largest absolute difference between the export and the PyTorch model, over logits and probabilities."""
+    import numpy as np
+    import torch
+
+    from medtl.model import load_classifier
+
+    classifier, _ = load_classifier(model_path)
+    with torch.no_grad():
+        ref_logits, ref_probs = exported_module(classifier, temperature)(torch.from_numpy(np.asarray(images, dtype=np.float32)))
+    logits, probs = run_export(data, fmt, images)
+    return float(max(np.abs(logits - ref_logits.numpy()).max(), np.abs(probs - ref_probs.numpy()).max()))
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The medtl metadata of an exported file, from either format."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"PK":  # TorchScript archives are zip files
+        import torch
+
+        extra = {TORCHSCRIPT_METADATA: ""}
+        with _quiet_tracer():
+            torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
+        return json.loads(extra[TORCHSCRIPT_METADATA])
+    import onnx
+
+    return {p.key: p.value for p in onnx.load_from_string(data).metadata_props}
+
+
+def _check_images(prepared: Path, meta: dict[str, str], n: int = 16):
+    """Up to n prepared test images (validation if there is no test split), for the parity check."""
+    import numpy as np
+
+    for split in ("test", "val", "train"):
+        p = prepared / f"{split}.npy"
+        if p.is_file():
+            arr = np.load(p, mmap_mode="r")
+            shape = json.loads(meta["medtl.input"])["shape"]
+            if arr.ndim == 4 and list(arr.shape[1:]) == shape[1:]:
+                return np.asarray(arr[:n], dtype=np.float32)
+            return None
+    return None
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("export", help="write the model as ONNX or TorchScript, with its metadata",
+                              description="Export a model written by the pipeline to ONNX (run with onnxruntime) or TorchScript. "
+                                          "Input: float32 (N, C, S, S) prepared pixels in [0, 1]; outputs: logits and probabilities. "
+                                          "Classes, the preprocessing record and the operating point travel inside the file.")
+    p.add_argument("model", type=Path, nargs="?", default=Path("models/model.pt"), help="model file written by fine-tune (default: %(default)s)")
+    p.add_argument("--format", choices=FORMATS, default="onnx", help="(default: %(default)s)")
+    p.add_argument("--out", help="output file, or - for stdout (default: the model path with .onnx or .torchscript.pt)")
+    p.add_argument("--operating-point", type=Path,
+                   help=f"operating point to carry (default: {DEFAULT_OPERATING_POINT} when it was fitted for this model)")
+    p.add_argument("--check", type=Path, default=Path("data/prepared"),
+                   help="prepared arrays to compare the export with the PyTorch model on (default: %(default)s, when present)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if not args.model.is_file():
+        raise MedtlError(f"model {args.model} not found; run the pipeline (dvc repro) or name the model file")
+    data, meta = export(args.model, args.format, args.operating_point)
+    images = _check_images(args.check, meta) if args.check and args.check.is_dir() else None
+    if images is not None and len(images):
+        op = json.loads(meta["medtl.operating_point"])
+        diff = parity(args.model, data, args.format, images, (op or {}).get("temperature"))
+        if diff > PARITY_TOLERANCE:
+            raise MedtlError(f"the {args.format} export differs from {args.model} by {diff:.2e} on {len(images)} prepared images "
+                             f"(tolerance {PARITY_TOLERANCE:g}); nothing was written")
+        checked = f"matches the PyTorch model on {len(images)} images from {args.check} (max abs difference {diff:.1e})"
+    else:
+        checked = "not compared with the PyTorch model (no prepared arrays; pass --check data/prepared)"
+    if args.out == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        print(f"medtl export: {args.format} {checked}", file=sys.stderr)
+        return 0
+    out = Path(args.out) if args.out else args.model.with_name(args.model.name.removesuffix(".pt") + SUFFIX[args.format])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_bytes(data)
+    print(f"{out}: {args.format}, classes {', '.join(json.loads(meta['medtl.classes']))}; {checked}")
+    return 0

@@ -1,0 +1,176 @@
+"""`medtl exps`: the experiment comparison in one screen.
+
+`dvc exp show` lists every param and metric (about 190 columns); this reads
+its `--json` output and shows, per experiment, the kept model's test metrics
+(ROC AUC with its interval, sensitivity and specificity at the operating
+threshold), the validation AUC, the key params, and the params that differ
+between the rows, within a width (120 columns by default). Changed params
+that do not fit are listed under the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+from typing import Any
+
+from medtl.errors import MedtlError
+
+# Always shown, under short headers: what an experiment is about at a glance.
+KEY_PARAMS = {"pretrain.arch": "arch", "pretrain.weights": "weights", "pretrain.adapt": "adapt",
+              "finetune.strategy": "strategy", "finetune.lr": "lr"}
+TEST_METRICS = "reports/metrics.json"
+TRAIN_METRICS = "dvclive/metrics.json"
+DEFAULT_WIDTH = 120
+GAP = 2
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _file_data(files: dict | None, name: str) -> dict:
+    entry = (files or {}).get(name) or {}
+    return entry.get("data") or {}
+
+
+def rows_from_dvc_json(records: list[dict]) -> list[dict]:
+    """One row per baseline and experiment of `dvc exp show --json`: name, flattened params, metrics."""
+    rows = []
+
+    def add(name: str, data: dict | None) -> None:
+        if not data:
+            return
+        params = _flatten(_file_data(data.get("params"), "params.yaml"))
+        test = _file_data(data.get("metrics"), TEST_METRICS)
+        train = _file_data(data.get("metrics"), TRAIN_METRICS)
+        rows.append({"name": name, "params": params, "test": test, "train": train})
+
+    def label(entry: dict) -> str:
+        rev = entry.get("rev") or "?"
+        return entry.get("name") or (rev[:7] if len(rev) == 40 else rev)  # a commit's short sha, or "workspace"
+
+    for baseline in records:
+        add(label(baseline), baseline.get("data"))
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                add(label(rev), rev.get("data"))
+    return rows
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "-" if value is None else str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return str(value)
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    if value is None:
+        return "null"
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 24 else text[:23] + "~"
+
+
+def table(rows: list[dict], width: int = DEFAULT_WIDTH) -> tuple[list[str], list[list[str]], list[tuple[str, str]], list[str]]:
+    """Headers, cells, the key params every row shares (name, value) and the changed params that did not fit in `width`.
+
+    A key param that differs between rows gets a column (under its short
+    name), as does every other param that differs; key params that all rows
+    share are said once, above the table.
+    """
+    headers = ["Experiment", "test ROC AUC (95% CI)", "sens", "spec", "val AUC"]
+    cells = []
+    for r in rows:
+        t = r["test"]
+        auc = _num(t.get("roc_auc"))
+        if t.get("roc_auc_ci_low") is not None and t.get("roc_auc_ci_high") is not None:
+            auc += f" ({_num(t['roc_auc_ci_low'])}-{_num(t['roc_auc_ci_high'])})"
+        cells.append([r["name"], auc, _num(t.get("sensitivity")), _num(t.get("specificity")), _num(r["train"].get("val_auc"))])
+
+    def varies(key: str) -> bool:
+        return len({json.dumps(r["params"].get(key), sort_keys=True) for r in rows}) > 1
+
+    present = [k for k in KEY_PARAMS if any(k in r["params"] for r in rows)]
+    shared = [(KEY_PARAMS[k], _param(rows[0]["params"].get(k))) for k in present if not varies(k)]
+    names = sorted({k for r in rows for k in r["params"]})
+    changed = [k for k in present if varies(k)] + [k for k in names if k not in KEY_PARAMS and varies(k)]
+    left_out = []
+    for key in changed:
+        column = [_param(r["params"].get(key)) for r in rows]
+        header = KEY_PARAMS.get(key, key)
+        used = sum(max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)) + GAP * len(headers)
+        if used + max(len(header), *map(len, column)) > width:
+            left_out.append(key)
+            continue
+        headers.append(header)
+        for c, v in zip(cells, column):
+            c.append(v)
+    return headers, cells, shared, left_out
+
+
+def render(headers: list[str], cells: list[list[str]], markdown: bool = False) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(c) + " |" for c in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    fmt = lambda row: (" " * GAP).join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))).rstrip()
+    return "\n".join([fmt(headers), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells])
+
+
+def dvc_exp_json(extra: list[str]) -> list[dict]:
+    dvc = shutil.which("dvc")
+    if dvc is None:
+        raise MedtlError("dvc is not on PATH; run medtl exps in the project's environment (source .venv/bin/activate)")
+    res = subprocess.run([dvc, "exp", "show", "--json", *extra], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise MedtlError(f"dvc exp show failed ({res.returncode}): {res.stderr.strip()[-1000:]}")
+    try:
+        return json.loads(res.stdout)
+    except ValueError as e:
+        raise MedtlError(f"dvc exp show --json printed something that is not JSON ({e})") from None
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    if args.width < 60:
+        raise MedtlError(f"--width {args.width}: expected at least 60 columns")
+    extra = (["-A"] if args.all_commits else []) + (["-n", str(args.num)] if args.num else [])
+    rows = rows_from_dvc_json(dvc_exp_json(extra))
+    if not rows:
+        print("no experiments: run the pipeline (dvc repro) or an experiment (dvc exp run -S key=value)")
+        return 0
+    headers, cells, shared, left_out = table(rows, args.width)
+    if shared:
+        print(_wrap("same in every row: " + ", ".join(f"{k} {v}" for k, v in shared), args.width))
+    print(render(headers, cells, args.md))
+    if left_out:
+        print(_wrap(f"also changed (no room in {args.width} columns): {', '.join(left_out)}", args.width))
+    return 0
+
+
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width, subsequent_indent="  ", break_long_words=False))
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("exps", help="compare experiments in one screen (key params and the model's metrics)",
+                              description="A compact `dvc exp show`: per experiment, the test ROC AUC with its 95%% "
+                                          "interval, sensitivity and specificity, validation AUC, the key params and "
+                                          "the params that differ between rows, within --width columns.")
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="widest line (default: %(default)s)")
+    p.add_argument("--md", action="store_true", help="a Markdown table")
+    p.add_argument("-A", "--all-commits", action="store_true", help="experiments of all commits (dvc exp show -A)")
+    p.add_argument("-n", "--num", type=int, default=None, help="experiments of the last N commits (dvc exp show -n)")
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,42 @@
+"""Forward passes in inference mode over arrays of prepared images, shared by training, evaluation and predict."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from medtl import hardware
+from medtl.data import iter_batches
+
+
+@torch.no_grad()
+def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
+                    hw: hardware.Hardware, desc: str) -> torch.Tensor:
+    """Apply `fn` to every image in inference mode; float32 results on the CPU."""
+    out = []
+    for x in tqdm(iter_batches(images, batch_size), total=-(-len(images) // batch_size), desc=desc, leave=False):
+        if hw.device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(hw.device, non_blocking=True)
+        if hw.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with hw.autocast():
+            out.append(fn(x).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def predict_logits(model, images: np.ndarray, batch_size: int, hw: hardware.Hardware, desc: str) -> np.ndarray:
+    """(N, K) float64 logits; temperature scaling needs logits, not probabilities."""
+    if len(images) == 0:
+        return np.zeros((0, model.head[-1].out_features))
+    return forward_batches(model, images, batch_size, hw, desc).numpy().astype(np.float64).reshape(len(images), -1)
+
+
+def prepare_model(model: torch.nn.Module, hw: hardware.Hardware) -> torch.nn.Module:
+    """The model on the chosen device, channels-last where that is faster."""
+    model.to(hw.device)
+    if hw.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,304 @@
+"""Ingest's evidence can leave the hospital: refs instead of paths, safe reasons, refused columns and keys,
+burned-in text, links, label conflicts, group rules and `medtl locate`, through run_ingest on data written here."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from medtl import demo
+from medtl.errors import MedtlError, ParamsError
+from medtl.ingest import IngestParams, available_cores, run_ingest
+from medtl.locate import locate
+from medtl.manifest import read_manifest
+from medtl.params import build
+from medtl.phi import KEY_ENV, KEY_FILE_ENV, source_ref
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def pseudonym_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "test key")
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+
+
+def params(**raw) -> IngestParams:
+    raw.setdefault("data", "anything")
+    raw.setdefault("workers", 1)
+    return build(IngestParams, raw, "ingest")
+
+
+def ingest(tmp_path, **raw) -> tuple[dict, list[dict]]:
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    report = run_ingest(params(**raw), out)
+    return report, read_manifest(out / "manifest.csv")
+
+
+def png(path: Path, seed: int, size: int = 20) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size), dtype=np.uint8)).save(path)
+    return path
+
+
+def accounted(report: dict) -> None:
+    assert report["files_seen"] == report["files_decoded"] + report["quarantined"] == \
+        report["files_decoded"] + sum(report["quarantine_reasons"].values())
+
+
+def dicoms(root: Path, patients: int = 8, **headers) -> list[Path]:
+    """Demo DICOM files, one class folder per label, with `headers` set on the first file."""
+    out = []
+    for p in demo.fake_patients(patients, 0.5, 3):
+        out += demo.write_patient_images(p, 2, (32, 40), 3, root / demo.CLASSES[int(p.diseased)] / f"p{p.index}")
+    ds = pydicom.dcmread(out[0])
+    for k, v in headers.items():
+        setattr(ds, k, v)
+    ds.save_as(out[0])
+    return out
+
+
+# Issue 14: groups from file names
+
+def kermany_like(root: Path) -> dict[str, str]:
+    """Patients named only in file names (person12_bacteria_3.jpeg), several images each; ref -> patient."""
+    patient_of = {}
+    for person in range(30):
+        label = "PNEUMONIA" if person % 2 else "NORMAL"
+        for k in range(4):
+            rel = f"{label}/person{person}_{'bacteria' if person % 2 else 'normal'}_{k}.png"
+            png(root / rel, seed=1000 * person + k)
+            patient_of[source_ref(rel)] = str(person)
+    return patient_of
+
+
+def test_a_group_rule_keeps_each_patient_in_one_split(tmp_path):
+    root = tmp_path / "chest"
+    patient_of = kermany_like(root)
+    rule = r"person(?P<group>\d+)_"
+
+    def splits_per_patient(rows):
+        seen: dict[str, set] = {}
+        for r in rows:
+            seen.setdefault(patient_of[r["source_ref"]], set()).add(r["split"])
+        return seen
+
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root), "group_rule": rule})
+    assert report["grouping"] == {"kind": "rule", "rule": rule, "images_by_kind": {"rule": 120}}
+    assert all(len(s) == 1 for s in splits_per_patient(rows).values())
+    assert len({r["group"] for r in rows}) == 30 and not any(re.search(r"person|\b\d+\b", r["group"]) for r in rows)
+
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)})
+    assert report["grouping"]["kind"] == "image"  # patient independence not established
+    assert any(len(s) > 1 for s in splits_per_patient(rows).values())  # and indeed, patients cross splits
+
+
+def test_a_group_rule_must_name_a_group_and_cover_every_file(tmp_path):
+    with pytest.raises(ParamsError, match="named group"):
+        params(source="folder", folder={"root": "x", "group_rule": r"person\d+"})
+    with pytest.raises(ParamsError, match="not a regular expression"):
+        params(source="folder", folder={"root": "x", "group_rule": "person(?P<group>"})
+    with pytest.raises(ParamsError, match="group_column"):
+        params(source="csv", csv={"manifest": "m.csv", "group_rule": "(?P<group>.)", "group_column": "patient"})
+    root = tmp_path / "chest"
+    kermany_like(root)
+    png(root / "NORMAL" / "IM0001.png", seed=5)
+    report, _ = ingest(tmp_path, source="folder", folder={"root": str(root), "group_rule": r"person(?P<group>\d+)_"})
+    assert report["quarantine_reasons"]["no_group"] == 1
+
+
+# Links
+
+def test_symlink_loops_and_dangling_links_are_quarantined_and_counted(tmp_path):
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(10):
+            png(root / c / f"{c}{i}.png", seed=hash((c, i)) % 1000)
+    os.symlink(root / "a" / "loop2.png", root / "a" / "loop1.png")
+    os.symlink(root / "a" / "loop1.png", root / "a" / "loop2.png")
+    os.symlink(root / "a" / "gone.png", root / "b" / "dangling.png")
+    os.symlink(root / "b", root / "b" / "self")
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.25)
+    accounted(report)
+    assert {r: n for r, n in report["quarantine_reasons"].items() if n} == {"symlink_loop": 3, "dangling_symlink": 1}
+    assert report["files_seen"] == 24 and len(rows) == 20
+
+
+# Pseudonym key
+
+def test_dicom_needs_a_key_of_its_own_other_sources_are_warned(tmp_path, monkeypatch, capfd):
+    root = tmp_path / "dicom"
+    files = dicoms(root)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{f.relative_to(root).as_posix()},{f.relative_to(root).parts[0]}\n" for f in files))
+    dicom = {"root": str(root), "labels": str(labels)}
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(MedtlError, match=f"{KEY_ENV}.*{KEY_FILE_ENV}"):
+        ingest(tmp_path, source="dicom", dicom=dicom)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("a secret from a file\n")
+    monkeypatch.setenv(KEY_FILE_ENV, str(key_file))
+    report, rows = ingest(tmp_path, source="dicom", dicom=dicom)
+    assert report["pseudonym_key"] == "user" and report["grouping"]["kind"] == "patient_id"
+    assert {r["source_ref"] for r in rows} == {source_ref(f.relative_to(root).as_posix(), b"a secret from a file")
+                                               for f in files}
+
+    monkeypatch.delenv(KEY_FILE_ENV)
+    capfd.readouterr()
+    report, _ = ingest(tmp_path, source="folder", folder={"root": str(root)})
+    assert report["pseudonym_key"] == "default"
+    assert "public demo key" in capfd.readouterr().err
+
+
+# Burned-in annotation and header values in reasons and warnings
+
+def test_burned_in_annotation_is_quarantined_unless_kept(tmp_path):
+    root = tmp_path / "dicom"
+    dicoms(root, patients=12, BurnedInAnnotation="YES")
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
+    assert report["quarantine_reasons"]["burned_in_annotation"] == 1 and len(rows) == 23
+    assert report["burned_in_annotation"] == {"policy": "quarantine", "quarantined": 1, "kept": 0}
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, burned_in="keep")
+    assert report["burned_in_annotation"] == {"policy": "keep", "quarantined": 0, "kept": 1} and len(rows) == 24
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_header_values_never_reach_reasons_warnings_or_the_log(tmp_path, capfd, workers):
+    root = tmp_path / "dicom"
+    files = dicoms(root, patients=12)
+    bad = [("PatientAge", "DOE JOHN"), ("PhotometricInterpretation", "DOE^JOHN"), ("Modality", "Doe John MRN123"),
+           ("StudyInstanceUID", "DOE^JOHN.MRN123")]  # pydicom warns about the UID on reading, quoting it
+    for f, (keyword, value) in zip(files, bad):
+        ds = pydicom.dcmread(f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            setattr(ds, keyword, value)
+        ds.save_as(f)
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1,
+                          workers=workers)
+    log = capfd.readouterr()
+    text = (tmp_path / "out" / "report.json").read_text() + (tmp_path / "out" / "manifest.csv").read_text()
+    for value in ("DOE", "JOHN", "Doe", "MRN123"):
+        assert value not in text and value not in log.err + log.out
+    assert report["quarantine_reasons"]["invalid_photometric"] == 1
+    assert report["decode_warnings"]["invalid_value:UI"] == 1 and report["decode_warnings"]["invalid_value:modality"] == 1
+    assert "" in {r["modality"] for r in rows}  # the free text typed into Modality is blanked, the image kept
+
+
+# CSV metadata columns
+
+@pytest.mark.parametrize("column", ["pt_name", "mrn_number", "referrer", "notes", "PatientBirthDate", "home_address",
+                                    "phone_no", "AccessionNo", "free_text", "ReferringPhysician", "comment"])
+def test_identifying_csv_columns_are_refused_by_name(column):
+    with pytest.raises(ParamsError, match=re.escape(repr(column)) + ".*allow_columns"):
+        params(source="csv", csv={"manifest": "m.csv", "metadata": ["site", column]})
+
+
+def test_allowed_columns_are_kept_and_recorded(tmp_path):
+    root = tmp_path / "data"
+    lines = ["path,label,site,study_arm_id"]
+    for i in range(20):
+        png(root / f"{i}.png", seed=i)
+        lines.append(f"{i}.png,{'a' if i % 2 else 'b'},s{i % 2},ARM{i % 3}")
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    csv = {"manifest": str(root / "m.csv"), "metadata": ["site", "study_arm_id"], "allow_columns": ["study_arm_id"]}
+    report, rows = ingest(tmp_path, source="csv", csv=csv)
+    assert {r["study_arm_id"] for r in rows} == {"ARM0", "ARM1", "ARM2"}
+    assert report["allowed_identifier_columns"] == ["study_arm_id"]
+    assert {"site", "study_arm_id"} <= set(report["metadata_columns"])
+    with pytest.raises(ParamsError, match="also listed in ingest.csv.metadata"):
+        params(source="csv", csv={**csv, "allow_columns": ["mrn"]})
+
+
+def test_workers_above_the_cores_are_refused():
+    with pytest.raises(ParamsError, match=rf"ingest.workers.*{available_cores()} CPU core"):
+        params(workers=available_cores() + 1)
+
+
+# Label conflicts and duplicates of array sources
+
+def test_identical_images_with_different_labels_are_a_conflict(tmp_path, capfd):
+    root = tmp_path / "data"
+    for c in ("benign", "malignant"):
+        for i in range(12):
+            png(root / c / f"{c} ({i}).png", seed=hash((c, i)) % 10_000)
+    shutil.copy(root / "benign" / "benign (3).png", root / "malignant" / "malignant (145).png")
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
+    accounted(report)
+    (conflict,) = report["label_conflicts"]
+    assert conflict["labels"] == ["benign", "malignant"] and conflict["action"] == "quarantined"
+    assert {e["source_ref"] for e in conflict["images"]} == \
+        {source_ref("benign/benign (3).png"), source_ref("malignant/malignant (145).png")}
+    assert report["quarantine_reasons"]["label_conflict"] == 2 and len(rows) == 23  # 25 files, both copies out
+    assert "label conflict" in capfd.readouterr().err
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, label_conflicts="keep")
+    assert report["label_conflicts"][0]["action"] == "kept" and len(rows) in (24, 25)  # a copy in another split is dropped
+    with pytest.raises(MedtlError, match="label_conflicts=fail.*" + source_ref("benign/benign (3).png")):
+        ingest(tmp_path, source="folder", folder={"root": str(root)}, label_conflicts="fail")
+
+
+def test_duplicates_of_an_array_source_name_split_and_index(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 16), ("val", 6), ("test", 6)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
+    arrays["test_images"][2] = arrays["train_images"][4]  # a leak across published splits, same label
+    np.savez(tmp_path / "mini.npz", **arrays)
+    report, rows = ingest(tmp_path, source="medmnist", medmnist={"path": str(tmp_path / "mini.npz")})
+    (dup,) = report["duplicates"]
+    assert dup["image"]["index"] == "test/2" and dup["duplicate_of"]["index"] == "train/4"
+    assert (dup["image"]["split"], dup["duplicate_of"]["split"], dup["action"]) == ("test", "train", "removed")
+    assert report["grouping"]["kind"] == "image"
+
+
+# The manifest format and `medtl locate`
+
+def test_the_manifest_reader_checks_its_format_version(tmp_path):
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(10):
+            png(root / c / f"{i}.png", seed=hash((c, i)) % 1000)
+    ingest(tmp_path, source="folder", folder={"root": str(root)})
+    meta_path = tmp_path / "out" / "manifest.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "version": 1}))
+    with pytest.raises(MedtlError, match="manifest version 1.*dvc repro ingest"):
+        read_manifest(tmp_path / "out" / "manifest.csv")
+    meta_path.unlink()
+    with pytest.raises(MedtlError, match="older medtl"):
+        read_manifest(tmp_path / "out" / "manifest.csv")
+
+
+def test_locate_maps_image_ids_and_quarantined_refs_back_to_files(tmp_path):
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(10):
+            png(root / c / "DOE^JOHN_MRN1" / f"IM{i}_MRN1.png", seed=hash((c, i)) % 1000)
+    (root / "a" / "DOE^JOHN_MRN1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    p = params(source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
+    (tmp_path / "out").mkdir()
+    report = run_ingest(p, tmp_path / "out")
+    assert "DOE" not in json.dumps(report)
+    (bad,) = report["quarantine"]
+    manifest = tmp_path / "out" / "manifest.csv"
+    row = read_manifest(manifest)[3]
+    found = {loc.query: loc for loc in locate(p, [row["image_id"], bad["source_ref"], "f-0000000000000000"], manifest)}
+    assert (root / found[row["image_id"]].item.relative).is_file()
+    assert source_ref(found[row["image_id"]].item.relative) == row["source_ref"]
+    assert found[bad["source_ref"]].item.relative == "a/DOE^JOHN_MRN1/broken.png"
+    assert found["f-0000000000000000"].item is None
+    with pytest.raises(MedtlError, match="neither an image id"):
+        locate(p, ["img999999"], manifest)
