@@ -19,9 +19,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medtl.errors import MedtlError
 from medtl.io import atomic_dir, write_json
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # numpy, the metrics and dvc are imported in the functions that use them: building `medtl`'s parser
 # imports this module, and must stay fast and work without the training stack (medtl.cli).
@@ -34,7 +38,7 @@ DEFAULT_OUT = Path("reports/cv")
 
 
 def _run(cmd: list[str], what: str) -> str:
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         tail = (res.stderr.strip() or res.stdout.strip())[-1500:]
         raise MedtlError(f"{what} failed ({' '.join(cmd[2:] if cmd[:2] == [sys.executable, '-m'] else cmd)}): {tail}")
@@ -185,7 +189,7 @@ def interval_report(y, p, groups, rows, n_resamples: int, seed: int, alpha: floa
         point = {**point_estimates(y, p, ranking), **point_estimates(y, decided, calls, threshold=0.5)}
         ci = {**bootstrap_ci(y, p, groups, ranking, n_resamples, seed, None, alpha),
               **bootstrap_ci(y, decided, groups, calls, n_resamples, seed, 0.5, alpha)}
-    out = {"n": int(len(y)), "n_groups": len(set(groups))}
+    out = {"n": len(y), "n_groups": len(set(groups))}
     for m in names:
         out[m], out[f"{m}_ci_low"], out[f"{m}_ci_high"] = point[m], ci[m]["low"], ci[m]["high"]
     return out

@@ -181,8 +181,17 @@ def _decoded(item, pre: Preprocessing) -> list[tuple[np.ndarray, dict, dict]]:
     return [(d.pixels, d.metadata, d.identity) for d in decode(item.path, pre)]
 
 
+def check_pseudonym_key(spec: ExternalSet, key: str) -> None:
+    """As ingest: real DICOM ids pseudonymised with the public key could be reversed by anyone, so refuse."""
+    if spec.source == "dicom" and phi.uses_default_key():
+        raise MedtlError(f"{key} ({spec.name}) is a dicom source and no pseudonym key is set, so its patient ids "
+                         f"would be pseudonymised with the public demo key, which anyone can use to reverse them; "
+                         f"{phi.HOW_TO_SET_KEY}")
+
+
 def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preprocessing) -> ExternalData:
     """Decode and prepare every labelled image of the set; unreadable files are counted, unknown labels refused."""
+    check_pseudonym_key(spec, key)
     index = {c: i for i, c in enumerate(classes)}
     allowed = spec.csv.allow_columns if spec.source == "csv" else []  # identifying columns the user chose to keep
     workdir = Path(tempfile.mkdtemp(prefix="medtl-external-"))
@@ -191,8 +200,8 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preproce
         try:
             source = open_source(SourceRequest.of(spec, classes), workdir)
         except MedtlError as e:
-            kind = ParamsError if isinstance(e, ParamsError) else MedtlError
-            raise kind(f"{key} ({spec.name}): " + str(e).replace("ingest.", f"{key}.")) from None
+            error = ParamsError if isinstance(e, ParamsError) else MedtlError
+            raise error(f"{key} ({spec.name}): " + str(e).replace("ingest.", f"{key}.")) from None
         try:
             for item in source.items:
                 if spec.split is not None and item.split != spec.split:
@@ -206,8 +215,8 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preproce
                         decoded = _decoded(item, pre)
                     except UnreadableImage as e:
                         decoded, problem = None, e.reason
-                    except Exception as e:  # a reader bug on one file is counted, as ingest counts it
-                        decoded, problem = None, f"decode_error:{phi.error_kind(e)}"
+                    except Exception:  # a reader bug on one file is counted, as ingest counts it
+                        decoded, problem = None, "decode_error"
                 caught_kinds.update(phi.warning_kind(w) for w in caught)
                 if decoded is None:
                     skipped[problem] += 1

@@ -201,7 +201,8 @@ def _pull_command(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: Any) -> None:
-    from medtl.io import folder_argument  # not medtl.cli: the stages that load weights must not depend on the CLI
+    # From medtl.io, not medtl.cli: the stages that load weights must not depend on the CLI.
+    from medtl.io import folder_argument
 
     parser = subparsers.add_parser("weights", help="pretrained weights for offline machines")
     sub = parser.add_subparsers(dest="weights_command", required=True)

@@ -51,7 +51,7 @@ def test_cv_params_are_checked():
 
 # The smallest run that still shows the point: more patients than the shared tiny run (one or two
 # images each, so that a single split's validation holds enough patients for an interval at all),
-# 16-pixel images and one epoch, so that the single split and three fold experiments take about a minute.
+# 16-pixel images and one epoch, so that the single split and three fold experiments take under two minutes.
 CV_PARAMS = deep_update(TINY_PARAMS, {
     "ingest": {"split": {"train": 0.6, "val": 0.2, "test": 0.2},
                "demo": {"patients": 40, "min_images_per_patient": 1, "max_images_per_patient": 2,

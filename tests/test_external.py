@@ -11,10 +11,11 @@ from PIL import Image
 from medtl import demo
 from medtl.errors import ParamsError
 from medtl.evaluation import EvaluateParams
-from medtl.external import distribution_distance, intensity_histogram, set_columns
+from medtl.external import ExternalSet, distribution_distance, intensity_histogram, load_external, set_columns
+from medtl.imaging import model_input
 from medtl.params import build
 from medtl.readers import read
-from tests.project import copy_project
+from tests.project import copy_project, preprocessing_record
 
 
 def write_shifted_site(root, seed: int) -> None:
@@ -34,6 +35,29 @@ def test_intensity_distance_measures_a_shift():
     moved = distribution_distance(intensity_histogram(a), intensity_histogram(a + 0.3))
     assert same["intensity_wasserstein"] < 0.02 and abs(moved["intensity_wasserstein"] - 0.3) < 0.02
     assert moved["intensity_ks"] > 0.4
+
+
+def test_external_files_are_decoded_by_the_models_record(tmp_path):
+    """The record's read options (here: which page of a multi-page TIFF), side and resize, not today's ingest.read."""
+    root = tmp_path / "site"
+    for label, level in (("normal", 40), ("lesion", 200)):
+        (root / label).mkdir(parents=True)
+        pages = [Image.fromarray(np.full((20, 30), v, dtype=np.uint8)) for v in (level, 255 - level, 128)]
+        pages[0].save(root / label / f"person{level}_a.tif", save_all=True, append_images=pages[1:])
+    spec = build(ExternalSet, {"name": "site", "source": "folder",
+                               "folder": {"root": str(root), "group_rule": r"person(?P<group>\d+)_"}}, "x")
+    for frame in ("first", "middle"):
+        pre = preprocessing_record(16, read={"window": None, "frame": frame, "axis": 2, "slice": "middle"})
+        data = load_external(spec, "evaluate.external[0]", ["normal", "lesion"], pre)
+        assert data.images.shape == (2, 1, 16, 16) and data.labels.tolist() == [1, 0]  # lesion/ sorts first
+        for image, label in zip(data.images, ("lesion", "normal")):
+            path = next((root / label).iterdir())
+            expected = model_input(read(path, pre.read_options())[0].pixels, pre)
+            assert np.array_equal(image, expected)
+        centre = float(data.images[1, 0, 8, 8])  # the normal image's page: 40 first, 215 in the middle
+        assert abs(centre - (40 if frame == "first" else 215) / 255) < 0.01
+        assert data.grouping == {"rule": 2} and len({r["group"] for r in data.rows}) == 2
+        assert all(r["group"].startswith("p-") and "person" not in r["group"] for r in data.rows)
 
 
 def test_external_sets_are_checked():
@@ -69,7 +93,8 @@ def test_shifted_external_set_is_flagged_and_uses_the_validation_threshold(tiny_
 
     # The operating point is the one fitted on validation, not refitted on the external set.
     assert op["fitted_on"] == "validation" and site["threshold"] == op["threshold"] == m["threshold"]
-    rows = [r for r in csv.DictReader(open(p.path / "reports/external_predictions.csv")) if r["set"] == "site_b"]
+    with open(p.path / "reports/external_predictions.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["set"] == "site_b"]
     assert len(rows) == 32
     called = np.array([float(r["prob_lesion"]) >= op["threshold"] for r in rows])
     assert [r["above_threshold"] == "true" for r in rows] == called.tolist()
