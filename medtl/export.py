@@ -58,7 +58,7 @@ def read_operating_point(path: Path | None, model_path: Path, classes: list[str]
     skipped with a note when it was fitted for another model (e.g. after a new
     fine-tune that has not been evaluated yet).
     """
-    from medtl.evaluation import OPERATING_POINT_FORMAT
+    from medtl import operating_point
 
     explicit = path is not None
     path = path if explicit else DEFAULT_OPERATING_POINT
@@ -66,12 +66,7 @@ def read_operating_point(path: Path | None, model_path: Path, classes: list[str]
         if explicit:
             raise MedtlError(f"--operating-point {path} does not exist; expected reports/operating_point.json from the evaluate stage")
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MedtlError(f"operating point {path} cannot be read as JSON ({e}); expected the file the evaluate stage writes") from None
-    if not isinstance(record, dict) or record.get("format") != OPERATING_POINT_FORMAT:
-        raise MedtlError(f"operating point {path} is not an operating point file (format {OPERATING_POINT_FORMAT})")
+    record = operating_point.read_operating_point(path)
     if record.get("model_sha256") != sha256_file(model_path):
         msg = f"operating point {path} was fitted for a different model than {model_path} (sha256 differs)"
         if explicit:

@@ -67,7 +67,7 @@ from medtl import distributed, hardware
 from medtl.backbones import build_backbone
 from medtl.finetune import FinetuneParams, fit
 from medtl.model import Classifier
-from medtl.preprocess import PreparedSplit
+from medtl.prepared import PreparedSplit
 
 torch.set_num_threads(1)
 def split(n, seed):

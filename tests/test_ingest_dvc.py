@@ -124,7 +124,7 @@ def test_medmnist_and_dicom_sources_through_dvc(project):
 
     tree = src / "dicom"
     labels = ["path,label"]
-    for i, name in enumerate(["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "JPGExtended.dcm",
+    for i, name in enumerate(["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm",
                               "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_rle.dcm", "MR_truncated.dcm"]):
         ds = pydicom.dcmread(get_testdata_file(name))
         d = tree / f"patient{i % 3}"

@@ -114,7 +114,7 @@ def test_no_planted_identifier_reaches_any_output(tmp_path):
     params = deep_update(TINY_PARAMS, {
         "ingest": {"source": "dicom", "data": str(pacs), "max_quarantine_fraction": 0.2,
                    "dicom": {"root": str(pacs), "labels": str(labels)}},
-        "evaluate": {"bootstrap": {"n_resamples": 50}, "saliency": {"per_case": 1, "size": 64}},
+        "evaluate": {"bootstrap": {"n_resamples": 50}, "saliency": {"per_case": 1, "image_size": 64}},
     })
     project = make_project(tmp_path / "project", params)
     key = "the hospital's own secret"

@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, as_pixel_options, get_decoder
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import JPEGExtended12Bit as JPEG_EXTENDED, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medtl.errors import UnreadableImage
 from medtl.phi import PHOTOMETRIC_VALUES, LibraryWarning, age_in_years, error_kind, warning_kind
@@ -173,7 +173,12 @@ def _decode(path: Path, ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, st
         # raw=False converts YBR_FULL / YBR_FULL_422 to RGB.
         arr, meta = decoder.as_array(ds, index=index, validate=True, raw=False, **pixel_options)
     except Exception as e:
-        raise UnreadableImage(_decode_failure_reason(e), f"{path} ({ts.name}): the pixel data cannot be decoded ({error_kind(e)})") from None
+        hint = ""
+        if ts == JPEG_EXTENDED and int(getattr(ds, "BitsAllocated", 8) or 8) > 8:
+            # No permissive decoder handles 12-bit JPEG Extended; the GPL-3.0 plugin is an opt-in extra.
+            hint = "; 12-bit JPEG Extended needs the optional jpeg12 extra (GPL-3.0, see README)"
+        raise UnreadableImage(_decode_failure_reason(e),
+                              f"{path} ({ts.name}): the pixel data cannot be decoded ({error_kind(e)}){hint}") from None
     photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")) or "")
     return arr, photometric.strip().upper()
 
