@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -110,3 +111,17 @@ def test_shifted_external_set_is_flagged_and_uses_the_validation_threshold(tiny_
     shown = json.loads(p.dvc("plots", "show", "--json").stdout)
     values = shown["data"]["Test and external sets (operating point fitted on validation)"][0]["content"]["data"]["values"]
     assert {"test: roc_auc", "site_b: roc_auc", "same_scanner: sensitivity"} <= {v["label"] for v in values}
+
+    # The audit report puts the sets side by side with test, flags the shifted one, and its checklist says an
+    # external set is evidence present.
+    p.run(sys.executable, "-m", "medtl.cli", "audit", "--allow-dirty", "--out", "audit")
+    md = (p.path / "audit/report.md").read_text()
+    table = md[md.index("Test split and external sets"):].split("\n\n")[1]
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert set(lines) == {"test", "site_b", "same_scanner"}, table
+    assert "intensity shift" in lines["site_b"] and "intensity shift" not in lines["same_scanner"]
+    assert "external.site_b" not in md[:md.index("Test split and external sets")]  # not mixed into the test metrics
+    item = next(line for line in md.splitlines() if "independent (external) data set" in line)
+    assert "evidence present" in item and "site_b (32 images; shift flagged)" in item
+    html = (p.path / "audit/report.html").read_text()
+    assert "Test split and external sets" in html and "same_scanner" in html

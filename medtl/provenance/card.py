@@ -182,7 +182,9 @@ def headline(metrics) -> tuple[list[dict], list[dict]]:
     if not isinstance(metrics, dict):
         return [], []
     top = {k: v for k, v in metrics.items() if k != "detail"}
-    rows = [r for r in metric_rows(top) if "." not in r["name"] or r["low"] is not None]
+    # external sets and shift statistics have their own table (validation_sets)
+    rows = [r for r in metric_rows(top) if ("." not in r["name"] or r["low"] is not None)
+            and not r["name"].startswith(("external.", "shift."))]
     return [r for r in rows if r["low"] is not None], [r for r in rows if r["low"] is None]
 
 
@@ -232,3 +234,45 @@ def confusion(ev: dict) -> tuple[list[str], list[list]] | None:
 
 def ci_text(r: dict) -> str:
     return f"{fmt(r['low'])} – {fmt(r['high'])}" if r.get("low") is not None else ""
+
+
+VALIDATION_METRICS = ("roc_auc", "sensitivity", "specificity")
+
+
+def validation_sets(details) -> list[dict]:
+    """The held-out test split and every external set, side by side (evaluate's `external` and `shift`).
+
+    Each row: name, kind (internal/external), n, patients, the headline metrics with their intervals, the
+    intensity distance to the training images, and the shift flags. Empty when evaluate ran no external set.
+    """
+    if not isinstance(details, dict) or not isinstance(details.get("external"), dict) or not details["external"]:
+        return []
+
+    def row(name: str, kind: str, report: dict, shift) -> dict:
+        shift = shift if isinstance(shift, dict) else {}
+        metrics = {m: {"value": report.get(m), "low": report.get(f"{m}_ci_low"), "high": report.get(f"{m}_ci_high")}
+                   for m in VALIDATION_METRICS}
+        return {"name": name, "kind": kind, "n": report.get("n"), "patients": report.get("n_groups"), "metrics": metrics,
+                "intensity_distance": shift.get("intensity_wasserstein"), "intensity_shift": shift.get("intensity_shift"),
+                "operating_point_shift": shift.get("operating_point_shift"),
+                "prevalence": shift.get("prevalence"), "predicted_prevalence": shift.get("predicted_prevalence")}
+
+    rows = [row(str(details.get("split") or "test"), "internal", details, details.get("shift"))]
+    rows += [row(name, "external", r, r.get("shift")) for name, r in details["external"].items() if isinstance(r, dict)]
+    return rows
+
+
+def validation_table(details) -> tuple[list[str], list[list[str]]]:
+    """Header and text rows of the side-by-side table; a flag names what moved."""
+    header = ["set", "kind", "images", "patients"] + [f"{m} (95% CI)" for m in VALIDATION_METRICS] + \
+             ["intensity distance", "prevalence (true / predicted)", "flags"]
+    out = []
+    for r in validation_sets(details):
+        flags = [f for f, on in (("intensity shift", r["intensity_shift"]),
+                                 ("operating point moved", r["operating_point_shift"])) if on]
+        out.append([r["name"], r["kind"], fmt(r["n"]), fmt(r["patients"])] +
+                   [f"{fmt(m['value'], 3)} ({fmt(m['low'], 3)} – {fmt(m['high'], 3)})" if m["low"] is not None
+                    else fmt(m["value"], 3) for m in r["metrics"].values()] +
+                   [fmt(r["intensity_distance"], 3), f"{fmt(r['prevalence'], 3)} / {fmt(r['predicted_prevalence'], 3)}",
+                    ", ".join(flags) or "none"])
+    return header, out

@@ -41,6 +41,7 @@ def checklist(ev: dict) -> list[dict]:
     key_text, key_concern = card.pseudonym_key(ev)
     kept, allowed = card.identifier_columns(ev)
     subs = card.subgroups(ev.get("evaluation") or {})
+    external = [r for r in card.validation_sets(ev.get("evaluation") or {}) if r["kind"] == "external"]
     mc = ev.get("model_card") or {}
 
     def item(framework, what, status, evidence, concern=False):
@@ -71,6 +72,11 @@ def checklist(ev: dict) -> list[dict]:
              f"{ev.get('metrics_path') or 'no metrics file'}: {len(with_ci)} metrics with 95% intervals"
              + (f" on the {ev['metrics']['split']} split" if isinstance(ev.get("metrics"), dict) and ev["metrics"].get("split") else "")
              + ("" if group["patient_level"] else "; intervals resample images, not patients (image-level groups)")),
+        item("FDA GMLP", "Performance on an independent (external) data set", PRESENT if external else MISSING,
+             f"{len(external)} external set(s) evaluated at the validation-fitted operating point: "
+             + ", ".join(f"{r['name']} ({card.fmt(r['n'])} images{'; shift flagged' if r['intensity_shift'] or r['operating_point_shift'] else ''})" for r in external)
+             if external else "only a held-out split of the development source; no external set (evaluate.external)",
+             concern=any(r["intensity_shift"] or r["operating_point_shift"] for r in external)),
         item("FDA GMLP", "Performance across clinically relevant subgroups", PRESENT if subs else NOT_APPLICABLE,
              f"{len({s['column'] for s in subs})} subgroup columns, {len(subs)} subgroups with intervals" if subs
              else "the data carry none of the subgroup columns evaluate looks for (evaluate.subgroups)"),
@@ -278,6 +284,10 @@ def render_markdown(ev: dict) -> str:
     if cm:
         labels, mat = cm
         out += ["Confusion matrix (rows: true, columns: predicted):", "", _md_table([""] + labels, [[labels[i]] + list(row) for i, row in enumerate(mat)]), ""]
+    vheader, vrows = card.validation_table(details)
+    if vrows:
+        out += ["Test split and external sets (operating point fitted on validation, never refitted):", "",
+                _md_table(vheader, vrows), ""]
     subs = card.subgroups(details)
     if subs:
         out += ["Subgroups:", "", _md_table(["subgroup", "value", "images", "patients", "ROC AUC", "95% CI", "flag"],
@@ -461,6 +471,7 @@ def _evaluation(ev: dict) -> dict:
         "per_class": {"header": header, "rows": rows, "num": list(range(1, len(header)))} if rows else None,
         "confusion": {"header": [""] + cm[0], "rows": [[cm[0][i]] + list(row) for i, row in enumerate(cm[1])], "num": list(range(1, len(cm[0]) + 1))} if cm else None,
         "calibration": [[k, card.fmt(v)] for k, v in cal.items() if not isinstance(v, (dict, list))] if isinstance(cal, dict) else [],
+        "validation": dict(zip(("header", "rows"), card.validation_table(details))) if card.validation_sets(details) else None,
         "subgroups": [[x["column"], x["value"], card.fmt(x["n"]), card.fmt(x["patients"]), card.fmt(x["metric"]), card.ci_text(x), x["flag"]] for x in subs],
     }
 
