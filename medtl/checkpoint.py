@@ -26,6 +26,15 @@ def input_digest(paths: list[Path]) -> dict[str, str]:
     return {p.as_posix(): sha256_file(p) for p in paths}
 
 
+def code_digest() -> str:
+    """sha256 over the medtl package's source: a checkpoint left by other code is not resumed."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode("utf-8") + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def resume_key(params: Any, inputs: dict[str, str], extra: dict[str, Any]) -> str:
     """sha256 over the params, the inputs' hashes and anything else that changes the result."""
     body = {"format": FORMAT, "params": asdict(params) if is_dataclass(params) else params,

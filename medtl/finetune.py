@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medtl import distributed, hardware
-from medtl.checkpoint import ResumeFile, input_digest, resume_key
+from medtl.checkpoint import ResumeFile, code_digest, input_digest, resume_key
 from medtl.data import AugmentParams, TrainBatches, build_augment
 from medtl.distributed import EpochBatches, World, derive_seed
 from medtl.errors import ParamsError
@@ -386,7 +386,7 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
         files = [backbone_path, prepared / "stats.json"] + [prepared / f"{s}.{e}" for s in ("train", "val") for e in ("npy", "csv")]
         key = resume_key(params, input_digest(files),
                          {"world_size": world.size, "device": hw.device.type, "precision": hw.precision,
-                          "torch": torch.__version__})
+                          "torch": torch.__version__, "code": code_digest()})
         resume = ResumeFile(resume_path, key)
     summary = fit(params, model, train, val, hw, log, world=world, resume=resume)
     ckpt = model_file(

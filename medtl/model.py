@@ -44,7 +44,13 @@ class Classifier(nn.Module):
         return self.backbone(self.normalize(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        features = self.features(x)
+        if torch.is_autocast_enabled(x.device.type):
+            # The head runs in fp32 even under bf16/fp16 autocast: reduced-precision logits tie and
+            # saturate, which coarsens the ranking (AUC) and the operating threshold fitted on it.
+            with torch.autocast(x.device.type, enabled=False):
+                return self.head(features.float())
+        return self.head(features)
 
 
 def load_backbone(path: str | Path) -> tuple[Backbone, dict[str, Any]]:

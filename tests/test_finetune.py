@@ -175,3 +175,18 @@ def test_params_are_checked():
         build(FinetuneParams, {"strategy": "half"}, "finetune")
     with pytest.raises(ParamsError, match="unfreeze_stages.*at most 5.*stem, layer1"):
         fit(replace(params(), strategy="partial", unfreeze_stages=9), classifier(), TRAIN, VAL, CPU)
+
+
+def test_logits_stay_fp32_under_bf16_autocast():
+    """The head runs in fp32 under autocast: bf16 logits tie and saturate, coarsening AUC and the threshold."""
+    torch.manual_seed(0)
+    model = Classifier(build_backbone("resnet18", 1), 2, [0.5], [0.25]).eval()
+    x = torch.rand(8, 1, 32, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        features = model.features(x)
+        assert model.head(features).dtype == torch.bfloat16  # what an autocast head would give
+    linear = model.head[-1]
+    with torch.no_grad():
+        expected = torch.nn.functional.linear(features.float(), linear.weight, linear.bias)
+    assert logits.dtype == torch.float32 and torch.equal(logits, expected)
