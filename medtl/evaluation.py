@@ -7,7 +7,6 @@ split is looked at exactly once, by the final numbers.
 from __future__ import annotations
 
 import csv
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -20,14 +19,12 @@ from medtl.errors import MedtlError
 from medtl.inference import predict_logits, prepare_model
 from medtl.io import atomic_dir, atomic_path, write_json
 from medtl.metrics import apply_temperature, fit_temperature, operating_point, predict_labels, threshold_rule_problem
-from medtl.metrics_report import curve_points, evaluate_split
+from medtl.metrics_report import curve_points, evaluate_split, subgroup_columns
 from medtl.model import load_classifier, model_preprocessing
 from medtl.operating_point import data_profile, operating_point_record, write_operating_point
 from medtl.params import Device, Precision, require
 from medtl.prepared import PreparedSplit, load_split, load_stats
 
-# Metadata columns that may be asked for as subgroups; age_band is derived from `age`.
-AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 65, "40-64"), (65, 200, "65+"))
 
 
 @dataclass(frozen=True)
@@ -102,33 +99,6 @@ def _load_model(model_path: Path, prepared: Path, hw: hardware.Hardware):
         raise MedtlError(f"{model_path} was trained on other preprocessing than {prepared / 'stats.json'} records "
                          f"({what} differ); rerun the pipeline (dvc repro) so model and data match")
     return prepare_model(model, hw), ckpt, stats
-
-
-def age_band(value: str) -> str:
-    try:
-        years = float(value)
-    except (TypeError, ValueError):
-        return ""
-    if not math.isfinite(years):
-        return ""
-    return next(label for lo, hi, label in AGE_BANDS if lo <= years < hi or hi == 200)
-
-
-def subgroup_columns(rows: list[dict], wanted: list[str]) -> tuple[dict[str, list[str]], list[str]]:
-    """Values per requested column that the prepared CSV has (and that is not all empty), and the ones skipped."""
-    out, skipped = {}, []
-    for name in wanted:
-        if name == "age_band":
-            values = [age_band(r.get("age", "")) for r in rows]
-        elif rows and name in rows[0]:
-            values = [r.get(name, "") for r in rows]
-        else:
-            values = []
-        if any(v not in ("", None) for v in values):
-            out[name] = values
-        else:
-            skipped.append(name)
-    return out, skipped
 
 
 def fit_operating_point(params: EvaluateParams, val_labels: np.ndarray, val_probs: np.ndarray) -> dict | None:

@@ -287,7 +287,7 @@ def run_external(params, model, hw, classes: list[str], pre: Preprocessing, temp
     """Shift statistics of the reported split, and every external set evaluated with the validation-fitted operating point.
 
     `pre` is the model's preprocessing record: every external file is decoded and prepared by it alone."""
-    from medtl.evaluation import subgroup_columns
+    from medtl.metrics_report import subgroup_columns
 
     train_hist = intensity_histogram(load_images(prepared, "train", stats))
     test_shift = shift_statistics(test_images, test_labels, test_probs, test_report, op, train_hist, params.shift)

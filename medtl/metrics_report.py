@@ -242,3 +242,34 @@ def evaluate_split(y_true, probs, classes: Sequence[str], *, groups=None,
         for attr, values in (subgroups or {}).items()
     }
     return _nan_to_none(report)
+
+
+# Metadata columns that may be asked for as subgroups; age_band is derived from `age`.
+AGE_BANDS = ((0, 18, "<18"), (18, 40, "18-39"), (40, 65, "40-64"), (65, 200, "65+"))
+
+
+def age_band(value: str) -> str:
+    try:
+        years = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if not math.isfinite(years):
+        return ""
+    return next(label for lo, hi, label in AGE_BANDS if lo <= years < hi or hi == 200)
+
+
+def subgroup_columns(rows: list[dict], wanted: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Values per requested column that the prepared CSV has (and that is not all empty), and the ones skipped."""
+    out, skipped = {}, []
+    for name in wanted:
+        if name == "age_band":
+            values = [age_band(r.get("age", "")) for r in rows]
+        elif rows and name in rows[0]:
+            values = [r.get(name, "") for r in rows]
+        else:
+            values = []
+        if any(v not in ("", None) for v in values):
+            out[name] = values
+        else:
+            skipped.append(name)
+    return out, skipped

@@ -11,7 +11,8 @@ import torch
 
 from medtl.backbones import build_backbone
 from medtl.errors import ParamsError
-from medtl.evaluation import EvaluateParams, age_band, run_evaluate, subgroup_columns
+from medtl.evaluation import EvaluateParams, run_evaluate
+from medtl.metrics_report import age_band, subgroup_columns
 from medtl.model import Classifier, model_file, save_model
 from medtl.params import build
 from medtl.prepared import write_stats
