@@ -18,6 +18,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from medtl.errors import MedtlError
 from medtl.io import write_json, write_text
@@ -86,23 +87,34 @@ def check_format(path: Path) -> dict:
     return meta
 
 
-def read_manifest(path: Path) -> list[dict[str, str]]:
-    """The rows as dicts of strings, after checking the format version and columns."""
+def iter_manifest(path: Path) -> Iterator[dict[str, str]]:
+    """The rows as dicts of strings, one at a time, so a reader holds one row rather than the whole manifest.
+
+    The format version and columns are checked before the first row; the row
+    count when the last has been read (a short manifest fails at its end).
+    """
     meta = check_format(Path(path))
+    n = 0
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
             columns = reader.fieldnames or []
+            if list(columns) != list(meta.get("columns", [])) or columns[: len(CORE_COLUMNS)] != CORE_COLUMNS:
+                raise MedtlError(f"manifest {path} has columns {', '.join(columns)}, not those its format record "
+                                 "lists; the files do not belong together: rerun ingest (dvc repro ingest)")
+            for row in reader:
+                n += 1
+                yield row
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise MedtlError(f"manifest {path} cannot be read: {e}") from None
-    if list(columns) != list(meta.get("columns", [])) or columns[: len(CORE_COLUMNS)] != CORE_COLUMNS:
-        raise MedtlError(f"manifest {path} has columns {', '.join(columns)}, not those its format record lists; "
-                         "the files do not belong together: rerun ingest (dvc repro ingest)")
-    if len(rows) != meta.get("rows"):
-        raise MedtlError(f"manifest {path} has {len(rows)} rows, its format record says {meta.get('rows')}; "
+    if n != meta.get("rows"):
+        raise MedtlError(f"manifest {path} has {n} rows, its format record says {meta.get('rows')}; "
                          "rerun ingest (dvc repro ingest)")
-    return rows
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """The rows as dicts of strings, after checking the format version and columns."""
+    return list(iter_manifest(path))
 
 
 def read_rows(path: Path) -> list[ManifestRow]:
