@@ -14,14 +14,13 @@ store (`medtl.store`).
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from medtl.errors import MedtlError
-from medtl.io import write_json, write_text
+from medtl.io import atomic_path, write_json
 
 FORMAT = "medtl.manifest"
 VERSION = 2
@@ -57,16 +56,24 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def write_manifest(rows: list[ManifestRow], path: Path) -> None:
-    """manifest.csv and its format record manifest.json, each written atomically."""
-    extra = sorted({k for r in rows for k in r.metadata} - set(CORE_COLUMNS))
-    columns = CORE_COLUMNS + extra
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="raise", restval="", lineterminator="\n")
-    w.writeheader()
-    w.writerows(r.to_csv() for r in rows)
-    write_text(path, buf.getvalue())
-    write_json(sidecar(path), {"format": FORMAT, "version": VERSION, "columns": columns, "rows": len(rows)})
+def write_manifest(rows: Iterable[ManifestRow], path: Path, metadata_columns: Iterable[str] | None = None) -> None:
+    """manifest.csv and its format record manifest.json, each written atomically.
+
+    With `metadata_columns` (every metadata key any row has), `rows` may be a
+    stream: rows are written as they come, not gathered first.
+    """
+    if metadata_columns is None:
+        rows = list(rows)
+        metadata_columns = {k for r in rows for k in r.metadata}
+    columns = CORE_COLUMNS + sorted(set(metadata_columns) - set(CORE_COLUMNS))
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="raise", restval="", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.to_csv())
+            n += 1
+    write_json(sidecar(path), {"format": FORMAT, "version": VERSION, "columns": columns, "rows": n})
 
 
 def check_format(path: Path) -> dict:
