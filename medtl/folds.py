@@ -67,10 +67,10 @@ def fold_of_groups(groups: list[str], labels: list[str], folds: int, seed: int) 
     return fold
 
 
-def _pixel_key(row: dict, store: PixelStore) -> str:
-    """The same pixel hash ingest uses to find copies of one image."""
+def _pixel_key(row: dict, store: PixelStore) -> bytes:
+    """The same pixel hash ingest uses to find copies of one image (its binary digest: only ever compared)."""
     q = quantize(store.get(int(row["offset"]), int(row["height"]), int(row["width"]), int(row["channels"])))
-    return hashlib.sha256(q.tobytes() + str(q.shape).encode()).hexdigest()
+    return hashlib.sha256(q.tobytes() + str(q.shape).encode()).digest()
 
 
 def fold_splits(rows: Iterable[dict], cv: CvParams, ingested: Path) -> tuple[np.ndarray, dict]:
@@ -84,7 +84,7 @@ def fold_splits(rows: Iterable[dict], cv: CvParams, ingested: Path) -> tuple[np.
     codes = array("b")
     groups: list[str] = []
     labels: list[str] = []
-    keys: list[list[str]] = []
+    keys: list[list[bytes]] = []
     for r in rows:
         if r["split"] in DEVELOPMENT:
             codes.append(0)
