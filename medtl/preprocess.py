@@ -1,8 +1,9 @@
 """Preprocess: fixed-size arrays per split, labels, and the preprocessing record.
 
 Resizing lives here, not in ingest, so changing the image size never
-re-decodes the sources. Arrays are written through memory-mapped .npy files,
-so memory stays flat as the dataset grows. Every image goes through
+re-decodes the sources. The manifest is read as a stream and arrays are
+written through memory-mapped .npy files, so memory stays flat as the dataset
+grows. Every image goes through
 `medtl.imaging.model_input`, the function `medtl predict` uses on new files.
 """
 from __future__ import annotations
