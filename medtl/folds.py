@@ -14,15 +14,18 @@ fold experiment (`medtl cv run`) sees the same partition.
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
 from medtl.errors import MedtlError
 from medtl.params import require
-from medtl.splits import link_duplicates
+from medtl.splits import SPLITS, link_duplicates
 from medtl.store import PixelStore, quantize
 
 DEVELOPMENT = ("train", "val")
@@ -64,26 +67,37 @@ def fold_of_groups(groups: list[str], labels: list[str], folds: int, seed: int) 
     return fold
 
 
-def _pixel_keys(rows: list[dict], store: PixelStore) -> list[list[str]]:
-    """The same pixel hash ingest uses to find copies of one image."""
-    keys = []
+def _pixel_key(row: dict, store: PixelStore) -> bytes:
+    """The same pixel hash ingest uses to find copies of one image (its binary digest: only ever compared)."""
+    q = quantize(store.get(int(row["offset"]), int(row["height"]), int(row["width"]), int(row["channels"])))
+    return hashlib.sha256(q.tobytes() + str(q.shape).encode()).digest()
+
+
+def fold_splits(rows: Iterable[dict], cv: CvParams, ingested: Path) -> tuple[np.ndarray, dict]:
+    """Each row's split index (into SPLITS) for fold `cv.fold` of `cv.folds`, -1 where the row keeps its own
+    split (test), and a summary for data/prepared/cv.json.
+
+    `rows` is read once and may be a stream: only the development rows' group,
+    label and pixel hash are held, not the rows.
+    """
+    store = PixelStore(ingested / "pixels.u16")
+    codes = array("b")
+    groups: list[str] = []
+    labels: list[str] = []
+    keys: list[list[bytes]] = []
     for r in rows:
-        q = quantize(store.get(int(r["offset"]), int(r["height"]), int(r["width"]), int(r["channels"])))
-        keys.append([hashlib.sha256(q.tobytes() + str(q.shape).encode()).hexdigest()])
-    return keys
-
-
-def assign_fold(rows: list[dict], cv: CvParams, ingested: Path) -> tuple[list[dict], dict]:
-    """Rows with train/val reassigned for fold `cv.fold` of `cv.folds`, and a summary for data/prepared/cv.json."""
-    dev = [i for i, r in enumerate(rows) if r["split"] in DEVELOPMENT]
-    dev_rows = [rows[i] for i in dev]
-    groups = link_duplicates([r["group"] for r in dev_rows], _pixel_keys(dev_rows, PixelStore(ingested / "pixels.u16")),
-                             [None] * len(dev_rows))
-    labels = [r["label"] for r in dev_rows]
+        if r["split"] in DEVELOPMENT:
+            codes.append(0)
+            groups.append(r["group"])
+            labels.append(sys.intern(r["label"]))
+            keys.append([_pixel_key(r, store)])
+        else:
+            codes.append(-1)
+    groups = link_duplicates(groups, keys, [None] * len(groups))
+    del keys
     fold = fold_of_groups(groups, labels, cv.folds, cv.seed)
-    out = [dict(r) for r in rows]
-    for i, f in zip(dev, fold):
-        out[i]["split"] = "val" if f == cv.fold else "train"
+    split = np.array(codes, dtype=np.int8)
+    split[split == 0] = np.where(fold == cv.fold, SPLITS.index("val"), SPLITS.index("train"))
     summary = {
         "folds": cv.folds, "fold": cv.fold, "seed": cv.seed, "method": "stratified group k-fold over train + val",
         "per_fold": [
@@ -92,4 +106,14 @@ def assign_fold(rows: list[dict], cv: CvParams, ingested: Path) -> tuple[list[di
             for k in range(cv.folds)
         ],
     }
+    return split, summary
+
+
+def assign_fold(rows: list[dict], cv: CvParams, ingested: Path) -> tuple[list[dict], dict]:
+    """Rows with train/val reassigned for fold `cv.fold` of `cv.folds`, and a summary for data/prepared/cv.json."""
+    split, summary = fold_splits(rows, cv, ingested)
+    out = [dict(r) for r in rows]
+    for r, s in zip(out, split):
+        if s >= 0:
+            r["split"] = SPLITS[s]
     return out, summary

@@ -160,7 +160,7 @@ class IngestParams:
 class DecodedImage:
     pixels: np.ndarray  # quantized (H, W, C) uint16, as stored
     metadata: dict[str, str]  # whitelisted header metadata, values checked
-    pixel_hash: str  # sha256 of the quantized pixels and their shape
+    pixel_hash: bytes  # sha256 digest of the quantized pixels and their shape
 
 
 @dataclass
@@ -214,7 +214,7 @@ def _decode(job: tuple[SourceItem, ReadOptions]) -> DecodeResult:
                 q = quantize(pixels)
                 checked, blanked = phi.check_header_metadata(meta)
                 res.warnings += [f"invalid_value:{k}" for k in blanked]
-                res.images.append(DecodedImage(q, checked, hashlib.sha256(q.tobytes() + str(q.shape).encode()).hexdigest()))
+                res.images.append(DecodedImage(q, checked, hashlib.sha256(q.tobytes() + str(q.shape).encode()).digest()))
         except UnreadableImage as e:
             res.problem, res.detail = e.reason, _safe_detail(e.detail, item)
         except Exception as e:  # a reader bug must not take the whole dataset down; it is reported
@@ -248,9 +248,13 @@ class QuarantineEntry:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-@dataclass
+@dataclass(slots=True)
 class IngestedImage:
-    """One decoded image before splitting: what becomes a manifest row."""
+    """One decoded image before splitting: what becomes a manifest row.
+
+    Every image of the source is held until the split is drawn, so it is kept
+    compact: slots, a binary pixel hash, and repeated strings shared.
+    """
 
     item_no: int  # which source item (file) it came from
     source_ref: str
@@ -264,7 +268,7 @@ class IngestedImage:
     channels: int
     offset: int
     metadata: dict[str, str]
-    pixel_hash: str
+    pixel_hash: bytes  # sha256 digest; only ever compared
     file_key: str | None  # the file's sha256, for files (array items share their container's)
     index: str | None
 
@@ -384,15 +388,22 @@ def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], para
         group, group_kind = "image:" + item.ref_key, "image"
     run.decoded += 1
     ref = phi.source_ref(item.ref_key)
-    pseudonym = phi.pseudonymise(group)
+    pseudonym = _shared(phi.pseudonymise(group))  # one string per patient, not per image
     for image in res.images:
         offset, h, w, c = writer.append(image.pixels)
         metadata = phi.filter_metadata({**image.metadata, **item.extra}, sorted(set(extra_columns) | set(item.extra)), allowed)
+        metadata = {_shared(k): _shared(v) for k, v in metadata.items()}  # values repeat across images
         run.images.append(IngestedImage(
-            item_no=run.seen, source_ref=ref, sha256=res.sha256, label=label, group=pseudonym, group_kind=group_kind,
+            item_no=run.seen, source_ref=ref, sha256=res.sha256, label=_shared(label), group=pseudonym,
+            group_kind=group_kind,
             fixed_split=item.split, height=h, width=w, channels=c, offset=offset, metadata=metadata,
             pixel_hash=image.pixel_hash, file_key=res.sha256 if item.pixels is None else None, index=item.index,
         ))
+
+
+def _shared(text: str) -> str:
+    """One string object for equal strings (labels, pseudonyms, metadata values), held once for all images."""
+    return sys.intern(text) if type(text) is str else text
 
 
 def _offenders(quarantined: list[QuarantineEntry], n: int = 5) -> str:
@@ -452,18 +463,21 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
          "action": "removed" if d.cross_split else "kept (same split)"}
         for d in sorted(duplicates, key=lambda d: d.row)
     ]
-    rows: list[ManifestRow] = []
-    for i, r in enumerate(images):
-        if i in dropped:
-            continue
-        rows.append(ManifestRow(
-            image_id=f"img{len(rows):06d}", source_ref=r.source_ref, sha256=r.sha256, label=r.label, group=r.group,
-            split=split[i], height=r.height, width=r.width, channels=r.channels, offset=r.offset,
-            modality=r.metadata.get("modality", ""), metadata=r.metadata,
-        ))
-    write_manifest(rows, out_dir / "manifest.csv")
-    kept_kinds = [r.group_kind for i, r in enumerate(images) if i not in dropped]
-    metadata_columns = sorted({k for r in rows for k in r.metadata} | {"modality"})
+    kept = [i for i in range(len(images)) if i not in dropped]
+
+    def manifest_rows():  # made one at a time as the manifest is written
+        for n, i in enumerate(kept):
+            r = images[i]
+            yield ManifestRow(
+                image_id=f"img{n:06d}", source_ref=r.source_ref, sha256=r.sha256, label=r.label, group=r.group,
+                split=split[i], height=r.height, width=r.width, channels=r.channels, offset=r.offset,
+                modality=r.metadata.get("modality", ""), metadata=r.metadata,
+            )
+
+    metadata_keys = {k for i in kept for k in images[i].metadata}
+    write_manifest(manifest_rows(), out_dir / "manifest.csv", metadata_keys)
+    kept_kinds = [images[i].group_kind for i in kept]
+    metadata_columns = sorted(metadata_keys | {"modality"})
     report = {
         "source": source.description,
         "classes": classes,
@@ -474,7 +488,7 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         "quarantined": len(run.quarantined),
         "images_decoded": len(images),
         "duplicates_removed": len(dropped),
-        "images": len(rows),
+        "images": len(kept),
         "quarantine_reasons": dict(sorted({**{r: 0 for r in COUNTED_REASONS}, **reasons}.items())),
         "grouping": grouping(kept_kinds, params.group_rule()),
         "pseudonym_key": phi.key_kind(),
@@ -486,9 +500,9 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         "decode_warnings": dict(sorted(run.warnings.items())),
         "counts": {
             s: {
-                "images": sum(r.split == s for r in rows),
-                "groups": len({r.group for r in rows if r.split == s}),
-                "per_class": {c: sum(r.split == s and r.label == c for r in rows) for c in classes},
+                "images": sum(split[i] == s for i in kept),
+                "groups": len({images[i].group for i in kept if split[i] == s}),
+                "per_class": {c: sum(split[i] == s and images[i].label == c for i in kept) for c in classes},
             }
             for s in splitting.SPLITS
         },

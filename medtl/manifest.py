@@ -14,13 +14,13 @@ store (`medtl.store`).
 from __future__ import annotations
 
 import csv
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from medtl.errors import MedtlError
-from medtl.io import write_json, write_text
+from medtl.io import atomic_path, write_json
 
 FORMAT = "medtl.manifest"
 VERSION = 2
@@ -56,16 +56,24 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-def write_manifest(rows: list[ManifestRow], path: Path) -> None:
-    """manifest.csv and its format record manifest.json, each written atomically."""
-    extra = sorted({k for r in rows for k in r.metadata} - set(CORE_COLUMNS))
-    columns = CORE_COLUMNS + extra
-    buf = io.StringIO(newline="")
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="raise", restval="", lineterminator="\n")
-    w.writeheader()
-    w.writerows(r.to_csv() for r in rows)
-    write_text(path, buf.getvalue())
-    write_json(sidecar(path), {"format": FORMAT, "version": VERSION, "columns": columns, "rows": len(rows)})
+def write_manifest(rows: Iterable[ManifestRow], path: Path, metadata_columns: Iterable[str] | None = None) -> None:
+    """manifest.csv and its format record manifest.json, each written atomically.
+
+    With `metadata_columns` (every metadata key any row has), `rows` may be a
+    stream: rows are written as they come, not gathered first.
+    """
+    if metadata_columns is None:
+        rows = list(rows)
+        metadata_columns = {k for r in rows for k in r.metadata}
+    columns = CORE_COLUMNS + sorted(set(metadata_columns) - set(CORE_COLUMNS))
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="raise", restval="", lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r.to_csv())
+            n += 1
+    write_json(sidecar(path), {"format": FORMAT, "version": VERSION, "columns": columns, "rows": n})
 
 
 def check_format(path: Path) -> dict:
@@ -86,23 +94,34 @@ def check_format(path: Path) -> dict:
     return meta
 
 
-def read_manifest(path: Path) -> list[dict[str, str]]:
-    """The rows as dicts of strings, after checking the format version and columns."""
+def iter_manifest(path: Path) -> Iterator[dict[str, str]]:
+    """The rows as dicts of strings, one at a time, so a reader holds one row rather than the whole manifest.
+
+    The format version and columns are checked before the first row; the row
+    count when the last has been read (a short manifest fails at its end).
+    """
     meta = check_format(Path(path))
+    n = 0
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
-            rows = list(reader)
             columns = reader.fieldnames or []
+            if list(columns) != list(meta.get("columns", [])) or columns[: len(CORE_COLUMNS)] != CORE_COLUMNS:
+                raise MedtlError(f"manifest {path} has columns {', '.join(columns)}, not those its format record "
+                                 "lists; the files do not belong together: rerun ingest (dvc repro ingest)")
+            for row in reader:
+                n += 1
+                yield row
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise MedtlError(f"manifest {path} cannot be read: {e}") from None
-    if list(columns) != list(meta.get("columns", [])) or columns[: len(CORE_COLUMNS)] != CORE_COLUMNS:
-        raise MedtlError(f"manifest {path} has columns {', '.join(columns)}, not those its format record lists; "
-                         "the files do not belong together: rerun ingest (dvc repro ingest)")
-    if len(rows) != meta.get("rows"):
-        raise MedtlError(f"manifest {path} has {len(rows)} rows, its format record says {meta.get('rows')}; "
+    if n != meta.get("rows"):
+        raise MedtlError(f"manifest {path} has {n} rows, its format record says {meta.get('rows')}; "
                          "rerun ingest (dvc repro ingest)")
-    return rows
+
+
+def read_manifest(path: Path) -> list[dict[str, str]]:
+    """The rows as dicts of strings, after checking the format version and columns."""
+    return list(iter_manifest(path))
 
 
 def read_rows(path: Path) -> list[ManifestRow]:

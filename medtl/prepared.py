@@ -9,16 +9,18 @@ on arrays of another size than its inputs claim.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from medtl.errors import MedtlError
 from medtl.imaging import Preprocessing
-from medtl.io import open_npy
+from medtl.io import atomic_path, open_npy
 
 PREPARED_FORMAT = "medtl-prepared/2"
 
@@ -52,12 +54,19 @@ def open_images(out_dir: Path, split: str, n: int, pre: Preprocessing) -> np.nda
     return open_npy(Path(out_dir) / f"{split}.npy", np.float16, (n, pre.channels, pre.image_size, pre.image_size))
 
 
-def write_rows(out_dir: Path, split: str, rows: list[dict], columns: list[str]) -> None:
+def write_rows(out_dir: Path, split: str, rows: Iterable[dict], columns: list[str]) -> None:
     """{split}.csv: one row per image, in array order."""
-    with open(Path(out_dir) / f"{split}.csv", "w", newline="", encoding="utf-8") as f:
+    with row_writer(out_dir, split, columns) as w:
+        w.writerows(rows)
+
+
+@contextlib.contextmanager
+def row_writer(out_dir: Path, split: str, columns: list[str]) -> Iterator[csv.DictWriter]:
+    """A writer of {split}.csv row by row, in array order; the file appears (atomically) only if the block succeeds."""
+    with atomic_path(Path(out_dir) / f"{split}.csv") as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        yield w
 
 
 def load_stats(prepared: Path) -> PreparedStats:

@@ -1,12 +1,14 @@
 """Preprocess: fixed-size arrays per split, labels, and the preprocessing record.
 
 Resizing lives here, not in ingest, so changing the image size never
-re-decodes the sources. Arrays are written through memory-mapped .npy files,
-so memory stays flat as the dataset grows. Every image goes through
+re-decodes the sources. The manifest is read as a stream and arrays are
+written through memory-mapped .npy files, so memory stays flat as the dataset
+grows. Every image goes through
 `medtl.imaging.model_input`, the function `medtl predict` uses on new files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from medtl.errors import MedtlError
-from medtl.folds import CvParams, assign_fold
+from medtl.folds import CvParams, fold_splits
 from medtl.imaging import Preprocessing, model_input, read_record
 from medtl.io import write_json
-from medtl.manifest import read_manifest
+from medtl.manifest import iter_manifest
 from medtl.params import require
-from medtl.prepared import open_images, write_rows, write_stats
+from medtl.prepared import open_images, row_writer, write_stats
 from medtl.readers import ReadOptions, colour_of
 from medtl.splits import SPLITS
 from medtl.store import PixelStore
@@ -48,39 +50,67 @@ def run_preprocess(params: PreprocessParams, read: ReadOptions, ingested: Path, 
     `read` is how ingest decoded the files (ingest.read); it goes into the
     record so that a model decodes new files the same way.
     """
-    rows = read_manifest(ingested / "manifest.csv")
+    manifest = ingested / "manifest.csv"
+    # The manifest is streamed, never held: a first pass counts each split (its array's length), the second
+    # writes the arrays and {split}.csv rows as it goes. Memory stays flat in the number of images.
+    resplit = None
     if params.cv.folds:  # this fold's train/val over the development data; test untouched
-        rows, cv = assign_fold(rows, params.cv, ingested)
+        resplit, cv = fold_splits(iter_manifest(manifest), params.cv, ingested)
         write_json(out_dir / "cv.json", cv)
+
+    def split_of(i: int, row: dict) -> str:
+        return row["split"] if resplit is None or resplit[i] < 0 else SPLITS[resplit[i]]
+
+    counts = dict.fromkeys(SPLITS, 0)
+    meta_cols: list[str] = []
+    for i, r in enumerate(iter_manifest(manifest)):
+        if i == 0:
+            meta_cols = [c for c in r if c not in META_EXCLUDED]
+        split = split_of(i, r)
+        if split in counts:
+            counts[split] += 1
     classes = json.loads((ingested / "report.json").read_text())["classes"]
     index = {c: i for i, c in enumerate(classes)}
     store = PixelStore(ingested / "pixels.u16")
-    meta_cols = [c for c in rows[0] if c not in META_EXCLUDED] if rows else []
     pre = Preprocessing(read=read_record(read), image_size=params.image_size, channels=params.channels,
                         resize=params.resize, classes=list(classes))
     total = np.zeros(params.channels)
     total_sq = np.zeros(params.channels)
     n_px = 0
-    counts = {}
-    for split in SPLITS:
-        part = [r for r in rows if r["split"] == split]
-        counts[split] = len(part)
-        arr = open_images(out_dir, split, len(part), pre)
-        out_rows = []
-        for i, r in enumerate(tqdm(part, desc=f"preprocess {split}", unit="img", leave=False)):
+    with contextlib.ExitStack() as stack:
+        arrays = {s: open_images(out_dir, s, counts[s], pre) for s in SPLITS}
+        writers = {s: stack.enter_context(row_writer(out_dir, s, meta_cols + ["colour", "label_index"]))
+                   for s in SPLITS}
+        at = dict.fromkeys(SPLITS, 0)
+        progress = tqdm(total=sum(counts.values()), desc="preprocess", unit="img", leave=False)
+        for i, r in enumerate(iter_manifest(manifest)):
+            split = split_of(i, r)
+            if split not in arrays:
+                continue
+            arr, k = arrays[split], at[split]
+            if k == counts[split]:
+                raise MedtlError(f"{manifest} changed while it was being read: more {split} images than at first; "
+                                 "rerun the preprocess stage")
             pixels = store.get(int(r["offset"]), int(r["height"]), int(r["width"]), int(r["channels"]))
-            arr[i] = model_input(pixels, pre)
-            out_rows.append({**r, "colour": colour_of(pixels), "label_index": index[r["label"]]})
+            arr[k] = model_input(pixels, pre)
+            r["colour"], r["label_index"] = colour_of(pixels), index[r["label"]]
+            writers[split].writerow(r)
             if split == "train":  # statistics from training images only, as the model will see them
-                x = arr[i].astype(np.float64).reshape(params.channels, -1)
+                x = arr[k].astype(np.float64).reshape(params.channels, -1)
                 total += x.sum(1)
                 total_sq += (x**2).sum(1)
                 n_px += x.shape[1]
-        arr.flush()
-        del arr
-        write_rows(out_dir, split, out_rows, meta_cols + ["colour", "label_index"])
+            at[split] = k + 1
+            progress.update()
+        progress.close()
+        if at != counts:
+            raise MedtlError(f"{manifest} changed while it was being read: {at} images, {counts} at first; "
+                             "rerun the preprocess stage")
+        for arr in arrays.values():
+            arr.flush()
+        del arrays, arr
     if n_px == 0:
-        raise MedtlError(f"{ingested / 'manifest.csv'} has no training images; ingest must put images in the train split")
+        raise MedtlError(f"{manifest} has no training images; ingest must put images in the train split")
     mean = total / n_px
     std = np.sqrt(np.maximum(total_sq / n_px - mean**2, 1e-12))
     pre = Preprocessing(**{**pre.to_dict(), "mean": [round(float(m), 6) for m in mean],
