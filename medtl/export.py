@@ -51,33 +51,6 @@ def exported_module(classifier, temperature: float | None):
     return Exported().eval()
 
 
-def read_operating_point(path: Path | None, model_path: Path, classes: list[str]) -> dict | None:
-    """The evaluate stage's operating point for this model; None when there is none.
-
-    An explicit --operating-point must belong to the model; the default file is
-    skipped with a note when it was fitted for another model (e.g. after a new
-    fine-tune that has not been evaluated yet).
-    """
-    from medtl import operating_point
-
-    explicit = path is not None
-    path = path if explicit else DEFAULT_OPERATING_POINT
-    if not path.is_file():
-        if explicit:
-            raise MedtlError(f"--operating-point {path} does not exist; expected reports/operating_point.json from the evaluate stage")
-        return None
-    record = operating_point.read_operating_point(path)
-    if record.get("model_sha256") != sha256_file(model_path):
-        msg = f"operating point {path} was fitted for a different model than {model_path} (sha256 differs)"
-        if explicit:
-            raise MedtlError(msg + "; rerun the evaluate stage for this model (dvc repro)")
-        print(f"medtl export: note: {msg}; exporting without an operating point", file=sys.stderr)
-        return None
-    if record.get("classes") != classes:
-        raise MedtlError(f"operating point {path} is for classes {record.get('classes')}, the model has {classes}")
-    return record
-
-
 def metadata(ckpt: dict, model_path: Path, operating_point: dict | None, fmt: str) -> dict[str, str]:
     """String key/value pairs (ONNX metadata_props accept nothing else); structured values as JSON."""
     pre = ckpt.get("preprocessing") or {}
@@ -164,7 +137,10 @@ def export(model_path: Path, fmt: str, operating_point: Path | None = None) -> t
     if fmt not in FORMATS:
         raise MedtlError(f"--format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
     classifier, ckpt = load_classifier(model_path)
-    op = read_operating_point(operating_point, model_path, list(ckpt["classes"]))
+    from medtl.operating_point import operating_point_for
+
+    op = operating_point_for(operating_point, model_path, list(ckpt["classes"]), "export",
+                             "rerun the evaluate stage for this model (dvc repro)", "exporting without an operating point")
     meta = metadata(ckpt, model_path, op, fmt)
     module = exported_module(classifier, (op or {}).get("temperature"))
     example = _example(ckpt)

@@ -33,7 +33,7 @@ from medtl.metrics import apply_temperature, predict_labels
 from medtl.metrics_report import evaluate_split
 from medtl.params import require
 from medtl.prepared import PreparedStats, load_images
-from medtl.sources import SOURCES, open_source
+from medtl.sources import SOURCES, check_source_paths, open_source, source_inputs
 from medtl.sources.csv import CsvParams
 from medtl.sources.demo import DemoParams
 from medtl.sources.dicom import DicomParams
@@ -74,22 +74,11 @@ class ExternalSet:
         require(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)) and self.name not in RESERVED_NAMES,
                 f"{key}.name", self.name, "a name of letters, digits, '.', '_' or '-', other than train, val and test")
         require(self.source in SOURCES, f"{key}.source", self.source, "one of " + ", ".join(SOURCES))
-        required = {"folder": [("folder.root", self.folder.root)],
-                    "csv": [("csv.manifest", self.csv.manifest)],
-                    "dicom": [("dicom.root", self.dicom.root), ("dicom.labels", self.dicom.labels)],
-                    "medmnist": [("medmnist.path", self.medmnist.path)]}.get(self.source, [])
-        for name, value in required:
-            require(bool(value), f"{key}.{name}", value, f"a path (required by source {self.source})")
+        check_source_paths(self, key)
 
     def source_inputs(self) -> list[str]:
         """Files or folders the source reads; the demo reads none."""
-        return {
-            "demo": [],
-            "folder": [self.folder.root],
-            "csv": [self.csv.manifest] + ([self.csv.root] if self.csv.root else []),
-            "dicom": [self.dicom.root, self.dicom.labels],
-            "medmnist": [self.medmnist.path],
-        }[self.source]
+        return source_inputs(self)
 
 
 @dataclass(frozen=True)

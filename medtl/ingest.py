@@ -34,7 +34,7 @@ from medtl.manifest import ManifestRow, write_manifest
 from medtl.params import require
 from medtl.readers import ReadOptions, read
 from medtl.readers.dicom import BURNED_IN
-from medtl.sources import SOURCES, Source, SourceItem, open_source
+from medtl.sources import SOURCES, Source, SourceItem, check_source_paths, open_source, source_inputs
 from medtl.sources.csv import CsvParams
 from medtl.sources.demo import DemoParams
 from medtl.sources.dicom import DicomParams
@@ -120,25 +120,14 @@ class IngestParams:
                 f"{key}.classes", self.classes, "distinct, non-empty class names")
         require(self.source == "demo" or self.data != DEMO_DATA, f"{key}.data", self.data,
                 f"the folder or file holding your {self.source} data, so that dvc reruns ingest when it changes")
-        required = {"folder": [("folder.root", self.folder.root)],
-                    "csv": [("csv.manifest", self.csv.manifest)],
-                    "dicom": [("dicom.root", self.dicom.root), ("dicom.labels", self.dicom.labels)],
-                    "medmnist": [("medmnist.path", self.medmnist.path)]}.get(self.source, [])
-        for name, value in required:
-            require(bool(value), f"{key}.{name}", value, f"a path (required by source {self.source})")
+        check_source_paths(self, key)
 
     def read_options(self) -> ReadOptions:
         return self.read.options()
 
     def source_inputs(self) -> list[str]:
         """Files or folders the source reads; the demo reads none."""
-        return {
-            "demo": [],
-            "folder": [self.folder.root],
-            "csv": [self.csv.manifest] + ([self.csv.root] if self.csv.root else []),
-            "dicom": [self.dicom.root, self.dicom.labels],
-            "medmnist": [self.medmnist.path],
-        }[self.source]
+        return source_inputs(self)
 
     def source_root(self) -> str | None:
         """The folder that source refs are relative paths of; None for generated data."""

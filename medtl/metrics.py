@@ -471,6 +471,17 @@ def threshold_rule_problem(rule: str, target: float | None) -> str | None:
     return None
 
 
+def check_binary_scores(y_true, p_pos, purpose: str) -> tuple[np.ndarray, np.ndarray]:
+    """Binary labels (0/1) and positive-class scores as int64 / float64 1-D arrays of equal length."""
+    y = np.asarray(y_true)
+    s = np.asarray(p_pos, dtype=np.float64)
+    if s.ndim != 1 or y.shape != s.shape:
+        raise ValueError(f"y_true and p_pos must be 1-D of equal length, got shapes {y.shape} and {s.shape}")
+    if not np.all(np.isin(y, (0, 1))):
+        raise ValueError(f"y_true must hold binary labels 0 (negative) and 1 (positive) {purpose}")
+    return y.astype(np.int64), s
+
+
 def choose_threshold(y_true, p_pos, rule: str, target: float | None = None) -> float:
     """Operating threshold on the positive-class probability, fitted on VALIDATION data.
 
@@ -486,12 +497,7 @@ def choose_threshold(y_true, p_pos, rule: str, target: float | None = None) -> f
         raise MedtlError(f"threshold rule {rule!r} with target {target!r}: expected {problem}")
     if rule == "fixed":
         return DEFAULT_THRESHOLD if target is None else float(target)
-    y = np.asarray(y_true)
-    s = np.asarray(p_pos, dtype=np.float64)
-    if s.ndim != 1 or y.shape != s.shape:
-        raise ValueError(f"y_true and p_pos must be 1-D of equal length, got shapes {y.shape} and {s.shape}")
-    if not np.all(np.isin(y, (0, 1))):
-        raise ValueError("y_true must hold binary labels 0 (negative) and 1 (positive) to choose a threshold")
+    y, s = check_binary_scores(y_true, p_pos, "to choose a threshold")
     if not np.all(np.isfinite(s)):
         raise ValueError("p_pos must be finite")
     pos, neg = s[y == 1], s[y == 0]

@@ -15,7 +15,8 @@ import numpy as np
 from medtl.errors import MedtlError
 from medtl.metrics import (
     DEFAULT_THRESHOLD, _check_bootstrap_args, _check_n_bins, _check_threshold, _div, _labels_and_probs, _metric_names,
-    _nan_to_none, _units, bootstrap_ci, headline_metrics, per_class_metrics, point_estimates, reliability_diagram,
+    _nan_to_none, _units, bootstrap_ci, check_binary_scores, headline_metrics, per_class_metrics, point_estimates,
+    reliability_diagram,
 )
 
 
@@ -92,22 +93,12 @@ def _downsample(n: int, max_points: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, max_points)).astype(np.int64))
 
 
-def _check_binary_scores(y_true, p_pos) -> tuple[np.ndarray, np.ndarray]:
-    y = np.asarray(y_true)
-    s = np.asarray(p_pos, dtype=np.float64)
-    if s.ndim != 1 or y.shape != s.shape:
-        raise ValueError(f"y_true and p_pos must be 1-D of equal length, got shapes {y.shape} and {s.shape}")
-    if not np.all(np.isin(y, (0, 1))):
-        raise ValueError("y_true must hold binary labels 0 and 1 (one-vs-rest for K > 2)")
-    return y.astype(np.int64), s
-
-
 def roc_points(y_true, p_pos, max_points: int = 200) -> list[dict]:
     """ROC curve rows {fpr, tpr, threshold}, from (0, 0) to (1, 1), at most `max_points` rows.
 
     Each row is the rate when p_pos >= threshold; the (0, 0) row has threshold None.
     """
-    y, s = _check_binary_scores(y_true, p_pos)
+    y, s = check_binary_scores(y_true, p_pos, "(one-vs-rest for K > 2)")
     n_pos, n_neg = int(y.sum()), int((1 - y).sum())
     if n_pos == 0 or n_neg == 0:
         return []
@@ -125,7 +116,7 @@ def roc_points(y_true, p_pos, max_points: int = 200) -> list[dict]:
 
 def pr_points(y_true, p_pos, max_points: int = 200) -> list[dict]:
     """Precision-recall rows {recall, precision, threshold} by increasing recall, at most `max_points` rows."""
-    y, s = _check_binary_scores(y_true, p_pos)
+    y, s = check_binary_scores(y_true, p_pos, "(one-vs-rest for K > 2)")
     n_pos = int(y.sum())
     if n_pos == 0:
         return []

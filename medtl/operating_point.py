@@ -8,6 +8,7 @@ data the model was evaluated on (modalities, and colour as
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from medtl.errors import MedtlError
@@ -59,4 +60,33 @@ def read_operating_point(path: Path) -> dict:
     if found != OPERATING_POINT_FORMAT:
         raise MedtlError(f"operating point {path} has format {found!r}, this medtl reads {OPERATING_POINT_FORMAT!r}; "
                          "rerun the evaluate stage (dvc repro)")
+    return record
+
+
+DEFAULT_PATH = Path("reports/operating_point.json")
+
+
+def operating_point_for(path: Path | None, model_path: Path, classes: list[str], command: str, advice: str,
+                        fallback: str) -> dict | None:
+    """The evaluate stage's record for `model_path`, or None when there is none to use.
+
+    An explicit `path` must exist and belong to the model; the default file is
+    skipped with a note (`fallback` says what happens instead) when it is absent
+    or was fitted for another model, e.g. after a fine-tune not yet evaluated.
+    """
+    explicit = path is not None
+    path = Path(path) if explicit else DEFAULT_PATH
+    if not path.is_file():
+        if explicit:
+            raise MedtlError(f"--operating-point {path} does not exist; expected {DEFAULT_PATH} from the evaluate stage")
+        return None
+    record = read_operating_point(path)
+    if record.get("model_sha256") != sha256_file(model_path):
+        msg = f"operating point {path} was fitted for a different model than {model_path} (sha256 differs); {advice}"
+        if explicit:
+            raise MedtlError(msg)
+        print(f"medtl {command}: note: {msg}; {fallback}", file=sys.stderr)
+        return None
+    if record.get("classes") != classes:
+        raise MedtlError(f"operating point {path} is for classes {record.get('classes')}, the model has {classes}")
     return record

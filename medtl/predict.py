@@ -19,7 +19,7 @@ from typing import Iterator
 from pathlib import Path
 
 from medtl.errors import MedtlError, UnreadableImage
-from medtl.io import atomic_path, sha256_file
+from medtl.io import atomic_path
 
 # The training stack is imported where it is used: `medtl --help` imports this module.
 
@@ -53,23 +53,10 @@ def misfit(pixels: np.ndarray, metadata: dict, op: Operating) -> str | None:
 def load_operating_point(path: Path | None, model_path: Path, classes: list[str], threshold: float | None) -> Operating:
     """Threshold and temperature for `model_path`: from --threshold, the evaluate stage's record, or 0.5."""
     from medtl.metrics import DEFAULT_THRESHOLD
-    from medtl.operating_point import read_operating_point
+    from medtl.operating_point import operating_point_for
 
-    record = None
-    explicit = path is not None
-    if path is None and DEFAULT_OPERATING_POINT.is_file():
-        path = DEFAULT_OPERATING_POINT
-    if path is not None:
-        record = read_operating_point(Path(path))
-        if record.get("model_sha256") != sha256_file(model_path):
-            msg = (f"operating point {path} was fitted for a different model than {model_path} (sha256 differs); "
-                   "rerun the evaluate stage (dvc repro) for this model, or pass --threshold")
-            if explicit:
-                raise MedtlError(msg)
-            print(f"medtl predict: note: {msg}; it is not used", file=sys.stderr)
-            record = None
-        elif record.get("classes") != classes:
-            raise MedtlError(f"operating point {path} is for classes {record.get('classes')}, the model has {classes}")
+    record = operating_point_for(path, model_path, classes, "predict",
+                                 "rerun the evaluate stage (dvc repro) for this model, or pass --threshold", "it is not used")
     k = len(classes)
     if k > 2:
         if threshold is not None:
@@ -80,7 +67,7 @@ def load_operating_point(path: Path | None, model_path: Path, classes: list[str]
             raise MedtlError(f"--threshold must be a probability in [0, 1], got {threshold}")
         t, source = float(threshold), "--threshold"
     elif record is not None:
-        t, source = float(record["threshold"]), f"{record['rule']} on validation ({path})"
+        t, source = float(record["threshold"]), f"{record['rule']} on validation ({path or DEFAULT_OPERATING_POINT})"
     else:
         t, source = DEFAULT_THRESHOLD, "default 0.5 (no operating point found)"
         print("medtl predict: note: no operating point for this model; calling positive at p >= 0.5. Pass "

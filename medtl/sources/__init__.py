@@ -88,6 +88,30 @@ SOURCES = {
     "medmnist": "medtl.sources.medmnist",
 }
 
+
+def check_source_paths(params, key: str) -> None:
+    """The paths the chosen source needs are set; `params` has `source` and one section per source."""
+    from medtl.params import require
+
+    required = {"folder": [("folder.root", params.folder.root)],
+                "csv": [("csv.manifest", params.csv.manifest)],
+                "dicom": [("dicom.root", params.dicom.root), ("dicom.labels", params.dicom.labels)],
+                "medmnist": [("medmnist.path", params.medmnist.path)]}.get(params.source, [])
+    for name, value in required:
+        require(bool(value), f"{key}.{name}", value, f"a path (required by source {params.source})")
+
+
+def source_inputs(params) -> list[str]:
+    """Files or folders the chosen source reads; the demo reads none."""
+    return {
+        "demo": [],
+        "folder": [params.folder.root],
+        "csv": [params.csv.manifest] + ([params.csv.root] if params.csv.root else []),
+        "dicom": [params.dicom.root, params.dicom.labels],
+        "medmnist": [params.medmnist.path],
+    }[params.source]
+
+
 # Folder names that mean a published split, as in Training/ and Testing/.
 SPLIT_NAMES = {
     "train": "train", "training": "train", "trn": "train",
