@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 import subprocess
@@ -97,3 +98,12 @@ def preprocessing_record(image_size: int, channels: int = 1, classes=("normal", 
     return Preprocessing(read=read if read is not None else read_record(ReadOptions()), image_size=image_size,
                          channels=channels, resize=resize, mean=list(mean or [0.3] * channels),
                          std=list(std or [0.2] * channels), classes=list(classes))
+
+
+def distinct_seed(*parts: object) -> int:
+    """A seed that differs for different parts in every process.
+
+    `hash()` of strings changes per process, and a modulus of it can collide:
+    two test images then share pixels and read as a label conflict.
+    """
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "big")

@@ -23,6 +23,8 @@ from medtl.params import build
 from medtl.phi import KEY_ENV, WHITELIST, source_ref
 from medtl.store import PixelStore
 
+from tests.project import distinct_seed
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -182,7 +184,7 @@ def test_cross_split_duplicates_are_dropped_or_fail(tmp_path):
     for split in ("train", "test"):
         for c in ("a", "b"):
             for i in range(8):
-                image(root / split / c / f"{split}{i}.png", seed=hash((split, c, i)) % 10_000)
+                image(root / split / c / f"{split}{i}.png", seed=distinct_seed(split, c, i))
     # Published splits that leak: a byte copy and a re-encoded (pixel-identical) copy of training images.
     shutil.copy(root / "train" / "a" / "train0.png", root / "test" / "a" / "copy.png")
     Image.open(root / "train" / "b" / "train1.png").save(root / "test" / "b" / "copy.tif")

@@ -22,6 +22,8 @@ from medtl.manifest import read_manifest
 from medtl.params import build
 from medtl.phi import KEY_ENV, KEY_FILE_ENV, source_ref
 
+from tests.project import distinct_seed
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -123,7 +125,7 @@ def test_symlink_loops_and_dangling_links_are_quarantined_and_counted(tmp_path):
     root = tmp_path / "data"
     for c in ("a", "b"):
         for i in range(10):
-            png(root / c / f"{c}{i}.png", seed=hash((c, i)) % 1000)
+            png(root / c / f"{c}{i}.png", seed=distinct_seed(c, i))
     os.symlink(root / "a" / "loop2.png", root / "a" / "loop1.png")
     os.symlink(root / "a" / "loop1.png", root / "a" / "loop2.png")
     os.symlink(root / "a" / "gone.png", root / "b" / "dangling.png")
@@ -233,7 +235,7 @@ def test_identical_images_with_different_labels_are_a_conflict(tmp_path, capfd):
     root = tmp_path / "data"
     for c in ("benign", "malignant"):
         for i in range(12):
-            png(root / c / f"{c} ({i}).png", seed=hash((c, i)) % 10_000)
+            png(root / c / f"{c} ({i}).png", seed=distinct_seed(c, i))
     shutil.copy(root / "benign" / "benign (3).png", root / "malignant" / "malignant (145).png")
     report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
     accounted(report)
@@ -270,7 +272,7 @@ def test_the_manifest_reader_checks_its_format_version(tmp_path):
     root = tmp_path / "data"
     for c in ("a", "b"):
         for i in range(10):
-            png(root / c / f"{i}.png", seed=hash((c, i)) % 1000)
+            png(root / c / f"{i}.png", seed=distinct_seed(c, i))
     ingest(tmp_path, source="folder", folder={"root": str(root)})
     meta_path = tmp_path / "out" / "manifest.json"
     meta = json.loads(meta_path.read_text())
@@ -286,7 +288,7 @@ def test_locate_maps_image_ids_and_quarantined_refs_back_to_files(tmp_path):
     root = tmp_path / "data"
     for c in ("a", "b"):
         for i in range(10):
-            png(root / c / "DOE^JOHN_MRN1" / f"IM{i}_MRN1.png", seed=hash((c, i)) % 1000)
+            png(root / c / "DOE^JOHN_MRN1" / f"IM{i}_MRN1.png", seed=distinct_seed(c, i))
     (root / "a" / "DOE^JOHN_MRN1" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     p = params(source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
     (tmp_path / "out").mkdir()
