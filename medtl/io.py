@@ -74,13 +74,25 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umasked(mode: int) -> int:
+    """`mode` as a plain open() or mkdir() would create it under the process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file gets `mode`, or by default the permissions a plain open() would give it (mkstemp's 0600 would
+    hide outputs from the rest of a team sharing a project or a DVC cache).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _umasked(0o666) if mode is None else mode)
         os.close(fd)
     except OSError as e:
         raise MedtlError(f"cannot write {path}: {e.strerror or e}") from e
@@ -107,6 +119,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, _umasked(0o777))  # as mkdir would make it, not mkdtemp's 0700
     except OSError as e:
         raise MedtlError(f"cannot write {path}: {e.strerror or e}") from e
     try:

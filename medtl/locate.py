@@ -6,6 +6,11 @@ own staff, on the machine that holds the data and with the same pseudonym key,
 re-enumerate the source named in params.yaml and print the real path:
 
     medtl locate img000042 f-3c1a9e0b7d2f4a61
+
+`medtl predict` names the files it found inside a folder the same way; with
+`--folder` the refs are looked up in that folder instead of the ingest source:
+
+    medtl locate --folder /exports/today f-9e2b44c0a1d35f07
 """
 from __future__ import annotations
 
@@ -74,6 +79,23 @@ def locate(params, queries: list[str], manifest: Path) -> list[Located]:
     return [Located(q, ref, found.get(ref), sha) for q, (ref, sha) in wanted.items()]
 
 
+def locate_in_folder(folder: Path, refs: list[str]) -> dict[str, Path | None]:
+    """Each ref with the file under `folder` whose relative path it is a ref of (None: no such file)."""
+    from medtl.sources import iter_files
+
+    if not folder.is_dir():
+        raise MedtlError(f"--folder {folder} is not a folder; pass the folder given to `medtl predict`")
+    bad = [r for r in refs if not r.startswith(phi.SOURCE_REF_PREFIX)]
+    if bad:
+        raise MedtlError(f"with --folder, each ID must be a file ref (f- followed by 16 hex digits), got {', '.join(bad)}")
+    found: dict[str, Path | None] = dict.fromkeys(refs)
+    for f in iter_files(folder):
+        ref = phi.source_ref(f.relative_to(folder).as_posix())
+        if ref in found and found[ref] is None:
+            found[ref] = f
+    return found
+
+
 def _describe(loc: Located, params, root: str | None) -> str:
     item = loc.item
     if item is None:
@@ -98,6 +120,12 @@ def _describe(loc: Located, params, root: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.folder is not None:
+        found = locate_in_folder(Path(args.folder), args.ids)
+        for ref, f in found.items():
+            print(f"{ref}\t{f}" if f else f"{ref}: no file under {args.folder} has this ref; was it made with "
+                                          f"another pseudonym key ({phi.KEY_ENV} / {phi.KEY_FILE_ENV})?")
+        return 0 if all(found.values()) else 1
     params = load_section("ingest", _ingest_params(), args.params)
     found = locate(params, args.ids, Path(args.manifest))
     for loc in found:
@@ -120,4 +148,6 @@ def register(subparsers) -> None:
     p.add_argument("ids", nargs="+", metavar="ID", help="image ids (img000042) or source refs (f-...)")
     p.add_argument("--params", default="params.yaml", help="params file naming the source (default: params.yaml)")
     p.add_argument("--manifest", default="data/ingested/manifest.csv", help="manifest to look image ids up in")
+    p.add_argument("--folder", default=None,
+                   help="look file refs up in this folder (one given to `medtl predict`) instead of the ingest source")
     p.set_defaults(func=run)

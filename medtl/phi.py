@@ -207,6 +207,20 @@ def warning_kind(w: warnings.WarningMessage) -> str:
     return f"library_warning:{w.category.__name__}"
 
 
+def scrub_path(text: str, path: Path | None, relative: str, keep: tuple[str, ...] = ()) -> str:
+    """`text` without a file's path or any longer segment of it (a folder named after a patient, say).
+
+    Segments in `keep` (a class folder's name, say) stay; short ones (<= 3 characters) too, as they would
+    blank common words.
+    """
+    if path is not None:
+        text = text.replace(str(path), "file")
+    for part in Path(relative).parts:
+        if len(part) >= 4 and part not in keep:
+            text = text.replace(part, "…")
+    return text
+
+
 def error_kind(e: BaseException) -> str:
     """An exception as its type name only: library messages may quote header values (names, ids)."""
     return type(e).__name__

@@ -7,6 +7,12 @@ the model's input by `medtl.imaging.model_input`, the function preprocess
 used for the evaluated arrays, so no setting has to be retyped. A file that
 cannot be read, or an image that does not fit the model, gets an error row;
 the other images are still predicted.
+
+The CSV names only what the user typed: a file passed by name keeps its path;
+a file found inside a passed folder is named by its keyed ref (as ingest names
+source files; `medtl locate --folder` maps it back) and its sha256, because
+folder and file names of clinical exports often carry names and record
+numbers. `--name-files` writes the paths inside the folder instead.
 """
 from __future__ import annotations
 
@@ -79,39 +85,60 @@ def load_operating_point(path: Path | None, model_path: Path, classes: list[str]
                      tuple(data.get("colour") or ()))
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
+@dataclass(frozen=True)
+class InputFile:
+    path: Path  # where it is read from
+    given: str  # the command-line argument it came from, as typed
+    relative: str = ""  # its path inside that argument when the argument is a folder
+
+    def name(self, name_files: bool) -> str:
+        """How the CSV names the file inside its folder: its ref, or with --name-files its path; "" if passed itself."""
+        if not self.relative:
+            return ""
+        from medtl import phi
+
+        return self.relative if name_files else phi.source_ref(self.relative)
+
+
+def expand_inputs(inputs: list[str]) -> list[InputFile]:
     """Files as given, folders walked recursively (hidden files skipped), in a stable order."""
     from medtl.sources import iter_files
 
-    out: list[Path] = []
+    out: list[InputFile] = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            out.extend(iter_files(p))
+            out.extend(InputFile(f, name, f.relative_to(p).as_posix()) for f in iter_files(p))
         elif p.is_file():
-            out.append(p)
+            out.append(InputFile(p, name))
         else:
             raise MedtlError(f"input {name} does not exist; expected image files or folders of DICOM, NIfTI, PNG or JPEG")
     return out
 
 
-def _decode_file(path: Path, pre: Preprocessing, op: Operating, allow_mismatch: bool):
-    """Decode and prepare one file: (path, error or [(image, refusal or None, model input)])."""
+def _decode_file(file: InputFile, pre: Preprocessing, op: Operating, allow_mismatch: bool):
+    """Decode and prepare one file: (file, sha256, error or [(image, refusal or None, model input)])."""
+    from medtl import phi
     from medtl.imaging import decode, model_input
+    from medtl.io import sha256_file
 
+    digest = ""
     try:
-        decoded = decode(path, pre)
-    except UnreadableImage as e:
-        return path, str(e)
+        digest = sha256_file(file.path)
+        decoded = decode(file.path, pre)
+    except UnreadableImage as e:  # its detail may quote the path, which names the patient in many exports
+        return file, digest, phi.scrub_path(str(e), file.path, file.relative)
+    except OSError as e:
+        return file, "", f"unreadable_file: {phi.error_kind(e)}"
     out = []
     for k, d in enumerate(decoded):
         image = d.metadata.get("slice") or d.metadata.get("frame") or ("" if len(decoded) == 1 else str(k))
         why = None if allow_mismatch else misfit(d.pixels, d.metadata, op)
         out.append((image, why, None if why else model_input(d.pixels, pre)))
-    return path, out
+    return file, digest, out
 
 
-def _decoded(files: list[Path], decode, workers: int) -> Iterator:
+def _decoded(files: list[InputFile], decode, workers: int) -> Iterator:
     """Decoded files in order; with workers, decoding runs in other processes while the model infers."""
     if workers < 1 or len(files) < 2:
         yield from map(decode, files)
@@ -122,7 +149,8 @@ def _decoded(files: list[Path], decode, workers: int) -> Iterator:
 
 def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32, *,
             operating_point: Path | None = None, threshold: float | None = None,
-            hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int = 1) -> dict:
+            hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int = 1,
+            name_files: bool = False) -> dict:
     """Write one CSV row per image (or per unreadable file) to `out`; return counts."""
     import numpy as np
     from tqdm import tqdm
@@ -142,47 +170,54 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
     files = expand_inputs(inputs)
     if not files:
         raise MedtlError(f"no files found in {', '.join(inputs)}")
+    if not name_files and any(f.relative for f in files):
+        from medtl import phi
+
+        if phi.uses_default_key():
+            print("predict: warning: files inside folders are named by refs made with the public demo key, which "
+                  f"anyone can recompute from guessed paths; to prevent that, {phi.HOW_TO_SET_KEY}", file=sys.stderr)
     prepare_model(model, hw)
 
-    header = ["path", "image", "status", "predicted"] + [f"prob_{c}" for c in classes] + \
+    header = ["path", "file", "sha256", "image", "status", "predicted"] + [f"prob_{c}" for c in classes] + \
              ["above_threshold", "threshold", "error"]
     counts = {"ok": 0, "error": 0, "refused": 0}
-    pending: list[tuple[str, str, np.ndarray]] = []
+    pending: list[tuple[list[str], np.ndarray]] = []
 
-    def row(path: str, image: str, status: str, error: str = "", probs=None) -> list:
+    def row(named: list[str], status: str, error: str = "", probs=None) -> list:
         counts[status] += 1
         if probs is None:
-            return [path, image, status, ""] + [""] * len(classes) + ["", "" if op.threshold is None else op.threshold, error]
+            return [*named, status, ""] + [""] * len(classes) + ["", "" if op.threshold is None else op.threshold, error]
         predicted = classes[int(predict_labels(probs[None], op.threshold)[0])]
         above = "" if op.threshold is None else str(bool(probs[1] >= op.threshold)).lower()
-        return [path, image, status, predicted] + [f"{v:.6f}" for v in probs] + \
+        return [*named, status, predicted] + [f"{v:.6f}" for v in probs] + \
                [above, "" if op.threshold is None else op.threshold, ""]
 
     def flush(writer) -> None:
         if not pending:
             return
-        logits = predict_logits(model, np.stack([x for _, _, x in pending]), batch_size, hw, "predict")
+        logits = predict_logits(model, np.stack([x for _, x in pending]), batch_size, hw, "predict")
         probs = apply_temperature(logits, op.temperature or 1.0)
-        for (path, image, _), p in zip(pending, probs):
-            writer.writerow(row(path, image, "ok", probs=p))
+        for (named, _), p in zip(pending, probs):
+            writer.writerow(row(named, "ok", probs=p))
         pending.clear()
 
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         decode_one = functools.partial(_decode_file, pre=pre, op=op, allow_mismatch=allow_mismatch)
-        for path, result in tqdm(_decoded(files, decode_one, workers), total=len(files), desc="predict", unit="file"):
-            name = str(path)
+        for file, digest, result in tqdm(_decoded(files, decode_one, workers), total=len(files), desc="predict",
+                                         unit="file"):
+            named = [file.given if file.relative else str(file.path), file.name(name_files), digest]
             if isinstance(result, str):
                 flush(writer)
-                writer.writerow(row(name, "", "error", result))
+                writer.writerow(row([*named, ""], "error", result))
                 continue
             for image, why, prepared in result:
                 if why:
                     flush(writer)
-                    writer.writerow(row(name, image, "refused", f"{name}: {why}"))
+                    writer.writerow(row([*named, image], "refused", why))
                     continue
-                pending.append((name, image, prepared))
+                pending.append(([*named, image], prepared))
                 if len(pending) >= batch_size:
                     flush(writer)
         flush(writer)
@@ -205,6 +240,9 @@ def register(subparsers) -> None:
     p.add_argument("--threshold", type=float, default=None, help="positive-class threshold; overrides the operating point")
     p.add_argument("--allow-mismatch", action="store_true",
                    help="predict images whose modality or colour differs from the model's data instead of refusing them")
+    p.add_argument("--name-files", action="store_true",
+                   help="name files found inside a folder by their path in it instead of a ref (f-...); such paths "
+                        "often carry patient names or record numbers, so keep that CSV inside the hospital")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that decode files while the model predicts; 0 decodes in the main process "
                         "(default: %(default)s)")
@@ -218,7 +256,8 @@ def _main(args) -> int:
 
     hw = hardware.select(args.device, args.precision, key="--device")
     res = predict(args.model, args.inputs, args.out, args.batch_size, operating_point=args.operating_point,
-                  threshold=args.threshold, hw=hw, allow_mismatch=args.allow_mismatch, workers=args.workers)
+                  threshold=args.threshold, hw=hw, allow_mismatch=args.allow_mismatch, workers=args.workers,
+                  name_files=args.name_files)
     print(f"medtl predict: {res['ok']} image(s) predicted, {res['error']} unreadable, {res['refused']} refused, "
           f"threshold {res['threshold']} ({res['threshold_source']}) -> {args.out}")
     if res["ok"] == 0:

@@ -248,6 +248,6 @@ def test_out_dash_writes_predictions_to_stdout(audited, offline):
                "--workers", "0"], env, audited.path)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0].startswith("path,image,status") and len(lines) == 2 and ",ok," in lines[1]
+    assert lines[0].startswith("path,file,sha256,image,status") and len(lines) == 2 and ",ok," in lines[1]
     assert "image(s) predicted" in res.stderr  # the summary goes to stderr, so stdout stays a CSV
     assert not (audited.path / "-").exists()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medtl import cli, demo
+from medtl import cli, demo, phi
 from medtl.imaging import model_input
 from medtl.model import load_classifier, model_preprocessing
 from medtl.operating_point import data_profile, operating_point_record
@@ -78,8 +79,11 @@ def run_cli(*args) -> int:
     return cli.main(["predict", *map(str, args)])
 
 
-def rows_of(path) -> dict[str, dict]:
-    return {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(open(path, newline=""))}
+def rows_of(path, folder=None) -> dict[str, dict]:
+    """Rows by file name: a file passed by name has it in `path`; one found in `folder`, as its ref in `file`."""
+    rows = list(csv.DictReader(open(path, newline="")))
+    refs = {phi.source_ref(f.relative_to(folder).as_posix()): f.name for f in folder.rglob("*")} if folder else {}
+    return {refs[r["file"]] if r["file"] else r["path"].rsplit("/", 1)[-1]: r for r in rows}
 
 
 def test_predict_folder_rows_probabilities_and_refusals(files, tmp_path, capsys):
@@ -87,7 +91,11 @@ def test_predict_folder_rows_probabilities_and_refusals(files, tmp_path, capsys)
     code = run_cli(files["model"], files["images"], "--out", out, "--operating-point", files["op"],
                    "--batch-size", 2, "--device", "cpu", "--precision", "fp32")
     assert code == 0
-    rows = rows_of(out)
+    rows = rows_of(out, files["images"])
+    assert {r["path"] for r in rows.values()} == {str(files["images"])}  # the folder as typed, not the files in it
+    for name, r in rows.items():
+        found = next(files["images"].rglob(name))
+        assert r["sha256"] == hashlib.sha256(found.read_bytes()).hexdigest()
     assert set(rows) == {"image0.dcm", "image1.dcm", "gray.png", "gray_as_rgb.png", "photo.jpg", "broken.png", "notes.txt"}
     status = {k: r["status"] for k, r in rows.items()}
     assert status == {"image0.dcm": "ok", "image1.dcm": "refused", "gray.png": "ok", "gray_as_rgb.png": "ok",
@@ -113,6 +121,35 @@ def test_predict_folder_rows_probabilities_and_refusals(files, tmp_path, capsys)
                    files["op"], "--allow-mismatch", "--threshold", "0.0", "--device", "cpu", "--precision", "fp32")
     assert code == 0
     assert all(r["status"] == "ok" and r["above_threshold"] == "true" for r in rows_of(out).values())
+
+
+def test_files_inside_a_folder_are_named_by_ref_and_sha256_never_by_their_identifying_paths(files, tmp_path, capsys):
+    export = tmp_path / "export"
+    patient = export / "DOE^JOHN_MRN12345"
+    patient.mkdir(parents=True)
+    (patient / "IM0001_MRN12345.dcm").write_bytes(files["dcm"][0].read_bytes())
+    (patient / "IM0002_MRN12345.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # unreadable: its error too
+    out = tmp_path / "p.csv"
+    assert run_cli(files["model"], export, "--out", out, "--operating-point", files["op"], "--device", "cpu",
+                   "--precision", "fp32") == 0
+    text = out.read_text()
+    assert "DOE" not in text and "MRN12345" not in text and "IM000" not in text, text
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert [r["status"] for r in rows] == ["ok", "error"] and all(r["path"] == str(export) for r in rows)
+    assert "public demo key" in capsys.readouterr().err  # the refs of this run could be recomputed by guessing
+
+    # Where the data lives, `medtl locate --folder` turns each ref back into its file.
+    assert cli.main(["locate", "--folder", str(export), *(r["file"] for r in rows), "f-0000000000000000"]) == 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"{rows[0]['file']}\t{patient / 'IM0001_MRN12345.dcm'}"
+    assert printed[1] == f"{rows[1]['file']}\t{patient / 'IM0002_MRN12345.png'}"
+    assert "f-0000000000000000: no file under" in printed[2]
+
+    # --name-files: the user asks for the paths inside the folder.
+    assert run_cli(files["model"], export, "--out", out, "--operating-point", files["op"], "--name-files",
+                   "--device", "cpu", "--precision", "fp32") == 0
+    assert [r["file"] for r in csv.DictReader(open(out, newline=""))] == [
+        "DOE^JOHN_MRN12345/IM0001_MRN12345.dcm", "DOE^JOHN_MRN12345/IM0002_MRN12345.png"]
 
 
 def test_predict_refuses_an_operating_point_of_another_model(files, tmp_path, capsys):

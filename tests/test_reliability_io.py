@@ -62,3 +62,22 @@ def test_temporaries_of_killed_writers_are_swept_and_live_ones_kept(tmp_path):
         (tmp / "train.npy").write_bytes(b"new")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == sorted(["report.json", "prepared", live.name, other.name])
+
+
+def test_atomic_outputs_get_the_permissions_a_plain_write_would_and_keys_stay_private(tmp_path):
+    from medtl.provenance.signing import keygen
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "report.md", "x")
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "a").write_text("a")
+        with open(tmp_path / "plain", "w") as f:
+            f.write("x")
+        private, public = keygen(tmp_path / "keys", passphrase=b"test passphrase")
+    finally:
+        os.umask(old)
+    # Shared with the team (and the DVC cache), as open()/mkdir() would make them: not mkstemp's 0600.
+    assert (tmp_path / "report.md").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert public.stat().st_mode & 0o777 == 0o644 and private.stat().st_mode & 0o777 == 0o600

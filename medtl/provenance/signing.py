@@ -98,8 +98,7 @@ def keygen(out_dir: str | Path, force: bool = False, passphrase: bytes | None = 
     key = Ed25519PrivateKey.generate()
     encryption = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
-    with atomic_path(private) as tmp:
-        os.chmod(tmp, 0o600)  # the private key must not be world-readable, even briefly
+    with atomic_path(private, mode=0o600) as tmp:  # the private key is never readable by others, even briefly
         tmp.write_bytes(pem)
     with atomic_path(public) as tmp:
         tmp.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
