@@ -128,6 +128,11 @@ def test_no_planted_identifier_reaches_any_output(tmp_path):
     predict = project.run(sys.executable, "-m", "medtl.cli", "predict", "models/model.pt", *map(str, chosen),
                           "--out", str(predicted), "--precision", "fp32", check=False)
     assert predict.returncode in (0, 1), predict.stderr  # 1: some refused (burned in, bad photometric)
+    # The whole export folder: the files inside it are named by ref and sha256, not by their identifying paths.
+    in_folder = tmp_path / "folder_predictions.csv"
+    folder_predict = project.run(sys.executable, "-m", "medtl.cli", "predict", "models/model.pt", str(pacs),
+                                 "--out", str(in_folder), "--precision", "fp32", check=False)
+    assert folder_predict.returncode == 0 and in_folder.read_text().count(",ok,") >= len(files) // 2, folder_predict.stderr
 
     report = (project.path / "data/ingested/report.json").read_text()
     assert '"burned_in_annotation": 1' in report and '"invalid_photometric": 1' in report
@@ -142,7 +147,9 @@ def test_no_planted_identifier_reaches_any_output(tmp_path):
         prediction_text = prediction_text.replace(str(f), "<passed path>")
     texts = {"dvc repro output": repro.stdout + repro.stderr, "medtl audit output": audit.stdout + audit.stderr,
              "medtl predict output": predict.stdout + predict.stderr.replace(str(chosen[-1]), "<passed path>"),
-             "predictions.csv": prediction_text}
+             "predictions.csv": prediction_text,
+             "medtl predict FOLDER output": (folder_predict.stdout + folder_predict.stderr).replace(str(pacs), "<passed path>"),
+             "folder predictions.csv": in_folder.read_text().replace(str(pacs), "<passed path>")}
     for f in chosen:
         texts["medtl predict output"] = texts["medtl predict output"].replace(str(f), "<passed path>")
     read, found = scan(outputs, texts, planted)
