@@ -181,6 +181,17 @@ def robust_range(values: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.
     return float(lo), float(hi)
 
 
+
+def frame_index(path: Path, frames: int, frame: str | int, unit: str = "frame") -> int:
+    """The 0-based frame (or TIFF page, `unit`) that `ReadOptions.frame` picks among `frames`."""
+    if frame == "first" or frames == 1:
+        return 0
+    if frame == "middle":
+        return frames // 2
+    if frame >= frames:
+        raise UnreadableImage("frame_out_of_range", f"{path}: {unit} {frame} requested but the file has {frames} {unit}s")
+    return int(frame)
+
 def check_size(path: Path, height: int, width: int, options: ReadOptions) -> None:
     """Refuse images that are too large to allocate safely or too small to be a real image."""
     if height * width > options.max_pixels:

@@ -17,7 +17,7 @@ from pydicom.uid import JPEGExtended12Bit as JPEG_EXTENDED, ExplicitVRBigEndian,
 
 from medtl.errors import UnreadableImage
 from medtl.phi import PHOTOMETRIC_VALUES, LibraryWarning, age_in_years, error_kind, warning_kind
-from medtl.readers import Decoded, ReadOptions, apply_window, check_finite, check_size, rescale_to_unit
+from medtl.readers import Decoded, ReadOptions, apply_window, check_finite, check_size, frame_index, rescale_to_unit
 
 __all__ = ["is_dicom", "read", "apply_window", "IDENTITY_KEYWORDS"]
 
@@ -75,7 +75,7 @@ def _read(path: Path, options: ReadOptions) -> Decoded:
     if stated and stated not in PHOTOMETRIC_VALUES:  # the value itself is never repeated: it may be free text
         raise UnreadableImage("invalid_photometric", f"{path}: PhotometricInterpretation is not a defined DICOM term")
     frames = _number_of_frames(ds)
-    index = _frame_index(path, frames, options.frame)
+    index = frame_index(path, frames, options.frame)
 
     try:
         arr, photometric = _decode(path, ds, index)
@@ -147,15 +147,6 @@ def _number_of_frames(ds: pydicom.Dataset) -> int:
     except (TypeError, ValueError):
         return 1
 
-
-def _frame_index(path: Path, frames: int, frame: str | int) -> int:
-    if frame == "first" or frames == 1:
-        return 0
-    if frame == "middle":
-        return frames // 2
-    if frame >= frames:
-        raise UnreadableImage("frame_out_of_range", f"{path}: frame {frame} requested but the file has {frames} frames")
-    return int(frame)
 
 
 def _decode(path: Path, ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, str]:

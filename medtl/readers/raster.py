@@ -16,7 +16,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medtl.errors import UnreadableImage
 from medtl.phi import error_kind
-from medtl.readers import METADATA_FIELDS, Decoded, ReadOptions, check_finite, check_size, rescale_to_unit, robust_range
+from medtl.readers import (
+    METADATA_FIELDS, Decoded, ReadOptions, check_finite, check_size, frame_index, rescale_to_unit, robust_range,
+)
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff"}
 FORMATS = {"PNG", "JPEG", "MPO", "BMP", "DIB", "TIFF"}  # MPO: JPEG from cameras with a preview frame
@@ -58,7 +60,7 @@ def read(path: Path, options: ReadOptions) -> Decoded:
             width, height = im.size
             check_size(path, height, width, options)
             frames = int(getattr(im, "n_frames", 1) or 1)
-            index = _frame_index(path, frames, options.frame)
+            index = frame_index(path, frames, options.frame, "page")
             try:
                 if index:
                     im.seek(index)
@@ -87,15 +89,6 @@ def _failure_reason(e: Exception) -> str:
         return "unsupported_format"
     return "corrupt_image"
 
-
-def _frame_index(path: Path, frames: int, frame: str | int) -> int:
-    if frame == "first" or frames == 1:
-        return 0
-    if frame == "middle":
-        return frames // 2
-    if frame >= frames:
-        raise UnreadableImage("frame_out_of_range", f"{path}: page {frame} requested but the file has {frames} pages")
-    return int(frame)
 
 
 def _to_unit(path: Path, im: Image.Image) -> np.ndarray:
