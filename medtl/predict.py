@@ -207,7 +207,7 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
         decode_one = functools.partial(_decode_file, pre=pre, op=op, allow_mismatch=allow_mismatch)
         for file, digest, result in tqdm(_decoded(files, decode_one, workers), total=len(files), desc="predict",
                                          unit="file"):
-            named = [file.given if file.relative else str(file.path), file.name(name_files), digest]
+            named = [file.given, file.name(name_files), digest]
             if isinstance(result, str):
                 flush(writer)
                 writer.writerow(row([*named, ""], "error", result))
