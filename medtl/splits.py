@@ -165,6 +165,7 @@ def link_copies(groups: np.ndarray, key_columns: list[np.ndarray], fixed: np.nda
     fixed_groups, first = np.unique(groups[coded], return_index=True)
     split_of[fixed_groups] = fixed[coded[first]]  # a group's first fixed split
     shared = _shared_keys(key_columns)
+    rows = np.flatnonzero(holds_copy(key_columns))
 
     def root(g: int) -> int:
         while parent[g] != g:
@@ -173,7 +174,6 @@ def link_copies(groups: np.ndarray, key_columns: list[np.ndarray], fixed: np.nda
         return g
 
     holders: dict[int, list[int]] = {}  # shared key -> groups holding it, in the order first seen
-    rows = np.flatnonzero(np.any([shared[c] for c in key_columns], axis=0)) if key_columns else []
     for i in rows:
         g = int(groups[i])
         for column in key_columns:
@@ -194,6 +194,14 @@ def link_copies(groups: np.ndarray, key_columns: list[np.ndarray], fixed: np.nda
             if g not in held:
                 held.append(g)
     return _roots(parent)[groups]
+
+
+def holds_copy(key_columns: list[np.ndarray]) -> np.ndarray:
+    """Per image: True where another image holds one of its keys."""
+    if not key_columns:
+        return np.zeros(0, dtype=bool)
+    shared = _shared_keys(key_columns)
+    return np.any([shared[c] for c in key_columns], axis=0)
 
 
 def _shared_keys(key_columns: list[np.ndarray]) -> np.ndarray:

@@ -58,8 +58,10 @@ def open_source(params, workdir: Path) -> Source:
             elif found is not None:
                 labels.take(found)  # a broken link that a label row names: quarantined once, as the link
             yield item
-        if p.key == "path":
-            yield from labels.unmatched()
+        if p.key == "path":  # every row has met its file or not: the table is no longer needed
+            missing = labels.unmatched()
+            labels.clear()
+            yield from missing
 
     def resolve(item: SourceItem, identity: dict) -> Resolved:
         group = identity.get(p.group) or None
@@ -154,6 +156,9 @@ class LabelRows:
         """Row i's label and line, the row now matched to a file."""
         self.used[i] = True
         return self.names[self.labels[i]], int(self.lines[i])
+
+    def clear(self) -> None:
+        self.keys, self.labels, self.lines, self.used = (a[:0].copy() for a in (self.keys, self.labels, self.lines, self.used))
 
     def unmatched(self) -> list[SourceItem]:
         """A quarantine item for every label row that matched no file, named by its line (not its key)."""
