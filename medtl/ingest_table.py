@@ -77,7 +77,7 @@ class Columns:
         return Columns(**{f.name: getattr(self, f.name)[keep] for f in fields(self)})
 
 
-def _ids(digests: np.ndarray) -> tuple[int, np.ndarray]:
+def digest_ids(digests: np.ndarray) -> tuple[int, np.ndarray]:
     """How many distinct digests, and each one's id (int32) among them.
 
     An indirect sort and a comparison of neighbours a block at a time, rather
@@ -130,13 +130,13 @@ class ImageTable:
         has_file = np.frombuffer(self._has_file, dtype=np.int8).astype(bool)
         file_digests = np.frombuffer(self._file, f"S{DIGEST}")
         if has_file.all():  # the usual case: no copy of the digests
-            files, file_key = _ids(file_digests)
+            files, file_key = digest_ids(file_digests)
         else:
             file_key = np.full(n, -1, dtype=np.int32)
-            files, file_key[has_file] = _ids(file_digests[has_file])
+            files, file_key[has_file] = digest_ids(file_digests[has_file])
         del file_digests
         self._file = bytearray()  # the ids say all the split needs of the digests
-        pixels, pixel_key = _ids(np.frombuffer(self._pixels, f"S{DIGEST}"))
+        pixels, pixel_key = digest_ids(np.frombuffer(self._pixels, f"S{DIGEST}"))
         self._pixels = bytearray()
         return Columns(
             row=np.arange(n, dtype=np.int32), item=np.frombuffer(self._item, np.int32),
