@@ -95,6 +95,8 @@ def digest_ids(digests: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 class ImageTable:
+    """Decoded images as appended by the decode loop: columns in memory, manifest fields in the spill."""
+
     def __init__(self, folder: Path):
         # Unnamed where the system allows: nothing is left behind, whatever happens to the process.
         self._spill = tempfile.TemporaryFile("w+", encoding="utf-8", newline="\n", dir=folder, prefix=".ingest-",
@@ -109,7 +111,8 @@ class ImageTable:
 
     def append(self, item: int, label: str, group: str, kind: str, fixed: str | None, file_digest: bytes | None,
                pixel_digest: bytes, record: Record) -> None:
-        if not group.startswith(PSEUDONYM_PREFIX) or len(group) != len(PSEUDONYM_PREFIX) + 16 or len(pixel_digest) != DIGEST:
+        if not (group.startswith(PSEUDONYM_PREFIX) and len(group) == len(PSEUDONYM_PREFIX) + 16
+                and len(pixel_digest) == DIGEST):
             raise ValueError("a group must be a pseudonym and a pixel hash a sha256 digest")
         self._item.append(item)
         self._label.append(self.labels(label))
@@ -132,11 +135,12 @@ class ImageTable:
         if has_file.all():  # the usual case: no copy of the digests
             files, file_key = digest_ids(file_digests)
         else:
+            files, ids = digest_ids(file_digests[has_file])
             file_key = np.full(n, -1, dtype=np.int32)
-            files, file_key[has_file] = digest_ids(file_digests[has_file])
+            file_key[has_file] = ids
         del file_digests
         self._file = bytearray()  # the ids say all the split needs of the digests
-        pixels, pixel_key = digest_ids(np.frombuffer(self._pixels, f"S{DIGEST}"))
+        _, pixel_key = digest_ids(np.frombuffer(self._pixels, f"S{DIGEST}"))
         self._pixels = bytearray()
         return Columns(
             row=np.arange(n, dtype=np.int32), item=np.frombuffer(self._item, np.int32),
@@ -152,19 +156,17 @@ class ImageTable:
 
     def records(self, rows: Iterable[int] | None = None) -> Iterator[tuple[int, Record]]:
         """(row, record) for the given rows (ascending), or every row, read back from the spill in order."""
-        wanted = None if rows is None else iter(rows)
-        want = -1 if wanted is None else next(wanted, None)
-        if want is None:
-            return
         self._spill.seek(0)
-        for row, line in enumerate(self._spill):
-            if wanted is not None and row != want:
-                continue
-            yield row, Record(*json.loads(line))
-            if wanted is not None:
-                want = next(wanted, None)
-                if want is None:
-                    return
+        lines = enumerate(self._spill)
+        if rows is None:
+            for row, line in lines:
+                yield row, Record(*json.loads(line))
+            return
+        for wanted in rows:
+            for row, line in lines:
+                if row == wanted:
+                    yield row, Record(*json.loads(line))
+                    break
 
     def lookup(self, rows: Iterable[int]) -> dict[int, Record]:
         """The records of a few rows (copies, conflicts) by row."""
