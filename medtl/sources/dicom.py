@@ -19,7 +19,6 @@ from typing import Iterator, Literal
 import numpy as np
 
 from medtl.errors import MedtlError
-from medtl.ingest_table import Codes
 from medtl.sources import Resolved, Source, SourceItem, entry_item, existing_dir, existing_file, inside_root, walk_files
 from medtl.sources.csv import column, iter_table
 
@@ -101,7 +100,8 @@ class LabelRows:
         header, rows = iter_table(path, "ingest.dicom.labels")
         key_col = column(header, p.key_column or p.key, None, "ingest.dicom.key_column", path)
         label_col = column(header, p.label_column, None, "ingest.dicom.label_column", path)
-        names, keys, labels, lines = Codes(), [], array("i"), array("i")
+        names: dict[str, int] = {}  # label -> code, in the order first seen
+        keys, labels, lines = [], array("i"), array("i")
         problem = None  # a bad row ends the reading; a repeated key with another label on an earlier line wins
         n = 1
         for n, row in enumerate(rows, start=2):
@@ -116,10 +116,10 @@ class LabelRows:
                     problem = e
                     break
             keys.append(value.encode("utf-8"))
-            labels.append(names(row[label_col]))
+            labels.append(names.setdefault(row[label_col], len(names)))
             lines.append(n)
         table = cls._unique(np.array(keys, dtype=bytes), np.frombuffer(labels, np.int32), np.frombuffer(lines, np.int32),
-                            names.values, path, p)
+                            list(names), path, p)
         if problem:
             raise problem
         table.rows = n - 1
