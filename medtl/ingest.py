@@ -12,13 +12,14 @@ values) are counted by kind in the report instead of reaching the log.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import multiprocessing
 import os
 import sys
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +30,7 @@ from tqdm import tqdm
 from medtl import phi
 from medtl import splits as splitting
 from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.ingest_table import Columns, ImageTable, Record
 from medtl.io import sha256_file, write_json
 from medtl.manifest import ManifestRow, write_manifest
 from medtl.params import require
@@ -237,40 +239,36 @@ class QuarantineEntry:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-@dataclass(slots=True)
-class IngestedImage:
-    """One decoded image before splitting: what becomes a manifest row.
-
-    Every image of the source is held until the split is drawn, so it is kept
-    compact: slots, a binary pixel hash, and repeated strings shared.
-    """
-
-    item_no: int  # which source item (file) it came from
-    source_ref: str
-    sha256: str
-    label: str
-    group: str  # pseudonym
-    group_kind: str
-    fixed_split: str | None
-    height: int
-    width: int
-    channels: int
-    offset: int
-    metadata: dict[str, str]
-    pixel_hash: bytes  # sha256 digest; only ever compared
-    file_key: str | None  # the file's sha256, for files (array items share their container's)
-    index: str | None
-
-
 def run_ingest(params: IngestParams, out_dir: Path) -> dict:
     """Write manifest.csv, pixels.u16 and report.json into out_dir (a fresh folder); return the report."""
     check_pseudonym_key(params)
-    source = open_source(params, out_dir)
+    _fixed_mmap_threshold()
+    # Workers fork before the source is enumerated, so they inherit none of it (fork copies the parent's memory).
+    pool = multiprocessing.get_context("fork").Pool(params.workers) if params.workers > 1 else None
     try:
-        return _ingest(params, source, out_dir)
+        source = open_source(params, out_dir)
+        try:
+            return _ingest(params, source, out_dir, pool)
+        finally:
+            if source.cleanup:
+                source.cleanup()
     finally:
-        if source.cleanup:
-            source.cleanup()
+        if pool:
+            pool.terminate()
+
+
+def _fixed_mmap_threshold(size: int = 128 * 1024) -> None:
+    """Keep blocks over `size` in their own memory mappings, returned whole when freed (glibc only).
+
+    glibc raises this threshold each time a larger mapped block is freed; from
+    then on the images arriving from the workers are carved from the heap
+    between longer-lived blocks, and the heap grows with the run (some 6 MB
+    more at 50k images than at 10k). Setting it turns the raising off.
+    """
+    try:
+        ctypes.CDLL(None).mallopt(-3, size)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def check_pseudonym_key(params: IngestParams) -> None:
@@ -297,7 +295,7 @@ def _label_problem(label: str, classes: list[str]) -> tuple[str, str] | None:
 class _Run:
     """What the decode loop gathers."""
 
-    images: list[IngestedImage] = field(default_factory=list)
+    images: ImageTable
     quarantined: list[QuarantineEntry] = field(default_factory=list)
     seen: int = 0
     decoded: int = 0
@@ -309,7 +307,7 @@ class _Run:
                                                 item.line, item.index))
 
 
-def _ingest(params: IngestParams, source: Source, out_dir: Path) -> dict:
+def _ingest(params: IngestParams, source: Source, out_dir: Path, pool) -> dict:
     options = params.read_options()
     classes = list(params.classes) or list(source.classes)
     extra_columns = sorted(set(params.csv.metadata)) if params.source == "csv" else []
@@ -324,23 +322,22 @@ def _ingest(params: IngestParams, source: Source, out_dir: Path) -> dict:
                     item.problem, item.detail = problem
             yield item, options
 
-    total = source.count if source.count is not None else len(source.items)
-    run = _Run()
-    writer = PixelStoreWriter(out_dir / "pixels.u16")
-    ctx = multiprocessing.get_context("fork")
-    pool = ctx.Pool(params.workers) if params.workers > 1 and total > 1 else None
-    results = pool.imap(_decode, jobs(), chunksize=8) if pool else map(_decode, jobs())
+    total = source.count if source.count is not None else len(source.items) if isinstance(source.items, list) else None
+    run = _Run(ImageTable(out_dir))
     try:
-        for res in tqdm(results, total=total, desc="ingest", unit="file", leave=False, mininterval=1.0):
-            _take(res, run, source, classes, params, extra_columns, allowed, writer)
+        writer = PixelStoreWriter(out_dir / "pixels.u16")
+        results = pool.imap(_decode, jobs(), chunksize=8) if pool else map(_decode, jobs())
+        try:
+            for res in tqdm(results, total=total, desc="ingest", unit="file", leave=False, mininterval=1.0):
+                _take(res, run, source, classes, params, extra_columns, allowed, writer)
+        finally:
+            writer.close()
+        for item in source.unmatched() if source.unmatched else []:
+            run.seen += 1
+            run.quarantine(item, item.problem or "missing_file", item.detail)
+        return _finish(params, source, classes, run, allowed, out_dir)
     finally:
-        writer.close()
-        if pool:
-            pool.terminate()
-    for item in source.unmatched() if source.unmatched else []:
-        run.seen += 1
-        run.quarantine(item, item.problem or "missing_file", item.detail)
-    return _finish(params, source, classes, run, extra_columns, allowed, out_dir)
+        run.images.close()
 
 
 def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], params: IngestParams,
@@ -377,22 +374,13 @@ def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], para
         group, group_kind = "image:" + item.ref_key, "image"
     run.decoded += 1
     ref = phi.source_ref(item.ref_key)
-    pseudonym = _shared(phi.pseudonymise(group))  # one string per patient, not per image
+    pseudonym = phi.pseudonymise(group)
+    file_digest = bytes.fromhex(res.sha256) if item.pixels is None else None  # array items share their container's
     for image in res.images:
         offset, h, w, c = writer.append(image.pixels)
         metadata = phi.filter_metadata({**image.metadata, **item.extra}, sorted(set(extra_columns) | set(item.extra)), allowed)
-        metadata = {_shared(k): _shared(v) for k, v in metadata.items()}  # values repeat across images
-        run.images.append(IngestedImage(
-            item_no=run.seen, source_ref=ref, sha256=res.sha256, label=_shared(label), group=pseudonym,
-            group_kind=group_kind,
-            fixed_split=item.split, height=h, width=w, channels=c, offset=offset, metadata=metadata,
-            pixel_hash=image.pixel_hash, file_key=res.sha256 if item.pixels is None else None, index=item.index,
-        ))
-
-
-def _shared(text: str) -> str:
-    """One string object for equal strings (labels, pseudonyms, metadata values), held once for all images."""
-    return sys.intern(text) if type(text) is str else text
+        run.images.append(run.seen, label, pseudonym, group_kind, item.split, file_digest, image.pixel_hash,
+                          Record(ref, res.sha256, h, w, c, offset, metadata, item.index))
 
 
 def _offenders(quarantined: list[QuarantineEntry], n: int = 5) -> str:
@@ -400,13 +388,14 @@ def _offenders(quarantined: list[QuarantineEntry], n: int = 5) -> str:
         " (`medtl locate REF` shows the file)"
 
 
-def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run, extra_columns: list[str],
-            allowed: list[str], out_dir: Path) -> dict:
-    conflicts = _label_conflicts(run, params)
-    images = run.images
+def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run, allowed: list[str],
+            out_dir: Path) -> dict:
+    table = run.images
+    images = table.columns()
+    conflicts, images = _label_conflicts(run, images, params)
     seen = run.seen
     assert seen == run.decoded + len(run.quarantined)
-    if not images:
+    if not len(images):
         raise MedtlError(f"ingest found no usable image among {seen} file(s) of source {params.source}; "
                          f"first problems: {_offenders(run.quarantined)}")
     fraction = len(run.quarantined) / max(seen, 1)
@@ -417,27 +406,28 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
             f"ingest quarantined {len(run.quarantined)} of {seen} files ({fraction:.1%}: {listed}), more than "
             f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}; first offenders: {_offenders(run.quarantined)}"
         )
-    classes = classes or sorted({r.label for r in images})
-    present = {r.label for r in images}
+    label_names = table.labels.values
+    present = {label_names[c] for c in np.unique(images.label)}
+    classes = classes or sorted(present)
     empty = [c for c in classes if c not in present]
     if empty:
         raise MedtlError(f"class(es) {', '.join(empty)} have no usable image; remove them from ingest.classes "
                          "or add images for them")
-    _check_fixed_splits(images)
-    fixed = [r.fixed_split for r in images]
-    split_groups = splitting.link_duplicates([r.group for r in images],
-                                             [[k for k in (r.file_key, r.pixel_hash) if k] for r in images], fixed)
-    split = splitting.assign_splits(split_groups, [r.label for r in images], asdict(params.split), params.seed, fixed)
-    unique = [r.file_key or f"row{i}" for i, r in enumerate(images)]  # array items share their container's hash
-    duplicates = splitting.find_duplicates(unique, split, "file")
-    same_file = {d.row for d in duplicates}
-    duplicates += [d for d in splitting.find_duplicates([r.pixel_hash for r in images], split, "pixels")
-                   if d.row not in same_file]
+    pseudonyms, group = np.unique(images.group, return_inverse=True)  # codes in the order of the pseudonyms
+    _check_fixed_splits(table, images, group)
+    sorted_labels = sorted(label_names)
+    label = np.array([sorted_labels.index(n) for n in label_names], dtype=np.int64)[images.label]
+    keys = [images.file_key, images.pixel_key]
+    split_groups = splitting.link_copies(group, keys, images.fixed)
+    split = splitting.assign_split_codes(split_groups, label, sorted_labels, asdict(params.split), params.seed,
+                                         images.fixed)
+    duplicates = _duplicates(images, split)
     cross = [d for d in duplicates if d.cross_split]
+    named_rows = table.lookup(images.row[i] for d in duplicates for i in (d.row, d.duplicate_of))
 
     def named(i: int) -> dict:
-        r = images[i]
-        return {"source_ref": r.source_ref, "split": split[i], **({"index": r.index} if r.index else {})}
+        r = named_rows[images.row[i]]
+        return {"source_ref": r.source_ref, "split": splitting.SPLITS[split[i]], **({"index": r.index} if r.index else {})}
 
     if cross and params.duplicates == "fail":
         listed = "; ".join(f"{named(d.row)} = {named(d.duplicate_of)}" for d in cross[:5])
@@ -446,26 +436,28 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
             "from the source (`medtl locate REF` shows the files), or set ingest.duplicates to drop to remove them "
             "from the later split"
         )
-    dropped = {d.row for d in cross}
     dup_report = [
         {"image": named(d.row), "duplicate_of": named(d.duplicate_of), "kind": d.kind,
          "action": "removed" if d.cross_split else "kept (same split)"}
         for d in sorted(duplicates, key=lambda d: d.row)
     ]
-    kept = [i for i in range(len(images)) if i not in dropped]
+    del named_rows
+    kept = np.ones(len(images), dtype=bool)
+    kept[[d.row for d in cross]] = False
+    kept_rows = np.flatnonzero(kept)
 
-    def manifest_rows():  # made one at a time as the manifest is written
-        for n, i in enumerate(kept):
-            r = images[i]
+    def manifest_rows():  # made one at a time as the manifest is written, from the spilled records
+        for n, (i, (_, r)) in enumerate(zip(kept_rows, table.records(images.row[kept_rows]))):
             yield ManifestRow(
-                image_id=f"img{n:06d}", source_ref=r.source_ref, sha256=r.sha256, label=r.label, group=r.group,
-                split=split[i], height=r.height, width=r.width, channels=r.channels, offset=r.offset,
-                modality=r.metadata.get("modality", ""), metadata=r.metadata,
+                image_id=f"img{n:06d}", source_ref=r.source_ref, sha256=r.sha256, label=label_names[images.label[i]],
+                group=table.pseudonym(pseudonyms[group[i]]), split=splitting.SPLITS[split[i]], height=r.height,
+                width=r.width, channels=r.channels, offset=r.offset, modality=r.metadata.get("modality", ""),
+                metadata=r.metadata,
             )
 
-    metadata_keys = {k for i in kept for k in images[i].metadata}
+    metadata_keys = {k for c in np.unique(images.keyset[kept]) for k in table.keysets.values[c]}
     write_manifest(manifest_rows(), out_dir / "manifest.csv", metadata_keys)
-    kept_kinds = [images[i].group_kind for i in kept]
+    kept_kinds = [table.kinds.values[c] for c in images.kind[kept]]
     metadata_columns = sorted(metadata_keys | {"modality"})
     report = {
         "source": source.description,
@@ -476,8 +468,8 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         "files_decoded": run.decoded,
         "quarantined": len(run.quarantined),
         "images_decoded": len(images),
-        "duplicates_removed": len(dropped),
-        "images": len(kept),
+        "duplicates_removed": len(cross),
+        "images": len(kept_rows),
         "quarantine_reasons": dict(sorted({**{r: 0 for r in COUNTED_REASONS}, **reasons}.items())),
         "grouping": grouping(kept_kinds, params.group_rule()),
         "pseudonym_key": phi.key_kind(),
@@ -487,19 +479,38 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
                                  "kept": run.burned_in_kept},
         "label_conflicts": conflicts,
         "decode_warnings": dict(sorted(run.warnings.items())),
-        "counts": {
-            s: {
-                "images": sum(split[i] == s for i in kept),
-                "groups": len({images[i].group for i in kept if split[i] == s}),
-                "per_class": {c: sum(split[i] == s and images[i].label == c for i in kept) for c in classes},
-            }
-            for s in splitting.SPLITS
-        },
+        "counts": _counts(classes, label_names, images.label[kept], group[kept], split[kept]),
         "quarantine": [q.to_json() for q in run.quarantined],
         "duplicates": dup_report,
     }
     write_json(out_dir / "report.json", report)
     return report
+
+
+def _duplicates(images: Columns, split: np.ndarray) -> list[splitting.Duplicate]:
+    """Copies of an earlier image: the same file first, then the same pixels in another file."""
+    duplicates = []
+    for kind, keys in (("file", images.file_key), ("pixels", images.pixel_key)):
+        rows, copy_of = splitting.find_copies(keys, split)
+        duplicates += [splitting.Duplicate(int(i), int(j), kind, bool(split[i] != split[j]))
+                       for i, j in zip(rows, copy_of)]
+    same_file = {d.row for d in duplicates if d.kind == "file"}
+    return [d for d in duplicates if d.kind == "file" or d.row not in same_file]
+
+
+def _counts(classes: list[str], label_names: list[str], label: np.ndarray, group: np.ndarray,
+            split: np.ndarray) -> dict:
+    """Images, groups and images per class in each split (of the kept images)."""
+    code = {name: c for c, name in enumerate(label_names)}
+    counts = {}
+    for s, name in enumerate(splitting.SPLITS):
+        here = split == s
+        counts[name] = {
+            "images": int(here.sum()),
+            "groups": len(np.unique(group[here])),
+            "per_class": {c: int((here & (label == code.get(c, -1))).sum()) for c in classes},
+        }
+    return counts
 
 
 def grouping(kinds: list[str], rule: str | None) -> dict:
@@ -512,37 +523,30 @@ def grouping(kinds: list[str], rule: str | None) -> dict:
     return {"kind": kind, "rule": rule, "images_by_kind": dict(sorted(counts.items()))}
 
 
-def _label_conflicts(run: _Run, params: IngestParams) -> list[dict]:
-    """Identical pixels (or the same file) under different labels: reported, and by default every copy quarantined."""
-    images = run.images
-    parent = list(range(len(images)))
+def _label_conflicts(run: _Run, images: Columns, params: IngestParams) -> tuple[list[dict], Columns]:
+    """Identical pixels (or the same file) under different labels: reported, and by default every copy quarantined.
 
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[str, int] = {}
-    for i, r in enumerate(images):
-        for k in (r.file_key, r.pixel_hash):
-            if k:
-                j = first.setdefault(k, i)
-                a, b = root(i), root(j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    members: dict[int, list[int]] = defaultdict(list)
-    for i in range(len(images)):
-        members[root(i)].append(i)
-    conflicts = [m for m in members.values() if len({images[i].label for i in m}) > 1]
+    Returns the report's entries and the images left.
+    """
+    keys = [images.file_key, images.pixel_key]
+    copied = np.flatnonzero(splitting.holds_copy(keys))  # an image without a copy cannot conflict
+    copies = splitting.link_copies(np.arange(len(copied)), [k[copied] for k in keys],
+                                   np.full(len(copied), splitting.NO_SPLIT, dtype=np.int8))
+    conflicts = [copied[m].tolist() for m in _mixed_labels(copies, images.label[copied])]
     if not conflicts:
-        return []
+        return [], images
+    table = run.images
+    label_names = table.labels.values
+    records = table.lookup(images.row[i] for m in conflicts for i in m)
 
     def entry(i: int) -> dict:
-        r = images[i]
-        return {"source_ref": r.source_ref, "label": r.label, **({"index": r.index} if r.index else {})}
+        r = records[images.row[i]]
+        return {"source_ref": r.source_ref, "label": label_names[images.label[i]], **({"index": r.index} if r.index else {})}
 
-    listed = [{"images": [entry(i) for i in m], "labels": sorted({images[i].label for i in m}),
+    def labels(m: list[int]) -> set[str]:
+        return {label_names[images.label[i]] for i in m}
+
+    listed = [{"images": [entry(i) for i in m], "labels": sorted(labels(m)),
                "action": {"quarantine": "quarantined", "keep": "kept", "fail": "failed"}[params.label_conflicts]}
               for m in conflicts]
     print(f"ingest: warning: {len(conflicts)} label conflict(s): identical images carry different labels "
@@ -554,27 +558,43 @@ def _label_conflicts(run: _Run, params: IngestParams) -> list[dict]:
                          f"(ingest.label_conflicts=fail): {shown}; fix the labels (`medtl locate REF` shows the files), "
                          "or set ingest.label_conflicts to quarantine or keep")
     if params.label_conflicts == "quarantine":
-        bad_items = {images[i].item_no for m in conflicts for i in m}
-        for no in sorted(bad_items):
-            r = next(x for x in images if x.item_no == no)
-            labels = sorted({images[i].label for m in conflicts if any(images[i].item_no == no for i in m) for i in m})
-            run.quarantined.append(QuarantineEntry(
-                r.source_ref, "label_conflict", f"identical pixels are labelled {' and '.join(labels)}", None, r.index))
+        labels_of_item: dict[int, set[str]] = {}  # a file is quarantined once, with every label its copies carry
+        for m in conflicts:
+            for no in {int(images.item[i]) for i in m}:
+                labels_of_item.setdefault(no, set()).update(labels(m))
+        bad_items = sorted(labels_of_item)
+        items, first = np.unique(images.item, return_index=True)
+        rows = images.row[first[np.searchsorted(items, bad_items)]]  # any image of a file names it: same ref and index
+        for no, (_, r) in zip(bad_items, table.records(rows)):
+            shown = " and ".join(sorted(labels_of_item[no]))
+            run.quarantined.append(QuarantineEntry(r.source_ref, "label_conflict",
+                                                   f"identical pixels are labelled {shown}", None, r.index))
         run.decoded -= len(bad_items)
-        run.images = [r for r in images if r.item_no not in bad_items]
-    return listed
+        images = images.take(~np.isin(images.item, bad_items))
+    return listed, images
 
 
-def _check_fixed_splits(images: list[IngestedImage]) -> None:
+def _mixed_labels(copies: np.ndarray, label: np.ndarray) -> list[np.ndarray]:
+    """Sets of copies (images with the same copy id) that carry more than one label, each in image order."""
+    if not len(copies):
+        return []
+    n_labels = int(label.max()) + 1
+    pairs = np.unique(copies.astype(np.int64) * n_labels + label)
+    ids, labels_each = np.unique(pairs // n_labels, return_counts=True)
+    return [np.flatnonzero(copies == c) for c in ids[labels_each > 1]]
+
+
+def _check_fixed_splits(table: ImageTable, images: Columns, group: np.ndarray) -> None:
     """A source whose own split puts one patient in two splits leaks; say which files."""
-    seen: dict[str, tuple[str, str]] = {}
-    for r in images:
-        if r.fixed_split is None:
-            continue
-        s, ref = seen.setdefault(r.group, (r.fixed_split, r.source_ref))
-        if s != r.fixed_split:
-            raise MedtlError(
-                f"the source puts one group (patient) in two splits: file {ref} is in '{s}' and file {r.source_ref} in "
-                f"'{r.fixed_split}' (`medtl locate REF` shows the files); a patient's images must share a split, so fix "
-                "the split column (or leave it empty for these rows and let ingest choose)"
-            )
+    clash = splitting.first_disagreement(group, images.fixed)
+    if clash is None:
+        return
+    i, j = clash
+    refs = table.lookup([images.row[i], images.row[j]])
+    ref, other = refs[images.row[j]].source_ref, refs[images.row[i]].source_ref
+    s, t = splitting.SPLITS[images.fixed[j]], splitting.SPLITS[images.fixed[i]]
+    raise MedtlError(
+        f"the source puts one group (patient) in two splits: file {ref} is in '{s}' and file {other} in "
+        f"'{t}' (`medtl locate REF` shows the files); a patient's images must share a split, so fix "
+        "the split column (or leave it empty for these rows and let ingest choose)"
+    )

@@ -184,6 +184,18 @@ def test_dicom_labels_by_path(tmp_path):
     assert "notes.txt" not in items(only)
 
 
+def test_dicom_label_rows_repeated_or_contradicting(tmp_path):
+    root = dicom_tree(tmp_path)
+    labels = write_csv(tmp_path / "labels.csv", "path,label\ns1/MR_small.dcm,b\ns1/CT_small.dcm,a\ns1/CT_small.dcm,a\n")
+    src = open_source(params(source="dicom", dicom={"root": str(root), "labels": str(labels)}), tmp_path)
+    got = items(src)  # a repeated row is one row
+    assert (got["s1/CT_small.dcm"].label, got["s1/CT_small.dcm"].line) == ("a", 3)
+    assert got["s2/rtplan.dcm"].problem == "no_label" and src.description["files"] == 4
+    write_csv(labels, "path,label\ns1/CT_small.dcm,a\ns1/MR_small.dcm,b\ns1/MR_small.dcm,c\ns1/CT_small.dcm,b\n")
+    with pytest.raises(MedtlError, match=r"lines 3 and 4 give the same file two labels \('b' and 'c'\)"):
+        open_source(params(source="dicom", dicom={"root": str(root), "labels": str(labels)}), tmp_path)
+
+
 def test_dicom_labels_by_uid_are_resolved_from_headers(tmp_path):
     root = dicom_tree(tmp_path)
     ct = pydicom.dcmread(root / "s1" / "CT_small.dcm")

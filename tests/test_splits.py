@@ -1,11 +1,14 @@
 """Group-aware stratified splits, splits fixed by a source, and duplicates linked before splitting."""
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 
+import numpy as np
 import pytest
 
 from medtl.errors import MedtlError
+from medtl.ingest_table import digest_ids
 from medtl.splits import Duplicate, assign_splits, find_duplicates, link_duplicates
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
@@ -64,3 +67,61 @@ def test_duplicates_merge_groups_unless_fixed_apart():
 def test_find_duplicates_flags_the_later_split():
     dups = find_duplicates(["h", "h", "k"], ["test", "train", "train"], "file")
     assert dups == [Duplicate(row=0, duplicate_of=1, kind="file", cross_split=True)]
+
+
+def reference_link(groups, keys, fixed):
+    """Duplicate linking written plainly: a dict union-find over group names, merging toward the smaller name."""
+    parent = {g: g for g in groups}
+    split_of = {}
+    for g, s in zip(groups, fixed):
+        if s is not None:
+            split_of.setdefault(g, s)
+
+    def root(g):
+        while parent[g] != g:
+            g = parent[g]
+        return g
+
+    holders = defaultdict(list)
+    for g, ks in zip(groups, keys):
+        for k in ks:
+            for other in holders[k]:
+                a, b = sorted((root(g), root(other)))
+                sa, sb = split_of.get(a), split_of.get(b)
+                if a == b or (sa and sb and sa != sb):
+                    continue
+                parent[b], split_of[a] = a, sa or sb
+            if g not in holders[k]:
+                holders[k].append(g)
+    return [root(g) for g in groups]
+
+
+def reference_duplicates(keys, splits, kind):
+    first, dups = {}, []
+    for i in sorted(range(len(keys)), key=lambda i: (("train", "val", "test").index(splits[i]), i)):
+        j = first.setdefault(keys[i], i)
+        if j != i:
+            dups.append(Duplicate(i, j, kind, splits[i] != splits[j]))
+    return dups
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_array_linking_and_duplicates_match_a_plain_reference(seed):
+    """Copies found through file and pixel digests, some images without a file digest, some splits fixed."""
+    rng = random.Random(seed)
+    n = rng.randint(2, 40)
+    groups = [f"g{rng.randint(0, n // 2)}" for _ in range(n)]
+    fixed_of = {g: rng.choice([None, None, "train", "test"]) for g in groups}
+    fixed = [fixed_of[g] for g in groups] if seed % 2 else [None] * n
+    keys = [([f"file{rng.randint(0, n)}"] if rng.random() < 0.7 else []) + [b"pixels%d" % rng.randint(0, n)]
+            for _ in range(n)]
+    assert link_duplicates(groups, keys, fixed) == reference_link(groups, keys, fixed)
+    split = [rng.choice(["train", "val", "test"]) for _ in range(n)]
+    for kind, column in (("file", [k[0] for k in keys]), ("pixels", [k[-1] for k in keys])):
+        assert find_duplicates(column, split, kind) == reference_duplicates(column, split, kind)
+
+
+def test_digest_ids_group_equal_digests():
+    digests = np.frombuffer(bytes(range(32)) + bytes(32) + bytes(range(32)) + bytes(31) + b"\1", "S32")
+    count, ids = digest_ids(np.ascontiguousarray(digests))
+    assert count == 3 and ids[0] == ids[2] and len({ids[0], ids[1], ids[3]}) == 3

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from medtl.errors import MedtlError
 from medtl.params import require
@@ -48,15 +49,30 @@ class CsvParams:
 
 
 def read_table(path: Path, what: str) -> tuple[list[str], list[dict]]:
+    header, rows = iter_table(path, what)
+    return header, list(rows)
+
+
+def iter_table(path: Path, what: str) -> tuple[list[str], Iterator[dict]]:
+    """The header, and the rows one at a time (cells stripped), for tables too long to hold as dicts."""
+    def rows(f, reader) -> Iterator[dict]:
+        with f:
+            try:
+                for r in reader:
+                    yield {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()}
+            except (OSError, UnicodeDecodeError, csv.Error) as e:
+                raise MedtlError(f"{what} {path} cannot be read as a UTF-8 CSV file: {e}") from None
+
+    f = None
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            header = [h.strip() for h in (reader.fieldnames or [])]
+        f = open(path, newline="", encoding="utf-8-sig")
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in (reader.fieldnames or [])]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
+        if f is not None:
+            f.close()
         raise MedtlError(f"{what} {path} cannot be read as a UTF-8 CSV file: {e}") from None
-    rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in r.items()} for r in rows]
-    return header, rows
+    return header, rows(f, reader)
 
 
 def column(header: list[str], name: str | None, default: str | None, key: str, path: Path) -> str | None:

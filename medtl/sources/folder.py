@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from medtl.errors import MedtlError
 from medtl.sources import (
@@ -39,8 +39,6 @@ def open_source(params, workdir: Path) -> Source:
     if not top:
         raise MedtlError(f"ingest.folder.root {root} has no subfolders; expected one subfolder per class "
                          "(or per split, each holding one subfolder per class)")
-    items: list[SourceItem] = []
-    classes: set[str] = set()
     layout = p.layout
     if layout == "auto":
         layout = "splits" if all(split_name(d.name) for d in top) else "classes"
@@ -50,30 +48,40 @@ def open_source(params, workdir: Path) -> Source:
             raise MedtlError(f"ingest.folder.layout is 'splits' but {len(bad)} top-level folder(s) of ingest.folder.root "
                              f"are not split names (expected one of {', '.join(sorted(SPLIT_NAMES))})")
         pairs = [(split_name(d.name), d) for d in top]
-        for f in sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")):
-            items.append(SourceItem(f.name, path=f, problem="no_label", detail="file is not inside a split/class folder"))
     else:
         pairs = [(None, root)]
+    class_dirs = {base: sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+                  for _, base in pairs}
+    description = {"source": "folder", "layout": layout, "files": 0, "group_rule": p.group_rule}
 
+    def items() -> Iterator[SourceItem]:  # streamed: one file at a time, however many there are
+        for item in _items(root, layout, pairs, class_dirs, rule):
+            description["files"] += item.path is not None
+            yield item
+
+    return Source(
+        items=items(),
+        classes=sorted({d.name for dirs in class_dirs.values() for d in dirs}),
+        description=description,
+    )
+
+
+def _items(root: Path, layout: str, pairs: list, class_dirs: dict, rule) -> Iterator[SourceItem]:
+    if layout == "splits":
+        for f in sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")):
+            yield SourceItem(f.name, path=f, problem="no_label", detail="file is not inside a split/class folder")
     for split, base in pairs:
-        class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
         loose = sorted(f for f in base.iterdir() if not f.is_dir() and not f.name.startswith("."))
         for f in loose:  # an image beside the class folders has no label
-            items.append(SourceItem(f.relative_to(root).as_posix(), path=f, split=split, problem="no_label",
-                                    detail="file is not inside a class folder"))
-        for d in class_dirs:
-            classes.add(d.name)
-            n = len(items)
+            yield SourceItem(f.relative_to(root).as_posix(), path=f, split=split, problem="no_label",
+                             detail="file is not inside a class folder")
+        for d in class_dirs[base]:
+            empty = True
             for entry in walk_files(d, within=root):
                 item = entry_item(entry, root, label=d.name, split=split)
                 apply_group_rule(rule, item)
-                items.append(item)
-            if len(items) == n:
-                items.append(SourceItem(d.relative_to(root).as_posix() + "/", split=split, problem="empty_class_folder",
-                                        detail="class folder holds no files"))
-    return Source(
-        items=items,
-        classes=sorted(classes),
-        description={"source": "folder", "layout": layout, "files": sum(i.path is not None for i in items),
-                     "group_rule": p.group_rule},
-    )
+                empty = False
+                yield item
+            if empty:
+                yield SourceItem(d.relative_to(root).as_posix() + "/", split=split, problem="empty_class_folder",
+                                 detail="class folder holds no files")
