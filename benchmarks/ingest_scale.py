@@ -67,7 +67,7 @@ def write_sources(root: Path, fmt: str, n: int, min_size: int, max_size: int) ->
 
 def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
     """Run one stage in this (fresh) process; print its time and memory."""
-    from medtl.ingest import DicomParams, FolderParams, IngestParams, run_ingest
+    from medtl.ingest import DicomParams, FolderParams, IngestParams, run_ingest, steady_heap
     from medtl.preprocess import PreprocessParams, run_preprocess
     from medtl.readers import ReadOptions
 
@@ -77,6 +77,7 @@ def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
                                                             include="*.dcm")} if fmt == "dicom" else \
                      {"source": "folder", "folder": FolderParams(root=str(src))}
             (out / "ingested").mkdir(parents=True)
+            steady_heap()  # as the ingest stage's process does
             report = run_ingest(IngestParams(data=str(src), workers=2, **source), out / "ingested")
             images = report["images"]
         else:

@@ -217,12 +217,7 @@ def _decode(job: tuple[SourceItem, ReadOptions]) -> DecodeResult:
 
 def _safe_detail(detail: str, item: SourceItem) -> str:
     """A reader's detail without the file's path (or any long segment of it): reports name files by ref."""
-    if item.path is not None:
-        detail = detail.replace(str(item.path), "file")
-    for part in Path(item.relative).parts:
-        if len(part) >= 4 and part != item.label:
-            detail = detail.replace(part, "…")
-    return detail
+    return phi.scrub_path(detail, item.path, item.relative, keep=(item.label,) if item.label else ())
 
 
 # The ingest itself.
@@ -242,7 +237,6 @@ class QuarantineEntry:
 def run_ingest(params: IngestParams, out_dir: Path) -> dict:
     """Write manifest.csv, pixels.u16 and report.json into out_dir (a fresh folder); return the report."""
     check_pseudonym_key(params)
-    _fixed_mmap_threshold()
     # Workers fork before the source is enumerated, so they inherit none of it (fork copies the parent's memory).
     pool = multiprocessing.get_context("fork").Pool(params.workers) if params.workers > 1 else None
     try:
@@ -257,13 +251,16 @@ def run_ingest(params: IngestParams, out_dir: Path) -> dict:
             pool.terminate()
 
 
-def _fixed_mmap_threshold(size: int = 128 * 1024) -> None:
+def steady_heap(size: int = 128 * 1024) -> None:
     """Keep blocks over `size` in their own memory mappings, returned whole when freed (glibc only).
 
     glibc raises this threshold each time a larger mapped block is freed; from
     then on the images arriving from the workers are carved from the heap
     between longer-lived blocks, and the heap grows with the run (some 6 MB
     more at 50k images than at 10k). Setting it turns the raising off.
+    It is process-wide, so only a process that does nothing but ingest calls it
+    (the stage script, not `run_ingest`): torch's large tensors in a process
+    that trains afterwards are faster with glibc's own adaptive threshold.
     """
     try:
         ctypes.CDLL(None).mallopt(-3, size)  # M_MMAP_THRESHOLD

@@ -1,7 +1,7 @@
 """ingest: decode the source named in params.yaml into data/ingested/."""
 from pathlib import Path
 
-from medtl.ingest import IngestParams, run_ingest
+from medtl.ingest import IngestParams, run_ingest, steady_heap
 from medtl.io import atomic_dir
 from medtl.params import load_section
 from medtl.provenance import stage_record
@@ -13,6 +13,7 @@ OUT = Path("data/ingested")
 
 def run() -> str:
     params = load_section("ingest", IngestParams)
+    steady_heap()  # this process only ingests
     if params.source == "medmnist":  # download first, so the record hashes the file that is read
         fetch(Path(params.medmnist.path), params.medmnist.url, params.medmnist.md5)
     # Source folders are not hashed file by file here: their file names may identify patients. The
