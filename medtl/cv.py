@@ -111,10 +111,11 @@ def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), pr
 # ---------------------------------------------------------------- report
 
 
-def fold_experiments(prefix: str | None = None) -> tuple[str, dict[int, str]]:
-    """(prefix, {fold: experiment commit}) among the experiments of the current commit."""
+def fold_experiments(prefix: str | None = None, rev: str = "HEAD") -> tuple[str, dict[int, str]]:
+    """(prefix, {fold: experiment commit}) among the experiments whose baseline is commit `rev`."""
     found: dict[str, dict[int, str]] = {}
-    for row in json.loads(_dvc("exp", "show", "--json", "--no-fetch", what="dvc exp show") or "[]"):
+    shown = _dvc("exp", "show", "--json", "--no-fetch", "--rev", rev, what="dvc exp show")
+    for row in json.loads(shown or "[]"):
         for exp in row.get("experiments") or []:
             name = exp.get("name") or ""
             m = FOLD_NAME.match(name)
@@ -123,15 +124,16 @@ def fold_experiments(prefix: str | None = None) -> tuple[str, dict[int, str]]:
             if not m or not revs or revs[0].get("error") or state != "success":  # queued, running or failed
                 continue
             found.setdefault(m["prefix"], {})[int(m["fold"])] = revs[0]["rev"]
+    elsewhere = ("run `medtl cv run` on this commit, or pass --rev with the commit the folds were run on "
+                 "(`dvc exp show -A` lists every commit's experiments)")
     if prefix is None:
         if len(found) != 1:
             listed = ", ".join(sorted(found)) or "none"
-            raise MedtlError(f"expected the fold experiments of one cross-validation among this commit's experiments "
-                             f"(found prefixes: {listed}); run `medtl cv run` first, or pass --name")
+            raise MedtlError(f"expected the fold experiments of one cross-validation among the experiments of commit "
+                             f"{rev} (found prefixes: {listed}); {elsewhere}, or pass --name to pick one")
         prefix = next(iter(found))
     if prefix not in found:
-        raise MedtlError(f"no experiments named {prefix}-fold<i> for this commit (dvc exp show); "
-                         "run `medtl cv run` on this commit first")
+        raise MedtlError(f"no experiments named {prefix}-fold<i> for commit {rev} (dvc exp show); {elsewhere}")
     return prefix, found[prefix]
 
 
@@ -229,7 +231,7 @@ def single_split(rev: str, n_resamples: int, seed: int, alpha: float) -> dict | 
 
 
 def cv_report(prefix: str | None = None, out: Path = DEFAULT_OUT, n_resamples: int | None = None,
-              seed: int | None = None, alpha: float | None = None) -> dict:
+              seed: int | None = None, alpha: float | None = None, rev: str = "HEAD") -> dict:
     from medtl.evaluation import EvaluateParams
     from medtl.metrics import headline_metrics
     from medtl.metrics_report import curve_points
@@ -238,11 +240,11 @@ def cv_report(prefix: str | None = None, out: Path = DEFAULT_OUT, n_resamples: i
     boot = load_section("evaluate", EvaluateParams).bootstrap
     n_resamples = boot.n_resamples if n_resamples is None else n_resamples
     seed, alpha = (boot.seed if seed is None else seed), (boot.alpha if alpha is None else alpha)
-    prefix, revs = fold_experiments(prefix)
+    prefix, revs = fold_experiments(prefix, rev)
     folds, per_fold, pooled_rows, classes = None, [], [], None
     for fold in sorted(revs):
-        rev = revs[fold]
-        cv = _cv_params(_show(rev, PARAMS))
+        exp = revs[fold]
+        cv = _cv_params(_show(exp, PARAMS))
         if cv.get("fold") != fold or not cv.get("folds"):
             raise MedtlError(f"experiment {fold_name(prefix, fold)} has preprocess.cv {cv}, not fold {fold}")
         if folds is None:
@@ -250,13 +252,13 @@ def cv_report(prefix: str | None = None, out: Path = DEFAULT_OUT, n_resamples: i
         elif (cv["folds"], cv.get("seed", 0)) != (folds, cv_seed):
             raise MedtlError(f"experiment {fold_name(prefix, fold)} belongs to another cross-validation "
                              f"(preprocess.cv {cv}, fold 0 has folds {folds} seed {cv_seed}); pass --name to pick one")
-        fold_classes, rows = read_predictions(_show(rev, VAL_PREDICTIONS))
+        fold_classes, rows = read_predictions(_show(exp, VAL_PREDICTIONS))
         if classes is not None and fold_classes != classes:
             raise MedtlError(f"experiment {fold_name(prefix, fold)} has classes {fold_classes}, fold 0 has {classes}")
         classes = fold_classes
-        metrics = json.loads(_show(rev, METRICS))
+        metrics = json.loads(_show(exp, METRICS))
         y, p, groups = _arrays(rows, classes)
-        per_fold.append({"fold": fold, "experiment": fold_name(prefix, fold), "commit": rev, "seed": cv.get("seed", 0),
+        per_fold.append({"fold": fold, "experiment": fold_name(prefix, fold), "commit": exp, "seed": cv.get("seed", 0),
                          "threshold": metrics.get("threshold"),
                          "val": interval_report(y, p, groups, rows, n_resamples, seed, alpha),
                          "test": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}})
@@ -273,7 +275,7 @@ def cv_report(prefix: str | None = None, out: Path = DEFAULT_OUT, n_resamples: i
     y, p, groups = _arrays(pooled_rows, classes)
     pooled = interval_report(y, p, groups, pooled_rows, n_resamples, seed, alpha)
     names = list(headline_metrics(len(classes)))
-    baseline = single_split("HEAD", n_resamples, seed, alpha)
+    baseline = single_split(rev, n_resamples, seed, alpha)  # the commit the folds were run on
     summary = {
         "format": SUMMARY_FORMAT,
         "name": prefix,
@@ -391,8 +393,10 @@ def register(subparsers) -> None:
     r.add_argument("--name", default=None, help="experiment name prefix (default: cv<folds>)")
     r.add_argument("--no-wait", dest="wait", action="store_false", help="return once the queue is started")
     r.set_defaults(func=_run_main)
-    s = sub.add_parser("report", help="aggregate the fold experiments of this commit")
+    s = sub.add_parser("report", help="aggregate the fold experiments of a commit (default: this one)")
     s.add_argument("--name", default=None, help="experiment name prefix (default: the only one found)")
+    s.add_argument("--rev", default="HEAD",
+                   help="the commit the folds were run on, when it is not the current one (default: %(default)s)")
     s.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder to write (default: %(default)s)")
     s.add_argument("--n-resamples", type=int, default=None, help="bootstrap resamples (default: evaluate.bootstrap)")
     s.add_argument("--seed", type=int, default=None, help="bootstrap seed (default: evaluate.bootstrap)")
@@ -407,7 +411,7 @@ def _run_main(args) -> int:
 
 
 def _report_main(args) -> int:
-    summary = cv_report(args.name, args.out, args.n_resamples, args.seed)
+    summary = cv_report(args.name, args.out, args.n_resamples, args.seed, rev=args.rev)
     print("\n".join(describe(summary)))
     print(f"medtl cv: wrote {args.out}/summary.json, oof_predictions.csv, folds.json, chart.html")
     return 0

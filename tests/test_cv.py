@@ -100,6 +100,15 @@ def test_cv_run_queues_fold_experiments_and_report_pools_them(tmp_path):
     again = p.run(*medtl, "cv", "run", "--folds", "3", check=False)
     assert again.returncode == 2 and "already exist" in again.stderr
 
+    # After a later commit the folds belong to the earlier one: the report says how to reach them.
+    run_on = p.git("rev-parse", "HEAD").stdout.strip()
+    (p.path / "NOTES.md").write_text("a later commit\n")
+    p.commit("later")
+    later = p.run(*medtl, "cv", "report", "--out", "reports/cv-later", check=False)
+    assert later.returncode == 2 and "--rev" in later.stderr, later.stderr
+    p.run(*medtl, "cv", "report", "--rev", run_on, "--out", "reports/cv-rev")
+    assert json.loads((p.path / "reports/cv-rev/summary.json").read_text()) == summary
+
 
 def test_pooled_calls_use_each_folds_own_threshold():
     from medtl.cv import interval_report
