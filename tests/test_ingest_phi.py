@@ -16,13 +16,13 @@ from PIL import Image
 
 from medtl import demo
 from medtl.errors import MedtlError, ParamsError
-from medtl.ingest import IngestParams, available_cores, run_ingest
+from medtl.ingest import available_cores, run_ingest
 from medtl.locate import locate
 from medtl.manifest import read_manifest
-from medtl.params import build
 from medtl.phi import KEY_ENV, KEY_FILE_ENV, source_ref
 
 from tests.project import distinct_seed
+from tests.test_ingest import ingest, params
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -31,20 +31,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def pseudonym_key(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "test key")
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
-
-
-def params(**raw) -> IngestParams:
-    raw.setdefault("data", "anything")
-    raw.setdefault("workers", 1)
-    return build(IngestParams, raw, "ingest")
-
-
-def ingest(tmp_path, **raw) -> tuple[dict, list[dict]]:
-    out = tmp_path / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    report = run_ingest(params(**raw), out)
-    return report, read_manifest(out / "manifest.csv")
 
 
 def png(path: Path, seed: int, size: int = 20) -> Path:
