@@ -19,8 +19,8 @@ BENCHMARKS = ("model_speed", "threads", "linear_probe", "train_path", "precision
 # Smallest sizes that still exercise every code path (the smoke test runs these).
 QUICK = {"patients": 12, "size": 32, "linear_epochs": [1, 2], "train_epochs": 1, "precision_epochs": 1,
          "precision_steps": 2, "batch_size": 8, "ingest_sizes": [16, 32], "dvc_images": 96, "dvc_targets": ["preprocess"],
-         "predict_images": 16, "dataloader_workers": 0, "speed_archs": ["resnet18"], "speed_sizes": [32],
-         "speed_batch": 2, "speed_steps": 1, "matmul_n": 128, "thread_size": 32, "speed_repeats": 1}
+         "ingest_formats": "dicom,png,csv", "predict_images": 16, "dataloader_workers": 0, "speed_archs": ["resnet18"],
+         "speed_sizes": [32], "speed_batch": 2, "speed_steps": 1, "matmul_n": 128, "thread_size": 32, "speed_repeats": 1}
 
 
 def _ints(text: str) -> list[int]:

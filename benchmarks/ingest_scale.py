@@ -1,11 +1,12 @@
-"""4. Ingest and preprocess at growing N: images per second and peak memory, DICOM and PNG.
+"""4. Ingest and preprocess at growing N: images per second and peak memory, DICOM, PNG and CSV.
 
 The sources are written here: DICOM files by medtl's demo generator (12-bit,
-rescale, window, some MONOCHROME1) with a labels CSV, and 16-bit PNG files in
-one folder per class. Each stage runs in a fresh process, so each peak is its
-own: peak RSS and peak anonymous memory (RSS less the file-backed pages of
-memory-mapped arrays, which the kernel can drop) of the main process, and the
-peak RSS of the largest decode worker.
+rescale, window, some MONOCHROME1) with a labels CSV, 16-bit PNG files in
+one folder per class, and for the csv source such PNG files named by a CSV
+manifest (path, label, group and one metadata column). Each stage runs in a
+fresh process, so each peak is its own: peak RSS and peak anonymous memory
+(RSS less the file-backed pages of memory-mapped arrays, which the kernel can
+drop) of the main process, and the peak RSS of the largest decode worker.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ NAME = "ingest_scale"
 
 
 def write_sources(root: Path, fmt: str, n: int, min_size: int, max_size: int) -> Path:
-    """n images as DICOM (+ labels.csv) or PNG class folders under root; returns the source folder."""
+    """n images as DICOM (+ labels.csv), PNG class folders, or PNG class folders + manifest.csv under root;
+    returns the source folder."""
     from medtl import demo
 
     src = root / f"{fmt}-{n}"
@@ -49,7 +51,7 @@ def write_sources(root: Path, fmt: str, n: int, min_size: int, max_size: int) ->
             w.writeheader()
             w.writerows(rows)
     else:
-        count = 0
+        count, rows = 0, []
         for p in patients:
             rng = np.random.default_rng([11, p.index])
             for k in range(per_patient):
@@ -60,22 +62,32 @@ def write_sources(root: Path, fmt: str, n: int, min_size: int, max_size: int) ->
                 d = src / demo.CLASSES[int(p.diseased)]
                 d.mkdir(parents=True, exist_ok=True)
                 cv2.imwrite(str(d / f"case{p.index:05d}_{k}.png"), np.round(img * 65535).astype(np.uint16))
+                rows.append({"path": f"{d.name}/case{p.index:05d}_{k}.png", "label": d.name,
+                             "group": f"case{p.index:05d}", "sex": p.sex})
                 count += 1
+        if fmt == "csv":
+            with open(src / "manifest.csv", "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=["path", "label", "group", "sex"])
+                w.writeheader()
+                w.writerows(rows)
     done.touch()
     return src
 
 
 def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
     """Run one stage in this (fresh) process; print its time and memory."""
-    from medtl.ingest import DicomParams, FolderParams, IngestParams, run_ingest, steady_heap
+    from medtl.ingest import CsvParams, DicomParams, FolderParams, IngestParams, run_ingest, steady_heap
     from medtl.preprocess import PreprocessParams, run_preprocess
     from medtl.readers import ReadOptions
 
     with MemorySampler() as mem, Timer() as t:
         if stage == "ingest":
-            source = {"source": "dicom", "dicom": DicomParams(root=str(src), labels=str(src / "labels.csv"),
-                                                            include="*.dcm")} if fmt == "dicom" else \
-                     {"source": "folder", "folder": FolderParams(root=str(src))}
+            source = {
+                "dicom": {"source": "dicom", "dicom": DicomParams(root=str(src), labels=str(src / "labels.csv"),
+                                                                include="*.dcm")},
+                "png": {"source": "folder", "folder": FolderParams(root=str(src))},
+                "csv": {"source": "csv", "csv": CsvParams(manifest=str(src / "manifest.csv"), metadata=["sex"])},
+            }[fmt]
             (out / "ingested").mkdir(parents=True)
             steady_heap()  # as the ingest stage's process does
             report = run_ingest(IngestParams(data=str(src), workers=2, **source), out / "ingested")

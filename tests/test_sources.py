@@ -161,6 +161,19 @@ def test_csv_refuses_identifying_metadata_and_bad_splits(tmp_path):
         open_source(params(source="csv", csv={"manifest": str(m)}), tmp_path)
 
 
+def test_csv_rows_are_checked_first_then_streamed(tmp_path):
+    png(tmp_path / "a.png")
+    m = write_csv(tmp_path / "m.csv", "path,label\na.png,x\ngone.png,y\na.png,x\n")
+    src = open_source(params(source="csv", csv={"manifest": str(m)}), tmp_path)
+    assert not isinstance(src.items, list) and src.count == 3 and src.description["rows"] == 3
+    assert [(i.relative, i.line, i.problem) for i in src.items] == [
+        ("a.png", 2, None), ("gone.png", 3, "missing_file"), ("a.png", 4, None)]
+    # bytes that are not UTF-8 far down the file are reported before a bad row above them
+    m.write_bytes(b"path,label,split\na.png,x,holdout\n" + b"a.png,x,train\n" * 1000 + b"\xff.png,x,\n")
+    with pytest.raises(MedtlError, match="cannot be read as a UTF-8 CSV file"):
+        open_source(params(source="csv", csv={"manifest": str(m)}), tmp_path)
+
+
 # dicom
 
 def dicom_tree(tmp_path) -> Path:

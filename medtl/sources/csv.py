@@ -13,6 +13,7 @@ which name the manifest line instead.
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -46,11 +47,6 @@ class CsvParams:
         require(not stray, f"{key}.allow_columns", self.allow_columns,
                 "columns that are also listed in ingest.csv.metadata")
         check_metadata_columns(self.metadata, self.allow_columns, f"{key}.metadata")
-
-
-def read_table(path: Path, what: str) -> tuple[list[str], list[dict]]:
-    header, rows = iter_table(path, what)
-    return header, list(rows)
 
 
 def iter_table(path: Path, what: str) -> tuple[list[str], Iterator[dict]]:
@@ -91,59 +87,124 @@ def open_source(params, workdir: Path) -> Source:
     root = Path(p.root) if p.root else manifest.parent
     if not root.is_dir():
         raise MedtlError(f"params key 'ingest.csv.root' is {p.root!r}, which is not a folder; expected the folder the manifest's paths are relative to")
-    header, rows = read_table(manifest, "ingest.csv.manifest")
-    key = "ingest.csv"
-    path_col = None if p.path_template else column(header, p.path_column, None, f"{key}.path_column", manifest)
-    label_col = column(header, p.label_column, None, f"{key}.label_column", manifest)
-    group_col = None if p.group_rule else column(header, p.group_column, "group", f"{key}.group_column", manifest)
-    split_col = column(header, p.split_column, "split", f"{key}.split_column", manifest)
-    for name in p.metadata:
-        column(header, name, None, f"{key}.metadata", manifest)
-    check_metadata_columns(p.metadata, p.allow_columns)  # refuses identifying column names before any work
-    rule = compile_group_rule(p.group_rule, f"{key}.group_rule")
+    rows = ManifestRows.check(manifest, root, p)
+    description = {"source": "csv", "manifest": manifest.name, "rows": rows.count, "group_rule": p.group_rule}
+    return Source(items=rows.items(), classes=[], description=description, count=rows.count)
 
-    items = []
-    for n, row in enumerate(rows, start=2):  # line 1 is the header
-        where = f"{manifest.name} line {n}"
-        if p.path_template:
-            try:
-                rel = p.path_template.format(**row)
-            except (KeyError, IndexError, ValueError) as e:
-                missing = f"column {e} is missing" if isinstance(e, KeyError) else type(e).__name__
-                raise MedtlError(f"ingest.csv.path_template {p.path_template!r} cannot be filled from {where} ({missing}); "
-                                 f"the manifest's columns are {', '.join(header)}") from None
-        else:
-            rel = row[path_col]
-        split = None
-        if split_col and row[split_col]:
-            split = split_name(row[split_col])
-            if split is None:
-                raise MedtlError(f"{where}: the value in column {split_col!r} is not a split name; "
-                                 "expected train, val or test (or training, validation, testing), or an empty cell")
-        extra = {c: row[c] for c in p.metadata}
-        group = (row[group_col] or None) if group_col else None
-        item = SourceItem(rel, label=row[label_col], group=group, group_kind="column" if group else None,
-                          split=split, extra=extra, line=n)
-        if not rel:
-            item.relative, item.problem, item.detail = where, "missing_file", "empty path"
-        else:
-            full = inside_root(root, rel, where)
-            item.relative = full.relative_to(root).as_posix()
-            if full.is_file():
-                item.path = full
-            elif full.is_symlink():
+
+@dataclass
+class ManifestRows:
+    """The manifest's columns and rules, checked on every row before any work; items made from it one row at a time.
+
+    The file is read twice, once to check every row and once to yield the
+    items, so that a bad row still stops ingest before any decoding and no row
+    is held in memory (a list of items costs about 1 KB a row).
+    """
+
+    manifest: Path
+    root: Path
+    p: CsvParams
+    header: list[str]
+    path_col: str | None
+    label_col: str
+    group_col: str | None
+    split_col: str | None
+    rule: re.Pattern | None
+    count: int = 0  # rows, the header not counted
+
+    @classmethod
+    def check(cls, manifest: Path, root: Path, p: CsvParams) -> ManifestRows:
+        """Refuse a bad column, an identifying metadata column or a bad row; count the rows.
+
+        The whole file is read even after a problem, so that a file which is
+        not UTF-8 is reported as such first, whatever else is wrong with it.
+        """
+        header, rows = iter_table(manifest, "ingest.csv.manifest")
+        problem, table = None, None
+        try:
+            table = cls.of(manifest, root, p, header)
+        except MedtlError as e:
+            problem = e
+        n = 1
+        for n, row in enumerate(rows, start=2):  # line 1 is the header
+            if problem is None:
                 try:
-                    full.resolve(strict=True)
-                    item.problem, item.detail = "missing_file", "the manifest names something that is not a file"
-                except FileNotFoundError:
-                    item.problem, item.detail = "dangling_symlink", "symbolic link to nothing"
-                except (RuntimeError, OSError):
-                    item.problem, item.detail = "symlink_loop", "symbolic link that leads back to itself"
-            else:
-                item.problem, item.detail = "missing_file", "the manifest names a file that does not exist"
-            apply_group_rule(rule, item)
-        items.append(item)
-    if not items:
-        raise MedtlError(f"ingest.csv.manifest {manifest} has no rows; expected one row per image")
-    return Source(items=items, classes=[], description={"source": "csv", "manifest": manifest.name, "rows": len(items),
-                                                       "group_rule": p.group_rule})
+                    table.fields(row, n)
+                except MedtlError as e:
+                    problem = e
+        if problem is not None:
+            raise problem
+        if n == 1:
+            raise MedtlError(f"ingest.csv.manifest {manifest} has no rows; expected one row per image")
+        table.count = n - 1
+        return table
+
+    @classmethod
+    def of(cls, manifest: Path, root: Path, p: CsvParams, header: list[str]) -> ManifestRows:
+        key = "ingest.csv"
+        path_col = None if p.path_template else column(header, p.path_column, None, f"{key}.path_column", manifest)
+        label_col = column(header, p.label_column, None, f"{key}.label_column", manifest)
+        group_col = None if p.group_rule else column(header, p.group_column, "group", f"{key}.group_column", manifest)
+        split_col = column(header, p.split_column, "split", f"{key}.split_column", manifest)
+        for name in p.metadata:
+            column(header, name, None, f"{key}.metadata", manifest)
+        check_metadata_columns(p.metadata, p.allow_columns)  # refuses identifying column names before any work
+        rule = compile_group_rule(p.group_rule, f"{key}.group_rule")
+        return cls(manifest, root, p, header, path_col, label_col, group_col, split_col, rule)
+
+    def items(self) -> Iterator[SourceItem]:
+        """One item per row, in the manifest's order."""
+        _, rows = iter_table(self.manifest, "ingest.csv.manifest")
+        for n, row in enumerate(rows, start=2):
+            yield self.item(row, n)
+
+    def where(self, n: int) -> str:
+        return f"{self.manifest.name} line {n}"
+
+    def relative(self, row: dict, n: int) -> str:
+        """The row's path as written (or filled into path_template)."""
+        template = self.p.path_template
+        if not template:
+            return row[self.path_col]
+        try:
+            return template.format(**row)
+        except (KeyError, IndexError, ValueError) as e:
+            missing = f"column {e} is missing" if isinstance(e, KeyError) else type(e).__name__
+            raise MedtlError(f"ingest.csv.path_template {template!r} cannot be filled from {self.where(n)} ({missing}); "
+                             f"the manifest's columns are {', '.join(self.header)}") from None
+
+    def fields(self, row: dict, n: int) -> tuple[str, str | None, Path | None]:
+        """The row's path as written, its split, and the file inside the root it names (None for an empty cell)."""
+        rel = self.relative(row, n)
+        split = None
+        if self.split_col and row[self.split_col]:
+            split = split_name(row[self.split_col])
+            if split is None:
+                raise MedtlError(f"{self.where(n)}: the value in column {self.split_col!r} is not a split name; "
+                                 "expected train, val or test (or training, validation, testing), or an empty cell")
+        return rel, split, inside_root(self.root, rel, self.where(n)) if rel else None
+
+    def item(self, row: dict, n: int) -> SourceItem:
+        rel, split, full = self.fields(row, n)
+        extra = {c: row[c] for c in self.p.metadata}
+        group = (row[self.group_col] or None) if self.group_col else None
+        item = SourceItem(rel, label=row[self.label_col], group=group, group_kind="column" if group else None,
+                          split=split, extra=extra, line=n)
+        if full is None:
+            item.relative, item.problem, item.detail = self.where(n), "missing_file", "empty path"
+            return item
+        item.relative = full.relative_to(self.root).as_posix()
+        if full.is_file():
+            item.path = full
+        elif full.is_symlink():
+            try:
+                full.resolve(strict=True)
+                item.problem, item.detail = "missing_file", "the manifest names something that is not a file"
+            except FileNotFoundError:
+                item.problem, item.detail = "dangling_symlink", "symbolic link to nothing"
+            except (RuntimeError, OSError):
+                item.problem, item.detail = "symlink_loop", "symbolic link that leads back to itself"
+        else:
+            item.problem, item.detail = "missing_file", "the manifest names a file that does not exist"
+        apply_group_rule(self.rule, item)
+        return item
