@@ -4,11 +4,10 @@ The work is done on integer codes in numpy arrays, so that ingest can split
 hundreds of thousands of images without a Python object per image: groups
 and labels are numbered in the order of their names (`np.unique` gives that
 order), so every tie broken by name is broken the same way by number. The
-functions taking lists of names are thin wrappers around the coded ones.
+cross-validation's `link_duplicates` takes lists of names and wraps the coded one.
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,29 +18,9 @@ SPLITS = ("train", "val", "test")
 NO_SPLIT = -1  # split code of an image whose source fixed none
 
 
-def group_label(labels_by_group: dict[str, list[str]]) -> dict[str, str]:
-    """The label that stratifies a group: its most common label (ties broken by name)."""
-    return {g: min(Counter(ls).items(), key=lambda kv: (-kv[1], kv[0]))[0] for g, ls in labels_by_group.items()}
-
-
 def split_codes(splits: list[str | None]) -> np.ndarray:
     """Split names (None: not fixed) as int8 codes into SPLITS (NO_SPLIT for None)."""
     return np.array([NO_SPLIT if s is None else SPLITS.index(s) for s in splits], dtype=np.int8)
-
-
-def assign_splits(
-    groups: list[str],
-    labels: list[str],
-    ratios: dict[str, float],
-    seed: int,
-    fixed: list[str | None] | None = None,
-) -> list[str]:
-    """A split for each image such that no group spans two splits (see `assign_split_codes`)."""
-    group_names, group_codes = np.unique(np.array(groups, dtype=object).astype(str), return_inverse=True)
-    label_names, label_codes = np.unique(np.array(labels, dtype=object).astype(str), return_inverse=True)
-    fixed_codes = split_codes(fixed or [None] * len(groups))
-    codes = assign_split_codes(group_codes, label_codes, label_names.tolist(), ratios, seed, fixed_codes)
-    return [SPLITS[c] for c in codes]
 
 
 def first_disagreement(groups: np.ndarray, codes: np.ndarray) -> tuple[int, int] | None:
@@ -165,7 +144,7 @@ def link_copies(groups: np.ndarray, key_columns: list[np.ndarray], fixed: np.nda
     fixed_groups, first = np.unique(groups[coded], return_index=True)
     split_of[fixed_groups] = fixed[coded[first]]  # a group's first fixed split
     shared = _shared_keys(key_columns)
-    rows = np.flatnonzero(holds_copy(key_columns))
+    rows = np.flatnonzero(_holds(shared, key_columns))
 
     def root(g: int) -> int:
         while parent[g] != g:
@@ -198,9 +177,12 @@ def link_copies(groups: np.ndarray, key_columns: list[np.ndarray], fixed: np.nda
 
 def holds_copy(key_columns: list[np.ndarray]) -> np.ndarray:
     """Per image: True where another image holds one of its keys."""
+    return _holds(_shared_keys(key_columns), key_columns)
+
+
+def _holds(shared: np.ndarray, key_columns: list[np.ndarray]) -> np.ndarray:
     if not key_columns:
         return np.zeros(0, dtype=bool)
-    shared = _shared_keys(key_columns)
     return np.any([shared[c] for c in key_columns], axis=0)
 
 
@@ -241,15 +223,6 @@ class Duplicate:
     duplicate_of: int  # the copy it repeats
     kind: str  # what they share: "file" (sha256 of the bytes) or "pixels"
     cross_split: bool  # in different splits: a leak
-
-
-def find_duplicates(keys: list[str], splits: list[str], kind: str) -> list[Duplicate]:
-    """Rows that share `key` (a file or pixel hash) with an earlier row; earlier = an earlier split, then order."""
-    ids: dict = {}
-    key_ids = np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
-    codes = split_codes(splits)
-    rows, firsts = find_copies(key_ids, codes)
-    return [Duplicate(int(i), int(j), kind, bool(codes[i] != codes[j])) for i, j in zip(rows, firsts)]
 
 
 def find_copies(keys: np.ndarray, splits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,27 @@ import pytest
 
 from medtl.errors import MedtlError
 from medtl.ingest_table import digest_ids
-from medtl.splits import Duplicate, assign_splits, find_duplicates, link_duplicates
+from medtl.splits import SPLITS, Duplicate, assign_split_codes, find_copies, link_duplicates, split_codes
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
+
+
+def assign_splits(groups, labels, ratios, seed, fixed=None) -> list[str]:
+    """`assign_split_codes` on names, as ingest calls it on codes numbered in name order."""
+    _, group_codes = np.unique(np.array(groups, dtype=object).astype(str), return_inverse=True)
+    label_names, label_codes = np.unique(np.array(labels, dtype=object).astype(str), return_inverse=True)
+    codes = assign_split_codes(group_codes, label_codes, label_names.tolist(), ratios, seed,
+                               split_codes(fixed or [None] * len(groups)))
+    return [SPLITS[c] for c in codes]
+
+
+def find_duplicates(keys, splits, kind) -> list[Duplicate]:
+    """`find_copies` on key and split names, as `Duplicate`s."""
+    ids: dict = {}
+    key_ids = np.array([ids.setdefault(k, len(ids)) for k in keys], dtype=np.int64)
+    codes = split_codes(splits)
+    rows, firsts = find_copies(key_ids, codes)
+    return [Duplicate(int(i), int(j), kind, bool(codes[i] != codes[j])) for i, j in zip(rows, firsts)]
 
 
 def patients(n: int, per: int = 3) -> tuple[list[str], list[str]]:
