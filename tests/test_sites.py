@@ -127,3 +127,11 @@ def test_an_empty_source_stops_ingest_and_names_it(tmp_path):
     with pytest.raises(MedtlError, match=r"ingest.sources\[1\] \(site empty\): ingest.sources\[1\].folder.root .* has no subfolders"):
         run_ingest(p, out)
     assert not any(out.iterdir())
+
+
+def test_the_evidence_names_every_source_not_the_unused_single_one():
+    from medtl.provenance.card import data_source
+
+    ingest = {"source": "demo", "sources": [{"name": "vienna", "source": "csv"}, {"name": "b", "source": "demo"}]}
+    assert data_source({"params": {"ingest": ingest}}) == "sources: vienna (csv), b (demo)"
+    assert data_source({"params": {"ingest": {**ingest, "sources": [{"name": "b", "source": "demo"}]}}}) == "demo"
