@@ -135,3 +135,19 @@ def test_the_evidence_names_every_source_not_the_unused_single_one():
     ingest = {"source": "demo", "sources": [{"name": "vienna", "source": "csv"}, {"name": "b", "source": "demo"}]}
     assert data_source({"params": {"ingest": ingest}}) == "sources: vienna (csv), b (demo)"
     assert data_source({"params": {"ingest": {**ingest, "sources": [{"name": "b", "source": "demo"}]}}}) == "demo"
+
+
+def test_a_site_column_of_a_single_csv_source_is_the_site(tmp_path):
+    data = tmp_path / "data"
+    rows = [(f"{label}_{site}_{i}.png", label, f"{site}-{label}-{i}", site)
+            for site in ("x", "y") for label in ("benign", "malignant") for i in range(3)]
+    for k, (rel, *_ ) in enumerate(rows):
+        png(data / rel, k)
+    with open(data / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "label", "group", "site"), *rows])
+    out = tmp_path / "out"
+    out.mkdir()
+    run_ingest(build(IngestParams, {"data": str(data), "workers": 1, "source": "csv",
+                                    "csv": {"manifest": str(data / "labels.csv"), "metadata": ["site"]}}, "ingest"), out)
+    strata = Counter((r["site"], r["split"], r["label"]) for r in read_manifest(out / "manifest.csv"))
+    assert len(strata) == 12 and set(strata.values()) == {1}  # 3 patients per site and class: one in each split
