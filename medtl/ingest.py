@@ -526,7 +526,8 @@ def _strata(table: ImageTable, images: Columns, groups: np.ndarray, label: np.nd
         return label, label_names
     names = [r.metadata.get(SITE_COLUMN, "") for _, r in table.records(images.row)]
     sites, site = np.unique(np.array(names, dtype=object).astype(str), return_inverse=True)
-    expected = [s.name for s in params.sources] or [s.name for s in params.demo.site_list()]
+    demo_sites = params.demo.site_list() if params.source == "demo" and not params.sources else []
+    expected = [s.name for s in params.sources or demo_sites]
     missing = [s for s in expected if s not in set(sites.tolist())]
     if missing:
         raise MedtlError(f"site(s) {', '.join(missing)} have no usable image: every file of theirs was quarantined "
