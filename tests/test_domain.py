@@ -225,3 +225,53 @@ def test_dann_under_two_processes(tmp_path):
     assert got["processes"] == 2 and len(got["history"]) == 2
     for row in got["history"]:
         assert 0.0 <= row["domain_accuracy"] <= 1.0 and row["domain_loss"] > 0
+
+
+@pytest.mark.e2e
+def test_target_through_the_pipeline_is_recorded_and_an_overlap_is_flagged_transductive(tiny_run, tmp_path):
+    """Target AdaBN + DANN through dvc; the external set that shares an image with the target is flagged, the other not."""
+    from medtl.io import load_torch
+    from medtl.external import set_columns
+    from tests.project import copy_project
+    from tests.test_external import write_shifted_site
+
+    p = copy_project(tiny_run, tmp_path / "project")
+    site_b = p.path / "sites/external/site_b"
+    write_shifted_site(site_b, seed=31)
+    target = p.path / "sites/target"
+    write_shifted_site(target / "unlabelled", seed=32)  # other patients of the same site, class folders ignored
+    shared = sorted((site_b / "lesion").rglob("*.png"))[0]
+    (target / "copy.png").write_bytes(shared.read_bytes())
+    p.update_params({
+        "finetune": {"target": {"source": "images", "images": "sites/target"}, "target_data": "sites/target",
+                     "adapt": "adabn_target", "domain_adversarial": {"weight": 0.5}},
+        "evaluate": {"external_data": "sites/external", "external": [
+            {"name": "site_b", "source": "folder", "folder": {"root": "sites/external/site_b", "layout": "classes"}},
+            {"name": "same_scanner", "source": "demo",
+             "demo": {"patients": 8, "seed": 99, "min_size": 48, "max_size": 64, "max_images_per_patient": 2}}]}})
+    res = p.dvc("repro")
+    assert "Running stage 'fine-tune'" in res.stdout and "Running stage 'pretrain-adapt'" not in res.stdout
+    assert "33 target images" in res.stdout and "domain accuracy" in res.stdout and "adabn_target" in res.stdout
+    assert "external site_b" in res.stdout and "transductive" in res.stdout.split("external site_b")[1].split(";")[0]
+
+    m = json.loads((p.path / "reports/metrics.json").read_text())
+    assert set_columns(m, "site_b")["transductive"] is True and set_columns(m, "site_b")["transductive_images"] == 1
+    assert set_columns(m, "same_scanner")["transductive"] is False
+    record = json.loads((p.path / "models/model.pt.provenance.json").read_text())
+    assert record["extra"]["target"]["images"] == 33 and len(record["extra"]["target"]["pixels_sha256"]) == 64
+    assert "sites/target" in json.dumps(record["inputs"])
+    ckpt = load_torch(p.path / "models/model.pt")
+    assert len(ckpt["target"]["pixel_digests"]) == 33 and ckpt["target_adaptation"]["method"] == "adabn_target"
+    lines = (p.path / "dvclive/plots/metrics/domain_accuracy.tsv").read_text().splitlines()
+    assert lines[0].split("\t")[-1] == "domain_accuracy" and len(lines) >= 2  # one row per epoch
+
+    p.run(sys.executable, "-m", "medtl.cli", "audit", "--allow-dirty", "--out", "audit")
+    md = (p.path / "audit/report.md").read_text()
+    assert "target images (unlabelled)" in md and "33 images from source images" in md
+    table = md[md.index("Test split and external sets"):].split("\n\n")[1]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "transductive" in rows["site_b"] and "transductive" not in rows["same_scanner"]
+    assert "sites/target" in md  # the target folder is listed among the inputs (file names withheld)
+
+    (target / "more.png").write_bytes(sorted((site_b / "normal").rglob("*.png"))[0].read_bytes())
+    assert "fine-tune" in p.dvc("status").stdout  # a changed target reruns fine-tune
