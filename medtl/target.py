@@ -76,6 +76,15 @@ def check_target(target: TargetParams, data: str, key: str) -> None:
                 "target images change; set target_data to the folder holding them")
 
 
+def require_present(target: TargetParams, key: str) -> None:
+    """Every file or folder the target names exists (checked before the stage starts its record)."""
+    for path in target.source_inputs():
+        if not Path(path).exists():
+            raise ParamsError(f"params key '{key}.target' names {path!r}, which does not exist; expected the "
+                              f"deployment site's unlabelled images ({IMAGE_SUFFIXES_HINT}, or a source of any "
+                              "ingest kind), or source: none")
+
+
 def pixel_digest(image: np.ndarray) -> str:
     """sha256 of one prepared image's pixels (dtype and shape included), the same for the same file read alike."""
     a = np.ascontiguousarray(image)

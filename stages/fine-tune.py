@@ -17,6 +17,7 @@ from medtl.model import save_model
 from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.stage import main
+from medtl.target import require_present
 
 BACKBONE, PREPARED, OUT, LIVE = Path("models/backbone.pt"), Path("data/prepared"), Path("models/model.pt"), "dvclive"
 RESUME = Path("models/finetune.ckpt")
@@ -62,6 +63,7 @@ def run() -> str:
             distributed.shutdown()
         return ""
     try:
+        require_present(params.target, "finetune")
         target = [Path(p) for p in params.target.source_inputs()]  # hashed with the other inputs
         with stage_record("fine-tune", params, inputs=[BACKBONE, PREPARED, *target], outputs=[OUT]) as rec:
             # Curves restart with the run; rows of resumed epochs are replayed from the checkpoint.

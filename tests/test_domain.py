@@ -275,3 +275,12 @@ def test_target_through_the_pipeline_is_recorded_and_an_overlap_is_flagged_trans
 
     (target / "more.png").write_bytes(sorted((site_b / "normal").rglob("*.png"))[0].read_bytes())
     assert "fine-tune" in p.dvc("status").stdout  # a changed target reruns fine-tune
+
+
+def test_absent_target_stops_the_stage_with_the_key_and_writes_nothing(project):
+    project.update_params({"finetune": {"target": {"source": "images", "images": "sites/target"},
+                                        "target_data": "sites", "adapt": "adabn_target"}})
+    res = project.run(sys.executable, "stages/fine-tune.py", check=False)
+    assert res.returncode != 0 and "finetune.target" in res.stderr and "sites/target" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert not (project.path / "models/model.pt").exists() and not (project.path / "dvclive").exists()
