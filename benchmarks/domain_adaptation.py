@@ -5,8 +5,10 @@ uses the same seed, architecture, epochs and batches; a model trained on the
 target's own labels is the reference that bounds what adaptation can recover.
 Two problems:
 
-- demo: the project's synthetic CT-like images at a source site, and at a
-  target site whose scanner renders them brighter, flatter, blurred and noisier;
+- demo: the multi-site demo's sites (`medtl.demo.PRESETS`, as `ingest.demo.sites`
+  makes them): source site a (the original demo's scanner), target site b,
+  whose scanner differs in transfer curve, noise, resolution, blur and
+  collimation, and whose prevalence differs;
 - ham10000 (when ../shared/data/ham10000 is present): melanoma vs naevus,
   source the three Austrian sources (ViDIR MoleMax, ViDIR modern, Vienna DIAS),
   target the Rosendahl practice in Australia, split by lesion.
@@ -91,30 +93,22 @@ def _site_splits(images, labels, groups, seed: int, source: bool) -> dict:
             "test": _split(images[part == 2], labels[part == 2], groups[part == 2])}
 
 
-def scanner_b(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The target site's scanner: brighter, flatter (gamma and contrast), softer and noisier."""
-    import cv2
-
-    out = 0.3 + 0.55 * np.power(np.clip(img, 0, 1), 0.6)
-    out = cv2.GaussianBlur(out.astype(np.float32), (0, 0), 1.2)
-    return np.clip(out + rng.normal(0, 0.06, out.shape), 0, 1).astype(np.float32)
-
-
-def demo_sites(patients: int, size: int, seed: int) -> tuple[dict, dict]:
+def demo_sites(patients: int, size: int, seed: int, target_site: str = "b") -> tuple[dict, dict]:
+    """Source: the demo's site a; target: `target_site`, both as the multi-site demo renders them (in memory)."""
     import cv2
 
     from medtl import demo
 
+    presets = {name: (prevalence, scanner) for name, prevalence, scanner in demo.PRESETS}
     sites = []
-    for site, s in (("a", seed + 11), ("b", seed + 23)):
+    for site, s in (("a", seed + 11), (target_site, seed + 23)):
+        prevalence, scanner = presets[site]
         rng = np.random.default_rng(s)
         images, labels, groups = [], [], []
-        for p in demo.fake_patients(patients, 0.4, s):
-            tone = rng.uniform(-0.08, 0.08)
+        for p in demo.fake_patients(patients, prevalence, s):
+            tone = rng.normal(0, 0.05)
             for _ in range(int(rng.integers(2, 5))):
-                img = demo.synth_image(rng, 128, 128, p.diseased, tone)
-                if site == "b":
-                    img = scanner_b(img, rng)
+                img = demo.render(rng, demo.synth_image(rng, 128, 128, p.diseased, tone, scanner.noise), scanner)
                 images.append(cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)[None])
                 labels.append(int(p.diseased))
                 groups.append(f"{site}{p.index}")
