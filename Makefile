@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Byte-compile at install time: imports of torch & co are then fast in every stage.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: env repro test bench clean plots-vendor
+.PHONY: env repro test bench bench-transfer clean plots-vendor
 
 env: $(VENV)/.synced
 
@@ -25,6 +25,10 @@ test: env
 
 bench: env
 	python -m benchmarks
+
+# Target-site AUC of source-only, target AdaBN, DANN and DANN + target AdaBN (docs/transfer.md); tens of minutes on a CPU.
+bench-transfer: env
+	python -m benchmarks.domain_adaptation
 
 clean:
 	rm -rf $(VENV)

@@ -160,7 +160,8 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     threshold = report["threshold"]
     # External sets are decoded and prepared by the model's own record, never by today's params.
     external = ext.run_external(params, model, hw, classes, model_preprocessing(ckpt, model_path), temperature, op,
-                                stats, prepared, params.split, data.images, data.labels, probs, report)
+                                stats, prepared, params.split, data.images, data.labels, probs, report,
+                                target_digests=(ckpt.get("target") or {}).get("pixel_digests", ()))
     metrics.update(external.metrics)
     details.update(external.details)
 

@@ -272,10 +272,15 @@ def set_metrics(report: dict, shift: dict) -> dict:
 
 def run_external(params, model, hw, classes: list[str], pre: Preprocessing, temperature: float | None,
                  op: dict | None, stats: PreparedStats, prepared: Path, test_name: str, test_images: np.ndarray,
-                 test_labels: np.ndarray, test_probs: np.ndarray, test_report: dict) -> ExternalResults:
+                 test_labels: np.ndarray, test_probs: np.ndarray, test_report: dict,
+                 target_digests=()) -> ExternalResults:
     """Shift statistics of the reported split, and every external set evaluated with the validation-fitted operating point.
 
-    `pre` is the model's preprocessing record: every external file is decoded and prepared by it alone."""
+    `pre` is the model's preprocessing record: every external file is decoded and prepared by it alone.
+    `target_digests`: pixel digests of the unlabelled target images the model was adapted on; a set sharing
+    any is flagged `transductive`."""
+    from medtl.target import shared_images
+
     from medtl.metrics_report import subgroup_columns
 
     train_hist = intensity_histogram(load_images(prepared, "train", stats))
@@ -296,6 +301,8 @@ def run_external(params, model, hw, classes: list[str], pre: Preprocessing, temp
             min_subgroup_size=params.min_subgroup_size, temperature=temperature,
         )
         shift = shift_statistics(data.images, data.labels, probs, report, op, train_hist, params.shift)
+        shared = shared_images(data.images, target_digests)
+        shift.update(transductive=shared > 0, transductive_images=shared)
         metrics.update({f"external.{spec.name}.{k}": v for k, v in set_metrics(report, shift).items()})
         details["external"][spec.name] = {"source": spec.source, "skipped_files": data.skipped,
                                           "grouping": data.grouping, "decoder_warnings": data.warnings,

@@ -32,12 +32,14 @@ from medtl import distributed, hardware
 from medtl.checkpoint import ResumeFile, code_digest, input_digest, resume_key
 from medtl.data import AugmentParams, TrainBatches, build_augment
 from medtl.distributed import EpochBatches, World, derive_seed
+from medtl.domain import Adversary, DomainAdversarialParams, adabn_target, check_adabn_target
 from medtl.errors import ParamsError
 from medtl.inference import forward_batches
 from medtl.metrics import predict_labels, roc_auc
 from medtl.model import Classifier, load_backbone, model_file
 from medtl.params import Device, Precision, require
 from medtl.prepared import PreparedSplit, load_split, load_stats
+from medtl.target import TargetParams, check_target, read_target
 
 STRATEGIES = ("linear", "partial", "full", "gradual")
 
@@ -70,6 +72,11 @@ class FinetuneParams:
     device: Device = "auto"
     precision: Precision = "auto"
     nproc: int = 1  # >1: the stage relaunches itself under torchrun with this many processes
+    # Unlabelled images of the deployment site (medtl.target), and what is done with them (medtl.domain).
+    target: TargetParams = field(default_factory=TargetParams)
+    target_data: str = "medtl/demo.py"  # what dvc tracks as the target images: the folder that holds them
+    adapt: Literal["none", "adabn_target"] = "none"
+    domain_adversarial: DomainAdversarialParams = field(default_factory=DomainAdversarialParams)
 
     def check(self, key: str) -> None:
         require(0 < self.lr < 10, f"{key}.lr", self.lr, "a learning rate between 0 and 10")
@@ -95,6 +102,18 @@ class FinetuneParams:
         require(not (self.class_weighting and self.sampler != "shuffle"), f"{key}.class_weighting", self.class_weighting,
                 f"false when sampler is {self.sampler!r} (the balanced sampler already corrects the imbalance; "
                 "weighting the loss as well would over-correct)")
+        self.check_target(key)
+
+    def check_target(self, key: str) -> None:
+        dann = self.domain_adversarial.enabled
+        require(not (dann and self.strategy == "linear"), f"{key}.domain_adversarial.weight", self.domain_adversarial.weight,
+                "0 with strategy 'linear' (a frozen backbone cannot align its features); use strategy partial, "
+                "full or gradual for domain-adversarial fine-tuning")
+        needs = f"to name the target images in {key}.target (its source is 'none')"
+        require(self.adapt == "none" or self.target.enabled, f"{key}.adapt", self.adapt, f"'none', or {needs}")
+        require(not dann or self.target.enabled, f"{key}.domain_adversarial.weight", self.domain_adversarial.weight,
+                f"0, or {needs}")
+        check_target(self.target, self.target_data, key)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -274,7 +293,8 @@ def _build_loop(params: FinetuneParams, model: Classifier, train: PreparedSplit,
 
 def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: PreparedSplit,
         hw: hardware.Hardware, log: Callable[[int, dict], None] | None = None, *,
-        world: World = World(), resume: ResumeFile | None = None, cache_features: bool = True) -> dict:
+        world: World = World(), resume: ResumeFile | None = None, cache_features: bool = True,
+        target: np.ndarray | None = None) -> dict:
     """Train, keep the best epoch by `params.monitor`, and load its weights into `model`.
 
     Returns best_epoch (counted from 1), best (its validation metrics), epochs_run,
@@ -303,7 +323,15 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
     sampler = EpochBatches(len(train.labels), params.batch_size, params.seed, world,
                            sampling_weights(params.sampler, train, k))
     steps = len(sampler)
-    optimizer = make_optimizer(params.optimizer, param_groups(model, params), params.lr, params.weight_decay, params.momentum)
+    groups = param_groups(model, params)
+    adversary = None
+    if params.domain_adversarial.enabled and target is not None:  # DANN: the loop trains classifier + domain classifier
+        adversary = Adversary(params.domain_adversarial, params.seed, model, target, build_augment(params.augment),
+                              params.epochs * steps, pin_memory=hw.device.type == "cuda")
+        adversary.module.to(hw.device)
+        loop.module = adversary.module
+        groups.insert(len(groups) - 1, adversary.param_group(params.lr))  # the head stays last (the logged lr)
+    optimizer = make_optimizer(params.optimizer, groups, params.lr, params.weight_decay, params.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, params, steps))
     scaler = torch.amp.GradScaler(hw.device.type, enabled=hw.precision == "fp16")
 
@@ -339,23 +367,27 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
         if source is not None:
             source.reseed(derive_seed(params.seed, epoch, "augment", world.rank))
         torch.manual_seed(derive_seed(params.seed, epoch, "torch", world.rank))  # dropout
+        if adversary is not None:
+            adversary.start_epoch(epoch, world)
 
         total, n = 0.0, 0
-        for index in sampler:
+        for i, index in enumerate(sampler):
             x, y = loop.batches(index)
             x, y = x.to(hw.device, non_blocking=True), y.to(hw.device, non_blocking=True)
             if hw.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             x = loop.inputs(x)
             with hw.autocast():
-                logits = net(x)
-            loss = loss_fn(logits.float(), y)
+                logits = net(x) if adversary is None else adversary.forward(net, x, epoch * steps + i)
+            loss = task_loss = loss_fn(logits.float(), y)
+            if adversary is not None:
+                loss = task_loss + adversary.loss()
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            total += float(loss.detach()) * len(y)
+            total += float(task_loss.detach()) * len(y)
             n += len(y)
         total, n = distributed.all_reduce_sum([total, float(n)], world)
 
@@ -363,6 +395,8 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
         with torch.no_grad():
             vm = validation_metrics(loop.val_logits(), val.labels, val_loss_fn)
         row = {"epoch": epoch, "train_loss": total / max(n, 1), **vm, "lr": optimizer.param_groups[-1]["lr"]}
+        if adversary is not None:
+            row.update(adversary.epoch_metrics(world, (epoch + 1) * steps - 1))
         history.append(row)
         if log:
             log(epoch, row)
@@ -406,14 +440,32 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
     seed_everything(params.seed)
     model = Classifier(backbone, len(pre.classes), pre.mean, pre.std, params.dropout)
     train, val = load_split(prepared, "train", stats), load_split(prepared, "val", stats)
+    target = None
+    if params.adapt == "adabn_target":
+        check_adabn_target(backbone, backbone.arch)
+    if params.target.enabled:  # read before any training, so a bad target stops the stage at once
+        modalities = {str(r.get("modality") or "").upper() for r in train.rows} - {""}
+        target = read_target(params.target, "finetune.target", pre, modalities)
     resume = None
     if resume_path is not None:
         files = [backbone_path, prepared / "stats.json"] + [prepared / f"{s}.{e}" for s in ("train", "val") for e in ("npy", "csv")]
         key = resume_key(params, input_digest(files),
                          {"world_size": world.size, "device": hw.device.type, "precision": hw.precision,
-                          "torch": torch.__version__, "code": code_digest()})
+                          "torch": torch.__version__, "code": code_digest(),
+                          "target": target.record["pixels_sha256"] if target is not None else None})
         resume = ResumeFile(resume_path, key)
-    summary = fit(params, model, train, val, hw, log, world=world, resume=resume)
+    summary = fit(params, model, train, val, hw, log, world=world, resume=resume,
+                  target=target.images if target is not None else None)
+    target_record = {}
+    if target is not None:
+        # The pixel digests let evaluate disclose external results scored on images the model was adapted on.
+        target_record["target"] = {**target.record, "pixel_digests": sorted(set(target.digests))}
+        kept = next((r for r in summary["history"] if r["epoch"] + 1 == summary["best_epoch"]), {})
+        if "domain_accuracy" in kept:  # near 0.5: the kept epoch's features no longer tell the sites apart
+            target_record["domain_adversarial"] = {**asdict(params.domain_adversarial),
+                                                   "domain_accuracy": kept["domain_accuracy"]}
+        if params.adapt == "adabn_target":
+            target_record["target_adaptation"] = adabn_target(model, target.images, max(64, params.batch_size), hw)
     ckpt = model_file(
         model, pre,
         strategy=params.strategy,
@@ -422,5 +474,6 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
         best_epoch=summary["best_epoch"],
         validation=summary["best"],
         adaptation=bb_ckpt.get("adaptation", {}),
+        **target_record,
     )
     return ckpt, summary

@@ -31,7 +31,7 @@ def run() -> str:
                 f"sensitivity {_fmt(m, 'sensitivity')}, specificity {_fmt(m, 'specificity')}"
     for name in (e.name for e in params.external):
         e = set_columns(m, name)
-        flags = [f for f in ("intensity_shift", "operating_point_shift") if e.get(f)]
+        flags = [f for f in ("intensity_shift", "operating_point_shift", "transductive") if e.get(f)]
         line += f"; external {name}, {e['n']} images: ROC AUC {_fmt(e, 'roc_auc')}" + \
                 (f" [{', '.join(flags)}]" if flags else "")
     return line

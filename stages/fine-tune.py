@@ -17,6 +17,7 @@ from medtl.model import save_model
 from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.stage import main
+from medtl.target import require_present
 
 BACKBONE, PREPARED, OUT, LIVE = Path("models/backbone.pt"), Path("data/prepared"), Path("models/model.pt"), "dvclive"
 RESUME = Path("models/finetune.ckpt")
@@ -62,7 +63,9 @@ def run() -> str:
             distributed.shutdown()
         return ""
     try:
-        with stage_record("fine-tune", params, inputs=[BACKBONE, PREPARED], outputs=[OUT]) as rec:
+        require_present(params.target, "finetune")
+        target = [Path(p) for p in params.target.source_inputs()]  # hashed with the other inputs
+        with stage_record("fine-tune", params, inputs=[BACKBONE, PREPARED, *target], outputs=[OUT]) as rec:
             # Curves restart with the run; rows of resumed epochs are replayed from the checkpoint.
             with Live(LIVE, save_dvc_exp=False, dvcyaml=False) as live:
                 ckpt, summary = train(params, world, live)
@@ -71,14 +74,30 @@ def run() -> str:
             rec.seeds["torch"] = params.seed
             rec.hardware = ckpt["hardware"]
             rec.extra["training"] = {k: summary[k] for k in ("best_epoch", "epochs_run", "best", "resumed_from")}
+            for k in ("target", "target_adaptation", "domain_adversarial"):  # the target images by count and pixel sha256 (medtl.target)
+                if k in ckpt:
+                    rec.extra[k] = {n: v for n, v in ckpt[k].items() if n != "pixel_digests"}
     finally:
         distributed.shutdown()
     best, hw = summary["best"], ckpt["hardware"]
     resumed = f", resumed at epoch {summary['resumed_from'] + 1}" if summary["resumed_from"] is not None else ""
     procs = f" x{hw['processes']}" if hw["processes"] > 1 else ""
-    return f"{params.strategy} {ckpt['arch']} on {hw['device']}/{hw['precision']}{procs}: " \
+    line = f"{params.strategy} {ckpt['arch']} on {hw['device']}/{hw['precision']}{procs}: " \
            f"best epoch {summary['best_epoch']}/{summary['epochs_run']}{resumed}, val AUC {best['val_auc']:.3f}, " \
            f"val accuracy {best['val_accuracy']:.3f}"
+    return line + target_summary(ckpt)
+
+
+def target_summary(ckpt: dict) -> str:
+    """What was done with the target images, for the summary line."""
+    if "target" not in ckpt:
+        return ""
+    done = [f"{ckpt['target']['images']} target images"]
+    if "domain_adversarial" in ckpt:
+        done.append(f"domain accuracy {ckpt['domain_adversarial']['domain_accuracy']:.3f} (DANN)")
+    if "target_adaptation" in ckpt:
+        done.append("batch-norm statistics re-estimated on them (adabn_target)")
+    return "; " + ", ".join(done)
 
 
 if __name__ == "__main__":

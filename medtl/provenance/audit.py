@@ -223,6 +223,9 @@ def model_details(path: Path) -> dict:
         raise MedtlError(f"{path} is not a medtl model checkpoint (expected a dict with arch, classes, state_dict)")
     keys = ("format", "arch", "in_channels", "num_features", "classes", "preprocessing", "hardware", "strategy", "best_epoch", "validation")
     details = {k: ckpt[k] for k in keys if k in ckpt}
+    for k in ("target", "target_adaptation", "domain_adversarial"):  # unlabelled target images: counts and set digest, not per-image digests
+        if isinstance(ckpt.get(k), dict):
+            details[k] = {n: v for n, v in ckpt[k].items() if n != "pixel_digests"}
     backbone = ckpt.get("backbone") if isinstance(ckpt.get("backbone"), dict) else {}
     for k in ("in_channels", "num_features", "grayscale"):
         if k not in details and k in backbone:

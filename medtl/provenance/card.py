@@ -261,7 +261,8 @@ def validation_sets(details) -> list[dict]:
         return {"name": name, "kind": kind, "n": report.get("n"), "patients": report.get("n_groups"), "metrics": metrics,
                 "intensity_distance": shift.get("intensity_wasserstein"), "intensity_shift": shift.get("intensity_shift"),
                 "operating_point_shift": shift.get("operating_point_shift"),
-                "prevalence": shift.get("prevalence"), "predicted_prevalence": shift.get("predicted_prevalence")}
+                "prevalence": shift.get("prevalence"), "predicted_prevalence": shift.get("predicted_prevalence"),
+                "transductive": shift.get("transductive"), "transductive_images": shift.get("transductive_images")}
 
     rows = [row(str(details.get("split") or "test"), "internal", details, details.get("shift"))]
     rows += [row(name, "external", r, r.get("shift")) for name, r in details["external"].items() if isinstance(r, dict)]
@@ -275,7 +276,9 @@ def validation_table(details) -> tuple[list[str], list[list[str]]]:
     out = []
     for r in validation_sets(details):
         flags = [f for f, on in (("intensity shift", r["intensity_shift"]),
-                                 ("operating point moved", r["operating_point_shift"])) if on]
+                                 ("operating point moved", r["operating_point_shift"]),
+                                 (f"transductive: {r['transductive_images']} image(s) also in the model's unlabelled "
+                                  "target images", r["transductive"])) if on]
         out.append([r["name"], r["kind"], fmt(r["n"]), fmt(r["patients"])] +
                    [f"{fmt(m['value'], 3)} ({fmt(m['low'], 3)} – {fmt(m['high'], 3)})" if m["low"] is not None
                     else fmt(m["value"], 3) for m in r["metrics"].values()] +

@@ -74,7 +74,8 @@ def checklist(ev: dict) -> list[dict]:
              + ("" if group["patient_level"] else "; intervals resample images, not patients (image-level groups)")),
         item("FDA GMLP", "Performance on an independent (external) data set", PRESENT if external else MISSING,
              f"{len(external)} external set(s) evaluated at the validation-fitted operating point: "
-             + ", ".join(f"{r['name']} ({card.fmt(r['n'])} images{'; shift flagged' if r['intensity_shift'] or r['operating_point_shift'] else ''})" for r in external)
+             + ", ".join(f"{r['name']} ({card.fmt(r['n'])} images{'; shift flagged' if r['intensity_shift'] or r['operating_point_shift'] else ''}"
+                         f"{'; transductive (adapted on some of its images)' if r.get('transductive') else ''})" for r in external)
              if external else "only a held-out split of the development source; no external set (evaluate.external)",
              concern=any(r["intensity_shift"] or r["operating_point_shift"] for r in external)),
         item("FDA GMLP", "Performance across clinically relevant subgroups", PRESENT if subs else NOT_APPLICABLE,
@@ -180,6 +181,22 @@ def _adaptation_text(a) -> str:
     return text + (f"; {json.dumps(rest)}" if rest else "")
 
 
+def _target_facts(m: dict) -> list[tuple[str, str]]:
+    """The deployment site's unlabelled images the model was adapted on (finetune.target), if any."""
+    t = m.get("target")
+    if not isinstance(t, dict):
+        return []
+    facts = [("target images (unlabelled)", f"{t.get('images')} images from source {t.get('source')}, pixels sha256 "
+                                             f"{t.get('pixels_sha256')}; skipped {json.dumps(t.get('skipped') or {})}")]
+    dann = m.get("domain_adversarial")
+    if isinstance(dann, dict):
+        facts.append(("domain-adversarial fine-tuning", f"DANN, weight {dann.get('weight')}, ramp gamma {dann.get('gamma')}, "
+                                                         f"domain accuracy {card.fmt(dann.get('domain_accuracy'), 3)} at the kept epoch"))
+    if isinstance(m.get("target_adaptation"), dict):
+        facts.append(("target adaptation", _adaptation_text(m["target_adaptation"])))
+    return facts
+
+
 def _model_facts(ev: dict) -> list[tuple[str, str]]:
     m, w, exp, git = ev["model"], ev.get("weights") or {}, ev.get("experiment"), ev["git"]
     facts = [
@@ -190,6 +207,7 @@ def _model_facts(ev: dict) -> list[tuple[str, str]]:
         ("preprocessing", json.dumps(m.get("preprocessing"))),
         ("pretrained weights", _weights_text(w)),
         ("domain adaptation", _adaptation_text(w.get("adaptation"))),
+        *_target_facts(m),
         ("code commit", f"{git.get('commit') or 'none'}" + (" (dirty working tree)" if git.get("dirty") else "")),
         ("experiment", f"{exp['name']} ({exp.get('ref') or 'no ref'})" if exp else "none (workspace run)"),
         ("audit generated", ev["generated"]),
