@@ -8,17 +8,16 @@ Nothing identifying leaves this stage: files are named by `source_ref` (a
 keyed hash of the relative path) and sha256, groups by a keyed pseudonym,
 metadata only through the whitelist, and quarantine reasons are fixed words
 and numbers. Library warnings raised while decoding (which may quote header
-values) are counted by kind in the report instead of reaching the log.
+values) are counted by kind in the report instead of reaching the log. Decoding and
+the header checks are `medtl.intake`'s, the same for every entry point.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import multiprocessing
 import os
 import sys
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,15 +26,15 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from medtl import phi
+from medtl import intake, phi
 from medtl import splits as splitting
-from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.errors import MedtlError, ParamsError
+from medtl.intake import Intake
 from medtl.ingest_table import Columns, ImageTable, Record
-from medtl.io import sha256_file, write_json
+from medtl.io import write_json
 from medtl.manifest import ManifestRow, write_manifest
 from medtl.params import require
-from medtl.readers import ReadOptions, read
-from medtl.readers.dicom import BURNED_IN
+from medtl.readers import ReadOptions
 from medtl.sources import SOURCES, Source, SourceItem, check_source_paths, open_source, source_inputs
 from medtl.sources.csv import CsvParams
 from medtl.sources.demo import DemoParams
@@ -45,7 +44,7 @@ from medtl.sources.medmnist import MedmnistParams
 from medtl.store import PixelStoreWriter, quantize
 
 # Quarantine reasons every report counts, even at zero, so a reviewer sees they were looked for.
-COUNTED_REASONS = ("burned_in_annotation", "symlink_loop", "dangling_symlink", "label_conflict")
+COUNTED_REASONS = intake.COUNTED_REASONS + ("label_conflict",)
 GROUPING_KINDS = ("patient_id", "column", "rule", "source", "image")
 
 
@@ -156,68 +155,22 @@ class DecodedImage:
 
 @dataclass
 class DecodeResult:
-    item: SourceItem
-    sha256: str = ""  # of the source file's bytes
+    """An intake result (`medtl.intake.decode_item`) with its images quantized as stored, to cross back from a worker."""
+
+    intake: Intake
     images: list[DecodedImage] = field(default_factory=list)
-    identity: dict[str, str] = field(default_factory=dict)  # header ids of the first image; never stored
-    problem: str | None = None
-    detail: str = ""
-    warnings: list[str] = field(default_factory=list)  # kinds of library warnings (fixed words and tag names)
 
 
-class _LogTally(logging.Handler):
-    """Counts the decoding libraries' log records by level instead of letting them reach stderr (they may quote values)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kinds: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.kinds.append(f"library_log:{record.name.split('.')[0]}:{record.levelname.lower()}")
-
-
-_TALLY = _LogTally()
-for _name in ("pydicom", "nibabel", "PIL"):
-    _logger = logging.getLogger(_name)
-    _logger.addHandler(_TALLY)
-    _logger.propagate = False
-
-
-def _decode(job: tuple[SourceItem, ReadOptions]) -> DecodeResult:
-    """Worker: decode one item into quantized images, or say why it cannot be."""
-    item, options = job
-    res = DecodeResult(item)
-    _TALLY.kinds = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            if item.problem:
-                raise UnreadableImage(item.problem, item.detail)
-            if item.pixels is not None:
-                decoded = [(item.pixels, {})]
-                res.sha256 = item.sha256 or hashlib.sha256(np.ascontiguousarray(item.pixels).tobytes()).hexdigest()
-            else:
-                res.sha256 = sha256_file(item.path)
-                found = read(item.path, options)
-                decoded = [(d.pixels, d.metadata) for d in found]
-                res.identity = dict(found[0].identity)
-            for pixels, meta in decoded:
-                q = quantize(pixels)
-                checked, blanked = phi.check_header_metadata(meta)
-                res.warnings += [f"invalid_value:{k}" for k in blanked]
-                res.images.append(DecodedImage(q, checked, hashlib.sha256(q.tobytes() + str(q.shape).encode()).digest()))
-        except UnreadableImage as e:
-            res.problem, res.detail = e.reason, _safe_detail(e.detail, item)
-        except Exception as e:  # a reader bug must not take the whole dataset down; it is reported
-            res.problem, res.detail = "decode_error", f"unexpected {phi.error_kind(e)} while decoding"
-        res.images = [] if res.problem else res.images
-    res.warnings += [phi.warning_kind(w) for w in caught] + _TALLY.kinds
-    return res
-
-
-def _safe_detail(detail: str, item: SourceItem) -> str:
-    """A reader's detail without the file's path (or any long segment of it): reports name files by ref."""
-    return phi.scrub_path(detail, item.path, item.relative, keep=(item.label,) if item.label else ())
+def _decode(job: tuple[SourceItem, ReadOptions, str]) -> DecodeResult:
+    """Worker: one item through the intake, its images quantized for the pixel store."""
+    item, options, burned_in = job
+    res = intake.decode_item(item, options, burned_in)
+    images = []
+    for image in res.images:
+        q = quantize(image.pixels)
+        images.append(DecodedImage(q, image.metadata, hashlib.sha256(q.tobytes() + str(q.shape).encode()).digest()))
+    res.images = []  # float pixels stay in the worker
+    return DecodeResult(res, images)
 
 
 # The ingest itself.
@@ -300,7 +253,7 @@ class _Run:
     burned_in_kept: int = 0
 
     def quarantine(self, item: SourceItem, reason: str, detail: str) -> None:
-        self.quarantined.append(QuarantineEntry(phi.source_ref(item.ref_key), reason, _safe_detail(detail, item),
+        self.quarantined.append(QuarantineEntry(phi.source_ref(item.ref_key), reason, intake.safe_detail(detail, item),
                                                 item.line, item.index))
 
 
@@ -317,7 +270,7 @@ def _ingest(params: IngestParams, source: Source, out_dir: Path, pool) -> dict:
                 problem = _label_problem(item.label, classes)
                 if problem:  # not worth decoding
                     item.problem, item.detail = problem
-            yield item, options
+            yield item, options, params.burned_in
 
     total = source.count if source.count is not None else len(source.items) if isinstance(source.items, list) else None
     run = _Run(ImageTable(out_dir))
@@ -337,9 +290,10 @@ def _ingest(params: IngestParams, source: Source, out_dir: Path, pool) -> dict:
         run.images.close()
 
 
-def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], params: IngestParams,
+def _take(decoded: DecodeResult, run: _Run, source: Source, classes: list[str], params: IngestParams,
           extra_columns: list[str], allowed: list[str], writer: PixelStoreWriter) -> None:
     """Fold one decode result into the run: images kept, or the file quarantined with its reason."""
+    res = decoded.intake
     item = res.item
     run.seen += 1
     run.warnings.update(res.warnings)
@@ -360,20 +314,16 @@ def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], para
     if problem:
         run.quarantine(item, *problem)
         return
-    if res.identity.get(BURNED_IN) == "YES":
-        if params.burned_in == "quarantine":
-            run.quarantine(item, "burned_in_annotation", "BurnedInAnnotation is YES: text is drawn into the pixels")
-            return
-        run.burned_in_kept += 1
+    run.burned_in_kept += res.burned_in  # a file with burned-in text is quarantined by the intake unless kept
     if not group and res.identity.get("PatientID"):
         group, group_kind = res.identity["PatientID"], "patient_id"
     if not group:  # no group information: the image (file) is its own group
         group, group_kind = "image:" + item.ref_key, "image"
     run.decoded += 1
-    ref = phi.source_ref(item.ref_key)
+    ref = res.ref
     pseudonym = phi.pseudonymise(group)
     file_digest = bytes.fromhex(res.sha256) if item.pixels is None else None  # array items share their container's
-    for image in res.images:
+    for image in decoded.images:
         offset, h, w, c = writer.append(image.pixels)
         metadata = phi.filter_metadata({**image.metadata, **item.extra}, sorted(set(extra_columns) | set(item.extra)), allowed)
         run.images.append(run.seen, label, pseudonym, group_kind, item.split, file_digest, image.pixel_hash,

@@ -231,8 +231,18 @@ PHOTOMETRIC_VALUES = {
     "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
     "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "ARGB", "CMYK", "HSV",
 }
+# Modality (0008,0060) defined terms (PS3.3 C.7.3.1.1.1), retired ones included: a value outside them is free
+# text (a name typed into the field fits the code-string form as well), so it is never copied or repeated.
+MODALITY_TERMS = {
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CD", "CF", "CP", "CR", "CS", "CT", "CTPROTOCOL", "DD", "DF", "DG",
+    "DM", "DOC", "DS", "DX", "EC", "ECG", "EPS", "ES", "FA", "FID", "FS", "GM", "HC", "HD", "IO", "IOL", "IVOCT",
+    "IVUS", "KER", "KO", "LEN", "LP", "LS", "MA", "MG", "MR", "MS", "NM", "OAM", "OCT", "OP", "OPM", "OPR", "OPT",
+    "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PLAN", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE",
+    "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR",
+    "SRF", "ST", "STAIN", "TEXTUREMAP", "TG", "US", "VA", "VF", "XA", "XAPROTOCOL", "XC",
+}
 _CHECKS = {
-    "modality": lambda v: bool(_CODE_STRING.fullmatch(v)),
+    "modality": lambda v: v.upper() in MODALITY_TERMS,
     "body_part": lambda v: bool(_CODE_STRING.fullmatch(v)),
     "view_position": lambda v: bool(_CODE_STRING.fullmatch(v)),
     "photometric": lambda v: v in PHOTOMETRIC_VALUES,

@@ -1,0 +1,235 @@
+"""The one intake: from a source item to checked, decoded images ready for `medtl.imaging.model_input`.
+
+Every image that enters medtl passes through `decode_item`: ingest, external
+sets (`evaluate.external`), `medtl predict`, self-supervised pretraining's
+extra images and unlabelled target images (`read_unlabelled`). One policy
+holds for all of them:
+
+- walking: folders are walked by `medtl.sources.walk_files`; a link that
+  loops, dangles or leaves the root, and a hidden file, is counted with its
+  reason, never read and never silently dropped (`folder_items`);
+- decoding with the record's read options (`medtl.readers.read`);
+- library warnings, log records and errors become fixed-vocabulary reasons
+  ("invalid_value:UI", "truncated"): their text may quote header values;
+- header checks: BurnedInAnnotation YES (text such as a name drawn into the
+  pixels) is refused unless the caller keeps it; whitelisted metadata only,
+  each value in the form the standard gives it (a name typed into Modality
+  or PhotometricInterpretation is never copied);
+- naming: a file is named by its keyed ref (`medtl.phi.source_ref` of its
+  path relative to the root) and the sha256 of its bytes, never by its path;
+  details carry fixed words, numbers and tag keywords, never a path segment.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Literal
+
+import numpy as np
+
+from medtl import phi
+from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.io import sha256_file
+from medtl.readers import ReadOptions, read
+from medtl.readers.dicom import BURNED_IN
+
+if TYPE_CHECKING:
+    from medtl.imaging import Preprocessing
+    from medtl.sources import SourceItem
+
+BurnedIn = Literal["quarantine", "keep"]
+# Reasons every caller counts, even at zero, so a reviewer sees they were looked for.
+COUNTED_REASONS = ("burned_in_annotation", "symlink_loop", "dangling_symlink", "link_outside_root")
+
+
+@dataclass
+class Image:
+    pixels: np.ndarray  # float32 in [0, 1], (H, W) or (H, W, 3), as decoded
+    metadata: dict[str, str]  # whitelisted header metadata, values checked (a bad one is "")
+    blanked: tuple[str, ...] = ()  # metadata keys whose value was not of the standard's form
+
+
+@dataclass
+class Intake:
+    """One source item through the intake: its images, or why there are none."""
+
+    item: SourceItem
+    ref: str = ""  # keyed ref of the item's relative path ("" for a file passed by itself)
+    sha256: str = ""  # of the file's bytes (of the pixels for array items)
+    images: list[Image] = field(default_factory=list)
+    identity: dict[str, str] = field(default_factory=dict)  # header ids of the first image; never stored
+    burned_in: bool = False  # BurnedInAnnotation YES, kept because the caller asked
+    problem: str | None = None  # a fixed-vocabulary reason
+    detail: str = ""  # fixed words, numbers and tag keywords
+    warnings: list[str] = field(default_factory=list)  # kinds of library warnings (fixed words and tag names)
+
+
+class _LogTally(logging.Handler):
+    """Counts the decoding libraries' log records by level instead of letting them reach stderr (they may quote values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kinds: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.kinds.append(f"library_log:{record.name.split('.')[0]}:{record.levelname.lower()}")
+
+
+_TALLY = _LogTally()
+for _name in ("pydicom", "nibabel", "PIL"):
+    _logger = logging.getLogger(_name)
+    _logger.addHandler(_TALLY)
+    _logger.propagate = False
+
+
+def decode_item(item: SourceItem, options: ReadOptions, burned_in: BurnedIn = "quarantine") -> Intake:
+    """Decode one item with `options` and check it; never raises for a bad file (the reason is in `problem`)."""
+    res = Intake(item, phi.source_ref(item.ref_key) if item.relative else "")
+    _TALLY.kinds = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if item.problem:
+                raise UnreadableImage(item.problem, item.detail)
+            if item.pixels is not None:
+                found = [(item.pixels, {})]
+                res.sha256 = item.sha256 or hashlib.sha256(np.ascontiguousarray(item.pixels).tobytes()).hexdigest()
+            else:
+                res.sha256 = sha256_file(item.path)
+                decoded = read(item.path, options)
+                found = [(d.pixels, d.metadata) for d in decoded]
+                res.identity = dict(decoded[0].identity)
+            if res.identity.get(BURNED_IN) == "YES":
+                if burned_in == "quarantine":
+                    raise UnreadableImage("burned_in_annotation",
+                                          "BurnedInAnnotation is YES: text is drawn into the pixels")
+                res.burned_in = True
+            for pixels, meta in found:
+                checked, blanked = phi.check_header_metadata(meta)
+                res.warnings += [f"invalid_value:{k}" for k in blanked]
+                res.images.append(Image(pixels, checked, tuple(blanked)))
+        except UnreadableImage as e:
+            res.problem, res.detail = e.reason, safe_detail(e.detail, item)
+        except OSError as e:
+            res.problem, res.detail = "unreadable_file", f"the file cannot be read ({phi.error_kind(e)})"
+        except Exception as e:  # a reader bug must not take the whole run down; it is reported
+            res.problem, res.detail = "decode_error", f"unexpected {phi.error_kind(e)} while decoding"
+        if res.problem:
+            res.images, res.identity = [], {}
+    res.warnings += [phi.warning_kind(w) for w in caught] + _TALLY.kinds
+    return res
+
+
+def safe_detail(detail: str, item: SourceItem) -> str:
+    """A reader's detail without the file's path (or any longer segment of it): files are named by ref."""
+    return phi.scrub_path(detail, item.path, item.relative, keep=(item.label,) if item.label else ())
+
+
+def folder_items(root: Path, hidden: Counter | None = None) -> Iterator[SourceItem]:
+    """Every file under `root` as an unlabelled SourceItem; links that cannot be followed carry their problem.
+
+    Hidden files and folders are not read; each is counted in `hidden` (under "hidden_file").
+    """
+    from medtl.sources import entry_item, walk_files
+
+    for entry in walk_files(root, hidden=hidden):
+        yield entry_item(entry, root)
+
+
+def describe_source(items_seen: int, skipped: Counter, hidden: Counter) -> dict:
+    """The counts every unlabelled read reports: files seen, skipped by reason (counted reasons at zero), hidden."""
+    return {"files": items_seen, "skipped": dict(sorted({**dict.fromkeys(COUNTED_REASONS, 0), **skipped}.items())),
+            "hidden_files": int(hidden.get("hidden_file", 0))}
+
+
+@dataclass
+class Unlabelled:
+    """Unlabelled images prepared as the model's own, each named by its file's ref and sha256."""
+
+    images: np.ndarray  # (N, C, S, S) float16, `model_input` of each image (memory-mapped when `out` was given)
+    refs: list[str]  # per image: keyed ref of its file (with "#slice"/"#frame" for several images of one file)
+    sha256: list[str]  # per image: sha256 of its file's bytes
+    counts: dict  # files, images, skipped {reason: n}, hidden_files, burned_in_kept, decode_warnings {kind: n}
+
+
+def read_unlabelled(source, pre: Preprocessing, key: str, out: Path | None = None,
+                    burned_in: BurnedIn = "quarantine") -> Unlabelled:
+    """Decode every readable image of `source` as the model's data were: the fifth entry point's reader.
+
+    `source` is a folder (str or Path: every file under it, walked as above)
+    or a source params section with `.source` and that source's fields (an
+    `evaluate.external` entry, say): its items are read and their labels
+    ignored. `pre` is the preprocessing record (read options, channels, size,
+    resize). `key` names the params key in messages. Images are returned as
+    `model_input` arrays; with `out`, in a memory-mapped .npy file there.
+    Unreadable files are skipped and counted by reason; with no readable
+    image at all a ParamsError names `key`.
+    """
+    from medtl.imaging import model_input
+    from medtl.io import open_npy
+
+    options = pre.read_options()
+    skipped, hidden, warned = Counter(), Counter(), Counter()
+    images, refs, digests, seen, kept_burned = [], [], [], 0, 0
+    for item in _unlabelled_items(source, key, pre, hidden):
+        seen += 1
+        res = decode_item(item, options, burned_in)
+        warned.update(res.warnings)
+        if res.problem:
+            skipped[res.problem] += 1
+            continue
+        kept_burned += res.burned_in
+        for k, image in enumerate(res.images):
+            images.append(model_input(image.pixels, pre))
+            where = image.metadata.get("slice") or image.metadata.get("frame")
+            refs.append(res.ref + (f"#{where}" if where and len(res.images) > 1 else ""))
+            digests.append(res.sha256)
+    counts = {**describe_source(seen, skipped, hidden), "images": len(images), "burned_in_kept": kept_burned,
+              "decode_warnings": dict(sorted(warned.items()))}
+    if not images:
+        raise ParamsError(f"{key}: no readable image ({seen} file(s), skipped: "
+                          f"{ {k: v for k, v in counts['skipped'].items() if v} or 'none'}); expected DICOM, NIfTI, "
+                          "PNG, JPEG, BMP or TIFF files")
+    shape = (len(images), pre.channels, pre.image_size, pre.image_size)
+    if out is None:
+        arr = np.stack(images)
+    else:
+        arr = open_npy(out, np.float16, shape)
+        for i, img in enumerate(images):
+            arr[i] = img
+        arr.flush()
+    return Unlabelled(arr, refs, digests, counts)
+
+
+def _unlabelled_items(source, key: str, pre: Preprocessing, hidden: Counter) -> Iterator[SourceItem]:
+    if isinstance(source, (str, Path)):
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ParamsError(f"{key}: {source} is not a folder; expected a folder of unlabelled images")
+        yield from folder_items(folder, hidden)
+        return
+    import shutil
+    import tempfile
+
+    from medtl.sources import open_source
+
+    workdir = Path(tempfile.mkdtemp(prefix="medtl-intake-"))
+    try:
+        try:
+            opened = open_source(source, workdir)
+        except MedtlError as e:
+            error = ParamsError if isinstance(e, ParamsError) else MedtlError
+            raise error(f"{key}: " + str(e).replace("ingest.", f"{key}.")) from None
+        try:
+            for item in opened.items:
+                item.label = None
+                yield item
+        finally:
+            if opened.cleanup:
+                opened.cleanup()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
