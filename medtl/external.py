@@ -165,6 +165,8 @@ class ExternalData:
 
 def check_pseudonym_key(spec: ExternalSet, key: str) -> None:
     """As ingest: real DICOM ids pseudonymised with the public key could be reversed by anyone, so refuse."""
+    phi.pseudonym_key()  # a short key is refused before any work
+    phi.refuse_demo_key(spec.source, f"{key} ({spec.name})")
     if spec.source == "dicom" and phi.uses_default_key():
         raise MedtlError(f"{key} ({spec.name}) is a dicom source and no pseudonym key is set, so its patient ids "
                          f"would be pseudonymised with the public demo key, which anyone can use to reverse them; "

@@ -223,6 +223,8 @@ def steady_heap(size: int = 128 * 1024) -> None:
 
 def check_pseudonym_key(params: IngestParams) -> None:
     """Real DICOM ids and paths pseudonymised with the public key could be recomputed by anyone: refuse or warn."""
+    phi.pseudonym_key()  # a short key is refused before any work
+    phi.refuse_demo_key(params.source, f"ingest.source {params.source}")
     if params.source == "demo" or not phi.uses_default_key():
         return
     if params.source == "dicom":
@@ -422,6 +424,8 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         "pseudonym_key": phi.key_kind(),
         "metadata_columns": metadata_columns,
         "allowed_identifier_columns": sorted(allowed),
+        # every metadata column kept by ingest.csv.allow_columns, with what flagged it (its name, its values)
+        "allowed_columns": source.description.get("allowed_columns", {}),
         "burned_in_annotation": {"policy": params.burned_in, "quarantined": reasons.get("burned_in_annotation", 0),
                                  "kept": run.burned_in_kept},
         "label_conflicts": conflicts,

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(autouse=True)
 def pseudonym_key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "test key")
+    monkeypatch.setenv(KEY_ENV, "test key, sixteen bytes or more")
 
 
 def paths_by_ref(root: Path) -> dict[str, str]:

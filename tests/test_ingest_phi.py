@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(autouse=True)
 def pseudonym_key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "test key")
+    monkeypatch.setenv(KEY_ENV, "test key, sixteen bytes or more")
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 
