@@ -248,18 +248,19 @@ class ColumnProfile:
             return
         self.n += 1
         self.distinct.add(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest())
-        for kind, pattern in _VALUE_LOOKS:
-            if kind not in self.first and pattern.search(value):
-                self.first[kind] = line
-        if "phone numbers" not in self.first and any(
-                sum(c.isdigit() for c in m) >= 8 for m in _PHONE.findall(value)):
-            self.first["phone numbers"] = line
+        looks = [kind for kind, pattern in _VALUE_LOOKS if pattern.search(value)]
+        if "dates" not in looks and any(sum(c.isdigit() for c in m) >= 8 for m in _PHONE.findall(value)):
+            looks = ["phone numbers"] + [k for k in looks if k != "long digit runs"]  # its digits are not a run too
+        for kind in looks:
+            self.first.setdefault(kind, line)
 
-    def finding(self, where: str = "line") -> str | None:
-        """Why the values look identifying ("values look like dates (first on line 4)"), or None. Never a value."""
+    def finding(self, where: str = "the table") -> str | None:
+        """Why the values look identifying ("its values look like dates (first on m.csv line 4)"), or None.
+
+        Never a value."""
         if self.first:
             kind, line = min(self.first.items(), key=lambda kv: kv[1])
-            return f"values look like {kind} (first on {where} {line})"
+            return f"its values look like {kind} (first on {where} line {line})"
         if self.n >= DISTINCT_MIN_ROWS and len(self.distinct) > DISTINCT_FRACTION * self.n:
             return (f"{len(self.distinct) / self.n:.0%} of its {self.n} values are distinct (more than "
                     f"{DISTINCT_FRACTION:.0%}: a value per person or per image)")

@@ -210,6 +210,54 @@ def test_allowed_columns_are_kept_and_recorded(tmp_path):
         params(source="csv", csv={**csv, "allow_columns": ["mrn"]})
 
 
+MULTILINGUAL = ["patient_identifier", "identifier", "hospital_number", "pid", "patient_no", "case_no", "nom_patient",
+                "geburtsdatum", "姓名", "fecha_nacimiento", "telefono", "insurance", "passport", "postal_code", "exam_date"]
+
+
+@pytest.mark.parametrize("column", MULTILINGUAL)
+def test_identifying_csv_columns_are_refused_by_name_in_several_languages(column):
+    with pytest.raises(ParamsError, match=re.escape(repr(column)) + ".*allow_columns"):
+        params(source="csv", csv={"manifest": "m.csv", "metadata": ["site", column]})
+
+
+def content_csv(root: Path, column: str, value) -> Path:
+    lines = [f"path,label,site,{column}"]
+    for i in range(20):
+        png(root / f"{i}.png", seed=distinct_seed("content", i))
+        lines.append(f"{i}.png,{'a' if i % 2 else 'b'},s{i % 2},{value(i)}")
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
+@pytest.mark.parametrize("value, finding", [
+    (lambda i: f"K{i * 7919 % 1000:03d}", "distinct"),  # a code per person, harmless-looking name
+    (lambda i: f"2021-0{i % 9 + 1}-1{i % 10}" if i % 4 else "", "dates"),
+    (lambda i: "+49 30 1234567" if i == 3 else "x", "phone numbers"),
+    (lambda i: f"pat{i % 3}@clinic.example" if i == 5 else "y", "e-mail addresses"),
+    (lambda i: "AB1234567" if i == 7 else "z", "long digit runs"),
+])
+def test_csv_columns_whose_values_look_identifying_are_refused_unless_allowed(tmp_path, value, finding):
+    manifest = content_csv(tmp_path / "data", "cohort", value)
+    csv = {"manifest": str(manifest), "metadata": ["site", "cohort"]}
+    with pytest.raises(ParamsError, match=f"'cohort'.*looks identifying: .*{finding}.*allow_columns") as e:
+        ingest(tmp_path, source="csv", csv=csv)
+    assert "clinic.example" not in str(e.value) and "1234567" not in str(e.value)  # the value is never repeated
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+    report, rows = ingest(tmp_path, source="csv", csv={**csv, "allow_columns": ["cohort"]})
+    assert finding in report["allowed_columns"]["cohort"] and report["allowed_columns"]["cohort"].startswith("values:")
+    assert report["allowed_columns"] == report["source"]["allowed_columns"] and "site" not in report["allowed_columns"]
+
+
+def test_ages_over_89_are_capped_at_ingest(tmp_path):
+    manifest = content_csv(tmp_path / "data", "age", lambda i: ["34", "93", "101", "90+", "95-99"][i % 5])
+    report, rows = ingest(tmp_path, source="csv", csv={"manifest": str(manifest), "metadata": ["site", "age"]})
+    assert {r["age"] for r in rows} == {"34", "90"}
+    root = tmp_path / "dicom"
+    files = dicoms(root, PatientAge="097Y")
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)})
+    assert max(float(r["age"]) for r in rows if r["age"]) <= 90 and "97" not in {r["age"] for r in rows}
+
+
 def test_workers_above_the_cores_are_refused():
     with pytest.raises(ParamsError, match=rf"ingest.workers.*{available_cores()} CPU core"):
         params(workers=available_cores() + 1)

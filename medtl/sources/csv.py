@@ -91,7 +91,7 @@ def check_column_values(profiles: dict[str, ColumnProfile], allowed: list[str], 
         finding = profile.finding(where)
         if finding and name not in allowed:
             raise ParamsError(
-                f"metadata column {name!r} (params key 'ingest.csv.metadata') looks identifying by its values: "
+                f"metadata column {name!r} (params key 'ingest.csv.metadata') looks identifying: "
                 f"{finding}; it is not copied into artifacts. Remove it, or if you have checked that it holds no "
                 "identifier, list it under ingest.csv.allow_columns as well (report.json then records it under "
                 "allowed_columns with this finding)")
@@ -163,7 +163,7 @@ class ManifestRows:
         if n == 1:
             raise MedtlError(f"ingest.csv.manifest {manifest} has no rows; expected one row per image")
         table.count = n - 1
-        table.allowed = check_column_values(profiles, p.allow_columns, f"line of {manifest.name}")
+        table.allowed = check_column_values(profiles, p.allow_columns, manifest.name)
         return table
 
     @classmethod
