@@ -104,6 +104,8 @@ def check_external(sets: list[ExternalSet], data: str, key: str) -> None:
     require(len(set(names)) == len(names), f"{key}.external", names, "sets with distinct names")
     root = Path(data).resolve()
     for i, s in enumerate(sets):
+        intake.check_data_paths(data, [(f"{key}.external[{i}].{s.source}", p) for p in s.source_inputs()],
+                                f"{key}.external_data")
         for path in s.source_inputs():
             require(Path(path).resolve().is_relative_to(root), f"{key}.external[{i}].{s.source}", path,
                     f"a path inside {key}.external_data ({data!r}), which dvc tracks so that evaluate reruns when "

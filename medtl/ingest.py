@@ -122,6 +122,17 @@ class IngestParams:
         require(self.source == "demo" or self.data != DEMO_DATA, f"{key}.data", self.data,
                 f"the folder or file holding your {self.source} data, so that dvc reruns ingest when it changes")
         check_source_paths(self, key)
+        if self.source != "demo":  # every source path inside what DVC tracks, none relative out of the project
+            intake.check_data_paths(self.data, self.source_paths(key), f"{key}.data")
+
+    def source_paths(self, key: str) -> list[tuple[str, str]]:
+        """(params key, path) of every file or folder the source reads, its root included."""
+        inputs = {"folder": ["folder.root"], "csv": ["csv.manifest", "csv.root"], "dicom": ["dicom.root", "dicom.labels"],
+                  "medmnist": ["medmnist.path"]}.get(self.source, [])
+        out = [(f"{key}.{name}", getattr(getattr(self, name.split(".")[0]), name.split(".")[1])) for name in inputs]
+        if self.source == "csv" and not self.csv.root:
+            out.append((f"{key}.csv.manifest (its folder, the images' root)", self.source_root()))
+        return out
 
     def read_options(self) -> ReadOptions:
         return self.read.options()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -138,6 +139,29 @@ def folder_items(root: Path, hidden: Counter | None = None) -> Iterator[SourceIt
 
     for entry in walk_files(root, hidden=hidden):
         yield entry_item(entry, root)
+
+
+def check_data_paths(data: str, paths: list[tuple[str, str]], data_key: str) -> None:
+    """Refuse, before any work, a relative path that leaves the project and a source path outside `data`.
+
+    DVC runs queued experiments (`dvc exp run --queue`, `medtl cv run`) from a copy of the project inside
+    .dvc/tmp, where a relative path out of the project leads nowhere; and what lies outside `data`, the path
+    dvc.yaml declares as the input, can change without DVC rerunning anything. `paths` are (params key, value).
+    """
+    for name, value in [(data_key, data), *paths]:
+        if value and not Path(value).is_absolute() and Path(os.path.normpath(value)).parts[:1] == ("..",):
+            raise ParamsError(
+                f"params key '{name}' is {value!r}, a relative path that leaves the project; DVC runs queued "
+                "experiments (dvc exp run --queue, medtl cv run) from a copy of the project inside .dvc/tmp, where "
+                f"it leads nowhere. Use an absolute path ({Path(value).resolve()}), or bring the data inside the "
+                "project (`dvc import` or `dvc add`)")
+    inside = Path(data).resolve()
+    for name, value in paths:
+        if value and not Path(value).resolve().is_relative_to(inside):
+            raise ParamsError(
+                f"params key '{name}' is {value!r}, which is not inside {data_key} ({data!r}), the path DVC tracks "
+                "as this input: files changed there would leave the results marked up to date. Set "
+                f"{data_key} to a folder that holds it")
 
 
 def describe_source(items_seen: int, skipped: Counter, hidden: Counter) -> dict:

@@ -48,7 +48,7 @@ def reasons(report: dict) -> dict:
 
 
 def params(**raw) -> IngestParams:
-    raw.setdefault("data", "anything")
+    raw.setdefault("data", "/")  # everything lies inside
     raw.setdefault("workers", 1)
     return build(IngestParams, raw, "ingest")
 
