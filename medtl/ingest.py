@@ -98,6 +98,9 @@ class IngestParams:
     label_conflicts: Literal["quarantine", "fail", "keep"] = "quarantine"
     # DICOM BurnedInAnnotation YES (text such as a name drawn into the pixels): quarantine or keep.
     burned_in: Literal["quarantine", "keep"] = "quarantine"
+    # A group (patient) that the source's own split puts in two splits: fail; keep_published (the published split
+    # as it is, the group in both, recorded); regroup (the group's images lose the published split, ingest assigns it).
+    split_conflicts: Literal["fail", "keep_published", "regroup"] = "fail"
     max_quarantine_fraction: float = 0.05
     workers: int = 2
     read: ReadParams = field(default_factory=ReadParams)
@@ -264,8 +267,11 @@ class _Run:
     decoded: int = 0
     warnings: Counter = field(default_factory=Counter)
     burned_in_kept: int = 0
+    ungrouped: Counter = field(default_factory=Counter)  # files the group rule did not match, by class folder (label)
 
     def quarantine(self, item: SourceItem, reason: str, detail: str) -> None:
+        if reason == "no_group":
+            self.ungrouped[item.label or ""] += 1
         self.quarantined.append(QuarantineEntry(phi.source_ref(item.ref_key), reason, intake.safe_detail(detail, item),
                                                 item.line, item.index))
 
@@ -348,6 +354,16 @@ def _offenders(quarantined: list[QuarantineEntry], n: int = 5) -> str:
         " (`medtl locate REF` shows the file)"
 
 
+def _ungrouped(run: _Run, params: IngestParams) -> str:
+    """Where the files are that the group rule left ungrouped: class folders (labels) are named, never paths."""
+    if not run.ungrouped:
+        return ""
+    where = ", ".join(f"{label or '(no class)'} ({n})" for label, n in sorted(run.ungrouped.items()))
+    return (f"; the group rule {params.group_rule()!r} matches no file name of {sum(run.ungrouped.values())} file(s) "
+            f"in class folder(s) {where}: write a rule that covers their naming scheme too (docs/data.md shows one "
+            "for a dataset whose classes are named differently)")
+
+
 def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run, allowed: list[str],
             out_dir: Path) -> dict:
     table = run.images
@@ -364,7 +380,8 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         listed = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
         raise MedtlError(
             f"ingest quarantined {len(run.quarantined)} of {seen} files ({fraction:.1%}: {listed}), more than "
-            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}; first offenders: {_offenders(run.quarantined)}"
+            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}{_ungrouped(run, params)}; first "
+            f"offenders: {_offenders(run.quarantined)}"
         )
     label_names = table.labels.values
     present = {label_names[c] for c in np.unique(images.label)}
@@ -374,11 +391,11 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         raise MedtlError(f"class(es) {', '.join(empty)} have no usable image; remove them from ingest.classes "
                          "or add images for them")
     pseudonyms, group = np.unique(images.group, return_inverse=True)  # codes in the order of the pseudonyms
-    _check_fixed_splits(table, images, group)
+    split_conflicts, split_basis = _split_conflicts(params, source, table, images, group)
     sorted_labels = sorted(label_names)
     label = np.array([sorted_labels.index(n) for n in label_names], dtype=np.int64)[images.label]
     keys = [images.file_key, images.pixel_key]
-    split_groups = splitting.link_copies(group, keys, images.fixed)
+    split_groups = splitting.link_copies(split_basis, keys, images.fixed)
     split = splitting.assign_split_codes(split_groups, label, sorted_labels, asdict(params.split), params.seed,
                                          images.fixed)
     duplicates = _duplicates(images, split)
@@ -440,6 +457,7 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         "burned_in_annotation": {"policy": params.burned_in, "quarantined": reasons.get("burned_in_annotation", 0),
                                  "kept": run.burned_in_kept},
         "label_conflicts": conflicts,
+        "split_conflicts": split_conflicts,
         "decode_warnings": dict(sorted(run.warnings.items())),
         "counts": _counts(classes, label_names, images.label[kept], group[kept], split[kept]),
         "quarantine": [q.to_json() for q in run.quarantined],
@@ -546,17 +564,57 @@ def _mixed_labels(copies: np.ndarray, label: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(copies == c) for c in ids[labels_each > 1]]
 
 
-def _check_fixed_splits(table: ImageTable, images: Columns, group: np.ndarray) -> None:
-    """A source whose own split puts one patient in two splits leaks; say which files."""
-    clash = splitting.first_disagreement(group, images.fixed)
-    if clash is None:
-        return
-    i, j = clash
-    refs = table.lookup([images.row[i], images.row[j]])
-    ref, other = refs[images.row[j]].source_ref, refs[images.row[i]].source_ref
-    s, t = splitting.SPLITS[images.fixed[j]], splitting.SPLITS[images.fixed[i]]
-    raise MedtlError(
-        f"the source puts one group (patient) in two splits: file {ref} is in '{s}' and file {other} in "
-        f"'{t}' (`medtl locate REF` shows the files); a patient's images must share a split, so fix "
-        "the split column (or leave it empty for these rows and let ingest choose)"
-    )
+def _split_conflicts(params: IngestParams, source: Source, table: ImageTable, images: Columns,
+                     group: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Groups (patients) that the source's own split puts in two splits, handled by `ingest.split_conflicts`.
+
+    Returns the report's entry and the group codes to split by: with keep_published, each part of a
+    conflicting group in its published split splits as a group of its own (the manifest keeps one group).
+    """
+    policy = params.split_conflicts
+    fixed = images.fixed
+    coded = np.flatnonzero(fixed >= 0)
+    pairs = np.unique(np.stack([group[coded], fixed[coded].astype(np.int64)]), axis=1) if len(coded) else np.empty((2, 0))
+    ids, n_splits = np.unique(pairs[0], return_counts=True) if pairs.size else (np.empty(0, np.int64), np.empty(0))
+    bad = ids[n_splits > 1]
+    entry = {"policy": policy, "groups": int(len(bad))}
+    if not len(bad):
+        return entry, group
+    in_bad = np.isin(group, bad)
+    entry["images"] = int(in_bad.sum())
+    if policy == "fail":
+        clash = splitting.first_disagreement(group, fixed)
+        i, j = clash
+        refs = table.lookup([images.row[i], images.row[j]])
+        ref, other = refs[images.row[j]].source_ref, refs[images.row[i]].source_ref
+        s, t = splitting.SPLITS[fixed[j]], splitting.SPLITS[fixed[i]]
+        where = ("its split/class folders" if source.description.get("source") == "folder"
+                 else "its split column" if source.description.get("source") == "csv" else "its own split")
+        fix = ("move the files so that a patient's images share a split folder" if where == "its split/class folders"
+               else "fix the split column (or leave it empty for these rows and let ingest choose)")
+        raise MedtlError(
+            f"the source puts {len(bad)} group(s) (patients) in two splits through {where}: e.g. file {ref} is in "
+            f"'{s}' and file {other} in '{t}' (`medtl locate REF` shows the files). A patient's images must share a "
+            f"split; {fix}, or set ingest.split_conflicts to regroup (ingest assigns these groups a split of its own "
+            "choosing) or keep_published (the published split as it is: these patients stay in two splits, which "
+            "the report records)")
+    if policy == "regroup":  # each such group wholly in the published split that holds most of its images
+        moved = fixed.copy()
+        for g in bad:
+            members = np.flatnonzero(group == g)
+            codes = fixed[members][fixed[members] >= 0]
+            moved[members] = np.bincount(codes, minlength=len(splitting.SPLITS)).argmax()
+        entry["images_moved"] = int((moved != fixed).sum())
+        images.fixed = moved
+        print(f"ingest: warning: {len(bad)} group(s) were in two published splits; ingest.split_conflicts=regroup "
+              f"moved {entry['images_moved']} image(s) so that each group is in the split holding most of it",
+              file=sys.stderr)
+        return entry, group
+    basis = group.astype(np.int64).copy()  # keep_published: the part in each published split splits on its own
+    parts = np.flatnonzero(in_bad & (fixed >= 0))
+    _, part_code = np.unique(np.stack([group[parts], fixed[parts].astype(np.int64)]), axis=1, return_inverse=True)
+    basis[parts] = int(group.max()) + 1 + part_code.ravel()
+    print(f"ingest: warning: {len(bad)} group(s) are in two published splits and are kept there "
+          "(ingest.split_conflicts=keep_published): patient independence of the splits is not established for them",
+          file=sys.stderr)
+    return entry, basis
