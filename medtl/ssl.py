@@ -114,7 +114,7 @@ def read_image_folder(folder: str | Path, pre: Preprocessing, out: Path) -> tupl
     not followed; unreadable files are skipped and counted by reason, hidden
     ones counted. File names are not kept, since they may carry patient identifiers.
     """
-    from medtl.intake import read_unlabelled
+    from medtl.intake.unlabelled import read_unlabelled
 
     got = read_unlabelled(str(folder), pre, "pretrain.ssl.extra_images", out)
     return got.images, {"files": got.counts["files"], "images": got.counts["images"],
