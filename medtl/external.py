@@ -232,6 +232,8 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preproce
         finally:
             if source.cleanup:
                 source.cleanup()
+        if source.description.get("hidden_files"):  # not read, but counted like every file not used
+            skipped["hidden_file"] += source.description["hidden_files"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if not images:
