@@ -99,7 +99,7 @@ class IngestParams:
     # DICOM BurnedInAnnotation YES (text such as a name drawn into the pixels): quarantine or keep.
     burned_in: Literal["quarantine", "keep"] = "quarantine"
     # A group (patient) that the source's own split puts in two splits: fail; keep_published (the published split
-    # as it is, the group in both, recorded); regroup (the group's images lose the published split, ingest assigns it).
+    # as it is, the group in both, recorded); regroup (the group's images move to the published split holding most).
     split_conflicts: Literal["fail", "keep_published", "regroup"] = "fail"
     max_quarantine_fraction: float = 0.05
     workers: int = 2
