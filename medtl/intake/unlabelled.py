@@ -29,14 +29,16 @@ def read_unlabelled(source, pre: Preprocessing, key: str, out: Path | None = Non
                     burned_in: BurnedIn = "quarantine") -> Unlabelled:
     """Decode every readable image of `source` as the model's data were: the fifth entry point's reader.
 
-    `source` is a folder (str or Path: every file under it, walked as above)
-    or a source params section with `.source` and that source's fields (an
+    `source` is a folder (str or Path: every file under it, walked by
+    `medtl.intake.folder_items`) or a source params section with `.source` and that source's fields (an
     `evaluate.external` entry, say): its items are read and their labels
     ignored. `pre` is the preprocessing record (read options, channels, size,
     resize). `key` names the params key in messages. Images are returned as
     `model_input` arrays; with `out`, in a memory-mapped .npy file there.
     Unreadable files are skipped and counted by reason; with no readable
-    image at all a ParamsError names `key`.
+    image at all a ParamsError names `key`. A caller whose folder is a params
+    path checks it first with `medtl.intake.check_data_paths` (inside what
+    DVC tracks, not relative out of the project).
     """
     options = pre.read_options()
     skipped, hidden, warned = Counter(), Counter(), Counter()
@@ -94,6 +96,7 @@ def _unlabelled_items(source, key: str, pre: Preprocessing, hidden: Counter) -> 
             for item in opened.items:
                 item.label = None
                 yield item
+            hidden["hidden_file"] += opened.description.get("hidden_files", 0)
         finally:
             if opened.cleanup:
                 opened.cleanup()
