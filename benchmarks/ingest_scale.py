@@ -105,7 +105,7 @@ def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
 def measure(stage: str, fmt: str, src: Path, out: Path) -> dict:
     res = subprocess.run([sys.executable, "-m", "benchmarks.ingest_scale", stage, fmt, str(src), str(out)],
                          capture_output=True, text=True, check=False,
-                         env={"MEDTL_PSEUDONYM_KEY": "benchmark key", **os.environ})  # a dicom source needs a key
+                         env={"MEDTL_PSEUDONYM_KEY": "benchmark key, long enough", **os.environ})  # a dicom source needs a key
     if res.returncode != 0:
         raise RuntimeError(f"{stage} of {src} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

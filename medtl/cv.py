@@ -68,6 +68,15 @@ def _queue_tasks() -> dict[str, tuple[str, str]]:
         return {t["rev"]: (t.get("name") or "", t["status"]) for t in repo.experiments.celery_queue.status()}
 
 
+def _check_data_paths() -> None:
+    """Queued experiments run from a copy of the project in .dvc/tmp, where DVC itself fails on a relative data
+    path out of the project (before any stage runs): refuse it here, with what to do instead."""
+    from medtl.ingest import IngestParams
+    from medtl.params import load_section
+
+    load_section("ingest", IngestParams)
+
+
 def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), prefix: str | None = None,
               wait: bool = True, poll_s: float = 5.0) -> list[str]:
     """Queue one experiment per fold, start `jobs` queue workers and (by default) wait for them; return the names."""
@@ -79,6 +88,7 @@ def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), pr
         if "=" not in s or s.split("=", 1)[0].startswith("preprocess.cv"):
             raise MedtlError(f"-S {s!r}: expected key=value for a params key other than preprocess.cv "
                              "(which `medtl cv run` sets per fold)")
+    _check_data_paths()
     prefix = prefix or f"cv{folds}"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
         raise MedtlError(f"--name {prefix!r}: expected letters, digits, '.', '_' or '-'")

@@ -17,7 +17,6 @@ import csv
 import re
 import shutil
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,9 +24,9 @@ from typing import Literal
 
 import numpy as np
 
-from medtl import phi
-from medtl.errors import MedtlError, ParamsError, UnreadableImage
-from medtl.imaging import Preprocessing, decode, model_input
+from medtl import intake, phi
+from medtl.errors import MedtlError, ParamsError
+from medtl.imaging import Preprocessing, model_input
 from medtl.inference import predict_logits
 from medtl.metrics import apply_temperature, predict_labels
 from medtl.metrics_report import evaluate_split
@@ -105,6 +104,8 @@ def check_external(sets: list[ExternalSet], data: str, key: str) -> None:
     require(len(set(names)) == len(names), f"{key}.external", names, "sets with distinct names")
     root = Path(data).resolve()
     for i, s in enumerate(sets):
+        intake.check_data_paths(data, [(f"{key}.external[{i}].{s.source}", p) for p in s.source_inputs()],
+                                f"{key}.external_data")
         for path in s.source_inputs():
             require(Path(path).resolve().is_relative_to(root), f"{key}.external[{i}].{s.source}", path,
                     f"a path inside {key}.external_data ({data!r}), which dvc tracks so that evaluate reruns when "
@@ -164,14 +165,10 @@ class ExternalData:
     warnings: dict[str, int]  # decoder warnings by kind (never their text, which may quote header values)
 
 
-def _decoded(item, pre: Preprocessing) -> list[tuple[np.ndarray, dict, dict]]:
-    if item.pixels is not None:
-        return [(item.pixels, {}, {})]
-    return [(d.pixels, d.metadata, d.identity) for d in decode(item.path, pre)]
-
-
 def check_pseudonym_key(spec: ExternalSet, key: str) -> None:
     """As ingest: real DICOM ids pseudonymised with the public key could be reversed by anyone, so refuse."""
+    phi.pseudonym_key()  # a short key is refused before any work
+    phi.refuse_demo_key(spec.source, f"{key} ({spec.name})")
     if spec.source == "dicom" and phi.uses_default_key():
         raise MedtlError(f"{key} ({spec.name}) is a dicom source and no pseudonym key is set, so its patient ids "
                          f"would be pseudonymised with the public demo key, which anyone can use to reverse them; "
@@ -182,6 +179,7 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preproce
     """Decode and prepare every labelled image of the set; unreadable files are counted, unknown labels refused."""
     check_pseudonym_key(spec, key)
     index = {c: i for i, c in enumerate(classes)}
+    options = pre.read_options()
     allowed = spec.csv.allow_columns if spec.source == "csv" else []  # identifying columns the user chose to keep
     workdir = Path(tempfile.mkdtemp(prefix="medtl-external-"))
     images, labels, rows, skipped, kinds, caught_kinds = [], [], [], Counter(), Counter(), Counter()
@@ -198,21 +196,14 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preproce
                 if item.problem:
                     skipped[item.problem] += 1
                     continue
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    try:
-                        decoded = _decoded(item, pre)
-                    except UnreadableImage as e:
-                        decoded, problem = None, e.reason
-                    except Exception:  # a reader bug on one file is counted, as ingest counts it
-                        decoded, problem = None, "decode_error"
-                caught_kinds.update(phi.warning_kind(w) for w in caught)
-                if decoded is None:
-                    skipped[problem] += 1
+                res = intake.decode_item(item, options)  # burned-in text is refused, as in ingest
+                caught_kinds.update(res.warnings)
+                if res.problem:
+                    skipped[res.problem] += 1
                     continue
                 label, group, kind = item.label, item.group, item.group_kind
                 if source.resolve is not None:
-                    found = source.resolve(item, decoded[0][2])
+                    found = source.resolve(item, res.identity)
                     if found.problem:
                         skipped[found.problem] += 1
                         continue
@@ -226,21 +217,23 @@ def load_external(spec: ExternalSet, key: str, classes: list[str], pre: Preproce
                 if label not in index:  # the file is named by its ref, never by its path
                     raise MedtlError(f"{key} ({spec.name}) has label {label!r} (file {phi.source_ref(item.ref_key)}), "
                                      f"which the model does not know; its classes are {', '.join(classes)}")
-                identity = decoded[0][2]
+                identity = res.identity
                 if not group and identity.get("PatientID"):
                     group, kind = identity["PatientID"], "patient_id"
                 if not group:  # no group information: the file is its own group, as in ingest
                     group, kind = "image:" + item.ref_key, "image"
-                for pixels, metadata, _ in decoded:
-                    images.append(model_input(pixels, pre))
+                for image in res.images:
+                    images.append(model_input(image.pixels, pre))
                     labels.append(index[label])
                     kinds[kind] += 1
-                    checked, _ = phi.check_header_metadata(metadata)
-                    rows.append({**phi.filter_metadata({**checked, **item.extra}, sorted(item.extra), allowed),
-                                 "image_id": f"{spec.name}-{len(rows):06d}", "group": phi.pseudonymise(group)})
+                    rows.append({**phi.filter_metadata({**image.metadata, **item.extra}, sorted(item.extra), allowed),
+                                 "image_id": f"{spec.name}-{len(rows):06d}", "group": phi.pseudonymise(group),
+                                 "source_ref": res.ref, "sha256": res.sha256, "index": item.index or ""})
         finally:
             if source.cleanup:
                 source.cleanup()
+        if source.description.get("hidden_files"):  # not read, but counted like every file not used
+            skipped["hidden_file"] += source.description["hidden_files"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if not images:
@@ -311,7 +304,7 @@ def run_external(params, model, hw, classes: list[str], pre: Preprocessing, temp
         for row, y, yp, p in zip(data.rows, data.labels, called, probs):
             above = "" if report["threshold"] is None or len(classes) != 2 else str(bool(p[1] >= report["threshold"])).lower()
             predictions.append([spec.name, row["image_id"], row["group"], classes[y], classes[yp], above] +
-                               [f"{v:.6f}" for v in p])
+                               [f"{v:.6f}" for v in p] + [row["source_ref"], row["sha256"], row["index"]])
         plot_rows += _plot_rows(spec.name, report)
     return ExternalResults(metrics, details, predictions, plot_rows)
 
@@ -331,5 +324,7 @@ def _plot_rows(name: str, report: dict) -> list[dict]:
 def write_predictions(path: Path, results: ExternalResults, classes: list[str]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["set", "image_id", "group", "label", "predicted", "above_threshold"] + [f"prob_{c}" for c in classes])
+        # source_ref: keyed ref of the file's path relative to the set's root (`medtl locate --folder ROOT REF`).
+        w.writerow(["set", "image_id", "group", "label", "predicted", "above_threshold"] + [f"prob_{c}" for c in classes]
+                   + ["source_ref", "sha256", "index"])
         w.writerows(results.predictions)

@@ -8,17 +8,16 @@ Nothing identifying leaves this stage: files are named by `source_ref` (a
 keyed hash of the relative path) and sha256, groups by a keyed pseudonym,
 metadata only through the whitelist, and quarantine reasons are fixed words
 and numbers. Library warnings raised while decoding (which may quote header
-values) are counted by kind in the report instead of reaching the log.
+values) are counted by kind in the report instead of reaching the log. Decoding and
+the header checks are `medtl.intake`'s, the same for every entry point.
 """
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
 import multiprocessing
 import os
 import sys
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,15 +26,15 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from medtl import phi
+from medtl import intake, phi
 from medtl import splits as splitting
-from medtl.errors import MedtlError, ParamsError, UnreadableImage
+from medtl.errors import MedtlError, ParamsError
+from medtl.intake import Intake
 from medtl.ingest_table import Columns, ImageTable, Record
-from medtl.io import sha256_file, write_json
+from medtl.io import write_json
 from medtl.manifest import ManifestRow, write_manifest
 from medtl.params import require
-from medtl.readers import ReadOptions, read
-from medtl.readers.dicom import BURNED_IN
+from medtl.readers import ReadOptions
 from medtl.sites import SITE_COLUMN, SiteSource, check_sources, open_sources
 from medtl.sources import SOURCES, Source, SourceItem, check_source_paths, source_inputs
 from medtl.sources.csv import CsvParams
@@ -46,7 +45,7 @@ from medtl.sources.medmnist import MedmnistParams
 from medtl.store import PixelStoreWriter, quantize
 
 # Quarantine reasons every report counts, even at zero, so a reviewer sees they were looked for.
-COUNTED_REASONS = ("burned_in_annotation", "symlink_loop", "dangling_symlink", "label_conflict")
+COUNTED_REASONS = intake.COUNTED_REASONS + ("label_conflict",)
 GROUPING_KINDS = ("patient_id", "column", "rule", "source", "image")
 
 
@@ -100,6 +99,9 @@ class IngestParams:
     label_conflicts: Literal["quarantine", "fail", "keep"] = "quarantine"
     # DICOM BurnedInAnnotation YES (text such as a name drawn into the pixels): quarantine or keep.
     burned_in: Literal["quarantine", "keep"] = "quarantine"
+    # A group (patient) that the source's own split puts in two splits: fail; keep_published (the published split
+    # as it is, the group in both, recorded); regroup (the group's images move to the published split holding most).
+    split_conflicts: Literal["fail", "keep_published", "regroup"] = "fail"
     max_quarantine_fraction: float = 0.05
     workers: int = 2
     read: ReadParams = field(default_factory=ReadParams)
@@ -127,8 +129,22 @@ class IngestParams:
                 f"the folder or file holding your {self.source} data, so that dvc reruns ingest when it changes")
         if self.sources:
             check_sources(self.sources, self.data, DEMO_DATA, key)
+            for i, each in enumerate(self.each_source()):
+                if each.source != "demo":
+                    intake.check_data_paths(self.data, each.source_paths(f"{key}.sources[{i}]"), f"{key}.data")
         else:
             check_source_paths(self, key)
+            if self.source != "demo":  # every source path inside what DVC tracks, none relative out of the project
+                intake.check_data_paths(self.data, self.source_paths(key), f"{key}.data")
+
+    def source_paths(self, key: str) -> list[tuple[str, str]]:
+        """(params key, path) of every file or folder the source reads, its root included."""
+        inputs = {"folder": ["folder.root"], "csv": ["csv.manifest", "csv.root"], "dicom": ["dicom.root", "dicom.labels"],
+                  "medmnist": ["medmnist.path"]}.get(self.source, [])
+        out = [(f"{key}.{name}", getattr(getattr(self, name.split(".")[0]), name.split(".")[1])) for name in inputs]
+        if self.source == "csv" and not self.csv.root:
+            out.append((f"{key}.csv.manifest (its folder, the images' root)", self.source_root()))
+        return out
 
     def each_source(self) -> list:
         """The single source, or each of `sources` as ingest params of one source."""
@@ -185,68 +201,22 @@ class DecodedImage:
 
 @dataclass
 class DecodeResult:
-    item: SourceItem
-    sha256: str = ""  # of the source file's bytes
+    """An intake result (`medtl.intake.decode_item`) with its images quantized as stored, to cross back from a worker."""
+
+    intake: Intake
     images: list[DecodedImage] = field(default_factory=list)
-    identity: dict[str, str] = field(default_factory=dict)  # header ids of the first image; never stored
-    problem: str | None = None
-    detail: str = ""
-    warnings: list[str] = field(default_factory=list)  # kinds of library warnings (fixed words and tag names)
 
 
-class _LogTally(logging.Handler):
-    """Counts the decoding libraries' log records by level instead of letting them reach stderr (they may quote values)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kinds: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.kinds.append(f"library_log:{record.name.split('.')[0]}:{record.levelname.lower()}")
-
-
-_TALLY = _LogTally()
-for _name in ("pydicom", "nibabel", "PIL"):
-    _logger = logging.getLogger(_name)
-    _logger.addHandler(_TALLY)
-    _logger.propagate = False
-
-
-def _decode(job: tuple[SourceItem, ReadOptions]) -> DecodeResult:
-    """Worker: decode one item into quantized images, or say why it cannot be."""
-    item, options = job
-    res = DecodeResult(item)
-    _TALLY.kinds = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            if item.problem:
-                raise UnreadableImage(item.problem, item.detail)
-            if item.pixels is not None:
-                decoded = [(item.pixels, {})]
-                res.sha256 = item.sha256 or hashlib.sha256(np.ascontiguousarray(item.pixels).tobytes()).hexdigest()
-            else:
-                res.sha256 = sha256_file(item.path)
-                found = read(item.path, options)
-                decoded = [(d.pixels, d.metadata) for d in found]
-                res.identity = dict(found[0].identity)
-            for pixels, meta in decoded:
-                q = quantize(pixels)
-                checked, blanked = phi.check_header_metadata(meta)
-                res.warnings += [f"invalid_value:{k}" for k in blanked]
-                res.images.append(DecodedImage(q, checked, hashlib.sha256(q.tobytes() + str(q.shape).encode()).digest()))
-        except UnreadableImage as e:
-            res.problem, res.detail = e.reason, _safe_detail(e.detail, item)
-        except Exception as e:  # a reader bug must not take the whole dataset down; it is reported
-            res.problem, res.detail = "decode_error", f"unexpected {phi.error_kind(e)} while decoding"
-        res.images = [] if res.problem else res.images
-    res.warnings += [phi.warning_kind(w) for w in caught] + _TALLY.kinds
-    return res
-
-
-def _safe_detail(detail: str, item: SourceItem) -> str:
-    """A reader's detail without the file's path (or any long segment of it): reports name files by ref."""
-    return phi.scrub_path(detail, item.path, item.relative, keep=(item.label,) if item.label else ())
+def _decode(job: tuple[SourceItem, ReadOptions, str]) -> DecodeResult:
+    """Worker: one item through the intake, its images quantized for the pixel store."""
+    item, options, burned_in = job
+    res = intake.decode_item(item, options, burned_in)
+    images = []
+    for image in res.images:
+        q = quantize(image.pixels)
+        images.append(DecodedImage(q, image.metadata, hashlib.sha256(q.tobytes() + str(q.shape).encode()).digest()))
+    res.images = []  # float pixels stay in the worker
+    return DecodeResult(res, images)
 
 
 # The ingest itself.
@@ -300,6 +270,9 @@ def steady_heap(size: int = 128 * 1024) -> None:
 def check_pseudonym_key(params: IngestParams) -> None:
     """Real DICOM ids and paths pseudonymised with the public key could be recomputed by anyone: refuse or warn."""
     kinds = params.source_kinds()
+    phi.pseudonym_key()  # a short key is refused before any work
+    for kind in sorted(kinds):
+        phi.refuse_demo_key(kind, f"ingest.source {kind}")
     if kinds == {"demo"} or not phi.uses_default_key():
         return
     if "dicom" in kinds:
@@ -328,9 +301,12 @@ class _Run:
     decoded: int = 0
     warnings: Counter = field(default_factory=Counter)
     burned_in_kept: int = 0
+    ungrouped: Counter = field(default_factory=Counter)  # files the group rule did not match, by class folder (label)
 
     def quarantine(self, item: SourceItem, reason: str, detail: str) -> None:
-        self.quarantined.append(QuarantineEntry(phi.source_ref(item.ref_key), reason, _safe_detail(detail, item),
+        if reason == "no_group":
+            self.ungrouped[item.label or ""] += 1
+        self.quarantined.append(QuarantineEntry(phi.source_ref(item.ref_key), reason, intake.safe_detail(detail, item),
                                                 item.line, item.index))
 
 
@@ -347,7 +323,7 @@ def _ingest(params: IngestParams, source: Source, out_dir: Path, pool) -> dict:
                 problem = _label_problem(item.label, classes)
                 if problem:  # not worth decoding
                     item.problem, item.detail = problem
-            yield item, options
+            yield item, options, params.burned_in
 
     total = source.count if source.count is not None else len(source.items) if isinstance(source.items, list) else None
     run = _Run(ImageTable(out_dir))
@@ -367,9 +343,10 @@ def _ingest(params: IngestParams, source: Source, out_dir: Path, pool) -> dict:
         run.images.close()
 
 
-def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], params: IngestParams,
+def _take(decoded: DecodeResult, run: _Run, source: Source, classes: list[str], params: IngestParams,
           extra_columns: list[str], allowed: list[str], writer: PixelStoreWriter) -> None:
     """Fold one decode result into the run: images kept, or the file quarantined with its reason."""
+    res = decoded.intake
     item = res.item
     run.seen += 1
     run.warnings.update(res.warnings)
@@ -390,20 +367,16 @@ def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], para
     if problem:
         run.quarantine(item, *problem)
         return
-    if res.identity.get(BURNED_IN) == "YES":
-        if params.burned_in == "quarantine":
-            run.quarantine(item, "burned_in_annotation", "BurnedInAnnotation is YES: text is drawn into the pixels")
-            return
-        run.burned_in_kept += 1
+    run.burned_in_kept += res.burned_in  # a file with burned-in text is quarantined by the intake unless kept
     if not group and res.identity.get("PatientID"):
         group, group_kind = res.identity["PatientID"], "patient_id"
     if not group:  # no group information: the image (file) is its own group
         group, group_kind = "image:" + item.ref_key, "image"
     run.decoded += 1
-    ref = phi.source_ref(item.ref_key)
+    ref = res.ref
     pseudonym = phi.pseudonymise(group)
     file_digest = bytes.fromhex(res.sha256) if item.pixels is None else None  # array items share their container's
-    for image in res.images:
+    for image in decoded.images:
         offset, h, w, c = writer.append(image.pixels)
         metadata = phi.filter_metadata({**image.metadata, **item.extra}, sorted(set(extra_columns) | set(item.extra)), allowed)
         run.images.append(run.seen, label, pseudonym, group_kind, item.split, file_digest, image.pixel_hash,
@@ -413,6 +386,16 @@ def _take(res: DecodeResult, run: _Run, source: Source, classes: list[str], para
 def _offenders(quarantined: list[QuarantineEntry], n: int = 5) -> str:
     return "; ".join(f"{q.source_ref} ({q.reason}: {q.detail})" for q in quarantined[:n]) + \
         " (`medtl locate REF` shows the file)"
+
+
+def _ungrouped(run: _Run, params: IngestParams) -> str:
+    """Where the files are that the group rule left ungrouped: class folders (labels) are named, never paths."""
+    if not run.ungrouped:
+        return ""
+    where = ", ".join(f"{label or '(no class)'} ({n})" for label, n in sorted(run.ungrouped.items()))
+    return (f"; the group rule {params.group_rule()!r} matches no file name of {sum(run.ungrouped.values())} file(s) "
+            f"in class folder(s) {where}: write a rule that covers their naming scheme too (docs/data.md shows one "
+            "for a dataset whose classes are named differently)")
 
 
 def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run, allowed: list[str],
@@ -431,7 +414,8 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         listed = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items()))
         raise MedtlError(
             f"ingest quarantined {len(run.quarantined)} of {seen} files ({fraction:.1%}: {listed}), more than "
-            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}; first offenders: {_offenders(run.quarantined)}"
+            f"ingest.max_quarantine_fraction={params.max_quarantine_fraction}{_ungrouped(run, params)}; first "
+            f"offenders: {_offenders(run.quarantined)}"
         )
     label_names = table.labels.values
     present = {label_names[c] for c in np.unique(images.label)}
@@ -441,11 +425,11 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         raise MedtlError(f"class(es) {', '.join(empty)} have no usable image; remove them from ingest.classes "
                          "or add images for them")
     pseudonyms, group = np.unique(images.group, return_inverse=True)  # codes in the order of the pseudonyms
-    _check_fixed_splits(table, images, group)
+    split_conflicts, split_basis = _split_conflicts(params, source, table, images, group)
     sorted_labels = sorted(label_names)
     label = np.array([sorted_labels.index(n) for n in label_names], dtype=np.int64)[images.label]
     keys = [images.file_key, images.pixel_key]
-    split_groups = splitting.link_copies(group, keys, images.fixed)
+    split_groups = splitting.link_copies(split_basis, keys, images.fixed)
     strata, strata_names = _strata(table, images, split_groups, label, sorted_labels, params)
     split = splitting.assign_split_codes(split_groups, strata, strata_names, asdict(params.split), params.seed,
                                          images.fixed)
@@ -503,9 +487,12 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
         "pseudonym_key": phi.key_kind(),
         "metadata_columns": metadata_columns,
         "allowed_identifier_columns": sorted(allowed),
+        # every metadata column kept by ingest.csv.allow_columns, with what flagged it (its name, its values)
+        "allowed_columns": source.description.get("allowed_columns", {}),
         "burned_in_annotation": {"policy": params.burned_in, "quarantined": reasons.get("burned_in_annotation", 0),
                                  "kept": run.burned_in_kept},
         "label_conflicts": conflicts,
+        "split_conflicts": split_conflicts,
         "decode_warnings": dict(sorted(run.warnings.items())),
         "counts": _counts(classes, label_names, images.label[kept], group[kept], split[kept]),
         "quarantine": [q.to_json() for q in run.quarantined],
@@ -647,17 +634,57 @@ def _mixed_labels(copies: np.ndarray, label: np.ndarray) -> list[np.ndarray]:
     return [np.flatnonzero(copies == c) for c in ids[labels_each > 1]]
 
 
-def _check_fixed_splits(table: ImageTable, images: Columns, group: np.ndarray) -> None:
-    """A source whose own split puts one patient in two splits leaks; say which files."""
-    clash = splitting.first_disagreement(group, images.fixed)
-    if clash is None:
-        return
-    i, j = clash
-    refs = table.lookup([images.row[i], images.row[j]])
-    ref, other = refs[images.row[j]].source_ref, refs[images.row[i]].source_ref
-    s, t = splitting.SPLITS[images.fixed[j]], splitting.SPLITS[images.fixed[i]]
-    raise MedtlError(
-        f"the source puts one group (patient) in two splits: file {ref} is in '{s}' and file {other} in "
-        f"'{t}' (`medtl locate REF` shows the files); a patient's images must share a split, so fix "
-        "the split column (or leave it empty for these rows and let ingest choose)"
-    )
+def _split_conflicts(params: IngestParams, source: Source, table: ImageTable, images: Columns,
+                     group: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Groups (patients) that the source's own split puts in two splits, handled by `ingest.split_conflicts`.
+
+    Returns the report's entry and the group codes to split by: with keep_published, each part of a
+    conflicting group in its published split splits as a group of its own (the manifest keeps one group).
+    """
+    policy = params.split_conflicts
+    fixed = images.fixed
+    coded = np.flatnonzero(fixed >= 0)
+    pairs = np.unique(np.stack([group[coded], fixed[coded].astype(np.int64)]), axis=1) if len(coded) else np.empty((2, 0))
+    ids, n_splits = np.unique(pairs[0], return_counts=True) if pairs.size else (np.empty(0, np.int64), np.empty(0))
+    bad = ids[n_splits > 1]
+    entry = {"policy": policy, "groups": int(len(bad))}
+    if not len(bad):
+        return entry, group
+    in_bad = np.isin(group, bad)
+    entry["images"] = int(in_bad.sum())
+    if policy == "fail":
+        clash = splitting.first_disagreement(group, fixed)
+        i, j = clash
+        refs = table.lookup([images.row[i], images.row[j]])
+        ref, other = refs[images.row[j]].source_ref, refs[images.row[i]].source_ref
+        s, t = splitting.SPLITS[fixed[j]], splitting.SPLITS[fixed[i]]
+        where = ("its split/class folders" if source.description.get("source") == "folder"
+                 else "its split column" if source.description.get("source") == "csv" else "its own split")
+        fix = ("move the files so that a patient's images share a split folder" if where == "its split/class folders"
+               else "fix the split column (or leave it empty for these rows and let ingest choose)")
+        raise MedtlError(
+            f"the source puts {len(bad)} group(s) (patients) in two splits through {where}: e.g. file {ref} is in "
+            f"'{s}' and file {other} in '{t}' (`medtl locate REF` shows the files). A patient's images must share a "
+            f"split; {fix}, or set ingest.split_conflicts to regroup (ingest assigns these groups a split of its own "
+            "choosing) or keep_published (the published split as it is: these patients stay in two splits, which "
+            "the report records)")
+    if policy == "regroup":  # each such group wholly in the published split that holds most of its images
+        moved = fixed.copy()
+        for g in bad:
+            members = np.flatnonzero(group == g)
+            codes = fixed[members][fixed[members] >= 0]
+            moved[members] = np.bincount(codes, minlength=len(splitting.SPLITS)).argmax()
+        entry["images_moved"] = int((moved != fixed).sum())
+        images.fixed = moved
+        print(f"ingest: warning: {len(bad)} group(s) were in two published splits; ingest.split_conflicts=regroup "
+              f"moved {entry['images_moved']} image(s) so that each group is in the split holding most of it",
+              file=sys.stderr)
+        return entry, group
+    basis = group.astype(np.int64).copy()  # keep_published: the part in each published split splits on its own
+    parts = np.flatnonzero(in_bad & (fixed >= 0))
+    _, part_code = np.unique(np.stack([group[parts], fixed[parts].astype(np.int64)]), axis=1, return_inverse=True)
+    basis[parts] = int(group.max()) + 1 + part_code.ravel()
+    print(f"ingest: warning: {len(bad)} group(s) are in two published splits and are kept there "
+          "(ingest.split_conflicts=keep_published): patient independence of the splits is not established for them",
+          file=sys.stderr)
+    return entry, basis

@@ -7,10 +7,13 @@ re-enumerate the source named in params.yaml and print the real path:
 
     medtl locate img000042 f-3c1a9e0b7d2f4a61
 
-`medtl predict` names the files it found inside a folder the same way; with
-`--folder` the refs are looked up in that folder instead of the ingest source:
+`medtl predict` and the external sets of `evaluate.external` name files the
+same way; with `--folder` the refs (or external image ids, looked up in
+reports/external_predictions.csv) are resolved in that folder, the one given
+to predict or the external set's root, instead of the ingest source:
 
     medtl locate --folder /exports/today f-9e2b44c0a1d35f07
+    medtl locate --folder data/external/nih nih-000001
 """
 from __future__ import annotations
 
@@ -79,20 +82,42 @@ def locate(params, queries: list[str], manifest: Path) -> list[Located]:
     return [Located(q, ref, found.get(ref), sha) for q, (ref, sha) in wanted.items()]
 
 
+def external_refs(ids: list[str], predictions: Path) -> dict[str, str]:
+    """Each id as a file ref: a ref stays itself, an external image id (`nih-000001`) is looked up in `predictions`."""
+    import csv
+
+    wanted = [i for i in ids if not i.startswith(phi.SOURCE_REF_PREFIX)]
+    if not wanted:
+        return {i: i for i in ids}
+    try:
+        with open(predictions, newline="", encoding="utf-8") as f:
+            rows = {r.get("image_id"): r.get("source_ref") or "" for r in csv.DictReader(f)}
+    except OSError as e:
+        raise MedtlError(f"{', '.join(wanted)} look like external image ids, but {predictions} cannot be read "
+                         f"({e.strerror or type(e).__name__}); run evaluate first or pass a file ref (f-...) or "
+                         "--predictions") from None
+    missing = [i for i in wanted if not rows.get(i)]
+    if missing:
+        raise MedtlError(f"with --folder, each ID must be a file ref (f- followed by 16 hex digits) or an image id of "
+                         f"{predictions} that has a source_ref; got {', '.join(missing)}")
+    return {i: i if i.startswith(phi.SOURCE_REF_PREFIX) else rows[i] for i in ids}
+
+
 def locate_in_folder(folder: Path, refs: list[str]) -> dict[str, Path | None]:
     """Each ref with the file under `folder` whose relative path it is a ref of (None: no such file)."""
-    from medtl.sources import iter_files
+    from medtl.intake import folder_items
 
     if not folder.is_dir():
-        raise MedtlError(f"--folder {folder} is not a folder; pass the folder given to `medtl predict`")
+        raise MedtlError(f"--folder {folder} is not a folder; pass the folder given to `medtl predict`, or the root "
+                         "of an external set")
     bad = [r for r in refs if not r.startswith(phi.SOURCE_REF_PREFIX)]
     if bad:
         raise MedtlError(f"with --folder, each ID must be a file ref (f- followed by 16 hex digits), got {', '.join(bad)}")
     found: dict[str, Path | None] = dict.fromkeys(refs)
-    for f in iter_files(folder):
-        ref = phi.source_ref(f.relative_to(folder).as_posix())
+    for item in folder_items(folder):
+        ref = phi.source_ref(item.ref_key)
         if ref in found and found[ref] is None:
-            found[ref] = f
+            found[ref] = folder / item.relative
     return found
 
 
@@ -123,10 +148,13 @@ def _describe(loc: Located, params, root: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.folder is not None:
-        found = locate_in_folder(Path(args.folder), args.ids)
-        for ref, f in found.items():
-            print(f"{ref}\t{f}" if f else f"{ref}: no file under {args.folder} has this ref; was it made with "
-                                          f"another pseudonym key ({phi.KEY_ENV} / {phi.KEY_FILE_ENV})?")
+        asked = external_refs(args.ids, Path(args.predictions))
+        found = locate_in_folder(Path(args.folder), sorted(set(asked.values())))
+        for query, ref in asked.items():
+            f = found[ref]
+            named = ref if query == ref else f"{query}\t{ref}"
+            print(f"{named}\t{f}" if f else f"{named}: no file under {args.folder} has this ref; was it made with "
+                                            f"another pseudonym key ({phi.KEY_ENV} / {phi.KEY_FILE_ENV})?")
         return 0 if all(found.values()) else 1
     params = load_section("ingest", _ingest_params(), args.params)
     found = locate(params, args.ids, Path(args.manifest))
@@ -151,5 +179,8 @@ def register(subparsers) -> None:
     p.add_argument("--params", default="params.yaml", help="params file naming the source (default: params.yaml)")
     p.add_argument("--manifest", default="data/ingested/manifest.csv", help="manifest to look image ids up in")
     p.add_argument("--folder", default=None,
-                   help="look file refs up in this folder (one given to `medtl predict`) instead of the ingest source")
+                   help="look file refs up in this folder (one given to `medtl predict`, or an external set's root) "
+                        "instead of the ingest source")
+    p.add_argument("--predictions", default="reports/external_predictions.csv",
+                   help="with --folder: where external image ids (e.g. nih-000001) are looked up (default: %(default)s)")
     p.set_defaults(func=run)

@@ -8,8 +8,9 @@ Source files are named in artifacts by `source_ref`, a keyed hash of their
 path relative to the source root, never by the path itself: folder and file
 names of hospital exports often hold names and record numbers.
 
-Key: the environment variable MEDTL_PSEUDONYM_KEY (any string, used as UTF-8
-bytes), or MEDTL_PSEUDONYM_KEY_FILE naming a file that holds it. Without
+Key: the environment variable MEDTL_PSEUDONYM_KEY (a string of at least 16
+bytes, used as UTF-8), or MEDTL_PSEUDONYM_KEY_FILE naming a file that holds it
+(`medtl key new --pseudonym --out FILE` writes one). Without
 either, DEFAULT_PSEUDONYM_KEY is used; that key is public and is meant for the
 synthetic demo only: anyone who can list candidate ids or paths can recompute
 its pseudonyms. With a key of your own, pseudonyms of a real dataset are only
@@ -19,10 +20,12 @@ id and source ref, and therefore the ingest stage's output.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import hmac
 import os
 import re
+import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -34,8 +37,11 @@ KEY_FILE_ENV = "MEDTL_PSEUDONYM_KEY_FILE"
 DEFAULT_PSEUDONYM_KEY = b"medtl-public-demo-key-not-secret"
 PSEUDONYM_PREFIX = "p-"
 SOURCE_REF_PREFIX = "f-"
+MIN_KEY_BYTES = 16
 HOW_TO_SET_KEY = (
-    f"set a secret of your own in the environment variable {KEY_ENV} (e.g. `export {KEY_ENV}=$(openssl rand -hex 32)`), "
+    f"make a key with `medtl key new --pseudonym --out FILE` and set {KEY_FILE_ENV} to that file's path, or set a "
+    f"secret of your own (at least {MIN_KEY_BYTES} bytes) in the environment variable {KEY_ENV} (e.g. "
+    f"`export {KEY_ENV}=$(openssl rand -hex 32)`), "
     f"or put it in a file readable only by you and set {KEY_FILE_ENV} to that file's path; keep the same key for "
     "every run on this data (`medtl locate` needs it too)"
 )
@@ -47,31 +53,38 @@ WHITELIST = (
     "sex", "age", "frame", "slice",
 )
 
-# Column names that identify a person or a visit; never accepted as extra metadata.
-_PHI_NAMES = {
-    "name", "patientname", "patientsname", "firstname", "lastname", "surname", "givenname",
-    "patientid", "otherpatientids", "otherpatientnames", "mrn", "medicalrecordnumber",
-    "birthdate", "patientbirthdate", "dateofbirth", "dob", "patientbirthtime", "birthname",
-    "patientmothersbirthname", "ssn", "socialsecuritynumber", "nationalid", "insurancenumber",
-    "address", "patientaddress", "phone", "telephone", "patienttelephonenumbers", "email",
-    "accessionnumber", "studyid", "studyinstanceuid", "seriesinstanceuid", "sopinstanceuid",
-    "studydate", "seriesdate", "acquisitiondate", "contentdate", "studytime", "acquisitiondatetime",
-    "referringphysicianname", "performingphysicianname", "operatorsname", "institutionname",
-    "institutionaddress", "stationname", "deviceserialnumber",
-}
-# Words that make a column name look identifying wherever they appear in it.
-_PHI_TOKENS = {
-    "name", "names", "surname", "forename", "initials", "id", "ids", "uid", "mrn", "ssn", "nhs", "birth", "birthdate",
-    "dob", "address", "street", "postcode", "zip", "phone", "telephone", "tel", "mobile", "email", "mail",
-    "accession", "physician", "physicians", "referrer", "referring", "doctor", "clinician", "operator", "operators",
-    "note", "notes", "comment", "comments", "freetext", "remark", "remarks", "report", "narrative",
-}
-_PHI_TOKEN_PAIRS = {("free", "text"), ("record", "number"), ("date", "of")}
-_PHI_PREFIXES = ("mrn", "dob", "ssn", "accession", "physician", "referr", "birth", "address", "phone", "surname", "name")
+WORDS_FILE = Path(__file__).with_name("identifier_words.txt")  # the identifying words, as data
 
 
-def pseudonym_key() -> bytes:
-    """The key from MEDTL_PSEUDONYM_KEY, else from the file MEDTL_PSEUDONYM_KEY_FILE, else the public demo key."""
+def _fold(text: str) -> str:
+    """Lower case without accents: 'Téléphone' -> 'telephone'."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).lower()
+
+
+@functools.cache
+def identifier_words() -> tuple[frozenset, frozenset, tuple, frozenset, tuple]:
+    """(tokens, pairs, prefixes, whole names, words of scripts without spaces) from WORDS_FILE."""
+    tokens, pairs, prefixes, whole, unspaced = set(), set(), [], set(), []
+    for line in WORDS_FILE.read_text(encoding="utf-8").splitlines():
+        word = _fold(line.strip())
+        if not word or word.startswith("#"):
+            continue
+        if not word.isascii():
+            unspaced.append(word)
+        elif word.startswith("="):
+            whole.add(word[1:])
+        elif word.endswith("*"):
+            prefixes.append(word[:-1])
+        elif " " in word:
+            pairs.add(tuple(word.split()[:2]))
+        else:
+            tokens.add(word)
+    return frozenset(tokens), frozenset(pairs), tuple(prefixes), frozenset(whole), tuple(unspaced)
+
+
+def _given_key() -> bytes | None:
+    """The key from MEDTL_PSEUDONYM_KEY, else from the file MEDTL_PSEUDONYM_KEY_FILE; None when neither is set."""
     value = os.environ.get(KEY_ENV)
     if value is not None:
         if not value.strip():
@@ -79,7 +92,7 @@ def pseudonym_key() -> bytes:
         return value.encode("utf-8")
     key_file = os.environ.get(KEY_FILE_ENV)
     if key_file is None:
-        return DEFAULT_PSEUDONYM_KEY
+        return None
     try:
         text = Path(key_file).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
@@ -90,14 +103,41 @@ def pseudonym_key() -> bytes:
     return text.encode("utf-8")
 
 
+def _where_key() -> str:
+    return KEY_ENV if os.environ.get(KEY_ENV) is not None else KEY_FILE_ENV
+
+
+def pseudonym_key() -> bytes:
+    """The key from MEDTL_PSEUDONYM_KEY, else from the file MEDTL_PSEUDONYM_KEY_FILE, else the public demo key.
+
+    A given key shorter than MIN_KEY_BYTES is refused: a short key can be found by trying them all.
+    """
+    key = _given_key()
+    if key is None:
+        return DEFAULT_PSEUDONYM_KEY
+    if len(key) < MIN_KEY_BYTES:
+        raise MedtlError(f"the pseudonym key in {_where_key()} is {len(key)} byte(s) long; a key of at least "
+                         f"{MIN_KEY_BYTES} bytes is needed, as a short key can be found by trying every one. "
+                         f"Make one with `medtl key new --pseudonym` (or `openssl rand -hex 32`)")
+    return key
+
+
 def uses_default_key() -> bool:
-    """True when pseudonyms are made with the public demo key (worth a warning on real data)."""
-    return os.environ.get(KEY_ENV) is None and os.environ.get(KEY_FILE_ENV) is None
+    """True when pseudonyms are made with the public demo key, unset or given by its value (worth a warning on real data)."""
+    key = _given_key()
+    return key is None or key == DEFAULT_PSEUDONYM_KEY
 
 
 def key_kind() -> str:
     """"default" (the public demo key) or "user" (a key from the environment or a key file), for the evidence."""
     return "default" if uses_default_key() else "user"
+
+
+def refuse_demo_key(source: str, what: str) -> None:
+    """The public demo key's value, given as if it were a secret, is refused for any source but the demo."""
+    if source != "demo" and _given_key() == DEFAULT_PSEUDONYM_KEY:
+        raise MedtlError(f"{what}: the pseudonym key in {_where_key()} is the public demo key, which anyone can use to "
+                         f"recompute pseudonyms; it is only for the demo source. {HOW_TO_SET_KEY}")
 
 
 def pseudonymise(value: str, key: bytes | None = None) -> str:
@@ -123,9 +163,9 @@ def source_ref(relative: str, key: bytes | None = None) -> str:
 
 
 def _tokens(name: str) -> list[str]:
-    """'PatientID' -> ['patient', 'id']; 'mrn_number' -> ['mrn', 'number']."""
+    """'PatientID' -> ['patient', 'id']; 'mrn_number' -> ['mrn', 'number']; 'Téléphone' -> ['telephone']."""
     spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1 \2", name))
-    return [t for t in re.split(r"[^a-z0-9]+", spaced.lower()) if t]
+    return [t for t in re.split(r"[\W_]+", _fold(spaced)) if t]
 
 
 def identifying_token(name: str) -> str | None:
@@ -134,20 +174,25 @@ def identifying_token(name: str) -> str | None:
     Matched by tokens, so `pt_name`, `mrn_number`, `ReferringPhysician` and
     `free text` are caught, and `site` or `scanner_model` are not.
     """
+    words, pairs, prefixes, whole, unspaced = identifier_words()
     tokens = _tokens(name)
     compact = "".join(tokens)
-    if compact in _PHI_NAMES:
+    if compact in whole:
         return compact
     for t in tokens:
-        if t in _PHI_TOKENS:
+        if t in words:
             return t
     for a, b in zip(tokens, tokens[1:]):
-        if (a, b) in _PHI_TOKEN_PAIRS:
+        if (a, b) in pairs:
             return f"{a} {b}"
     for t in tokens:  # run-together spellings: mrnnumber, patientname, referringdoctor
-        for word in _PHI_PREFIXES:
+        for word in prefixes:
             if t.startswith(word) or t.endswith(word):
                 return word
+    folded = _fold(name)
+    for word in unspaced:  # 姓名 inside 患者姓名
+        if word in folded:
+            return word
     return None
 
 
@@ -177,6 +222,51 @@ def check_metadata_columns(columns: Iterable[str], allowed: Iterable[str] = (), 
     return kept_by_allowance
 
 
+# What identifying values look like, whatever their column is called.
+_VALUE_LOOKS = (
+    ("e-mail addresses", re.compile(r"[^@\s]+@[^@\s]+\.[^@\s.]{2,}")),
+    ("dates", re.compile(r"(?<!\d)(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|"
+                         r"(19|20)\d\d(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01]))(?!\d)")),
+    ("long digit runs", re.compile(r"\d{6,}")),
+)
+_PHONE = re.compile(r"\+?\(?\d[\d \-()]{6,}\d")  # no '.': decimals such as pixel spacings are not phone numbers
+DISTINCT_FRACTION = 0.5  # more distinct values than this, among rows, is a per-person value
+DISTINCT_MIN_ROWS = 10  # below this, distinctness says nothing
+
+
+class ColumnProfile:
+    """What a column's values look like, gathered one row at a time (distinct values kept as 8-byte digests)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.distinct: set[bytes] = set()
+        self.first: dict[str, int] = {}  # kind of identifying-looking value -> first line with one
+
+    def add(self, value: str, line: int) -> None:
+        value = (value or "").strip()
+        if not value:
+            return
+        self.n += 1
+        self.distinct.add(hashlib.blake2b(value.encode("utf-8"), digest_size=8).digest())
+        looks = [kind for kind, pattern in _VALUE_LOOKS if pattern.search(value)]
+        if "dates" not in looks and any(sum(c.isdigit() for c in m) >= 8 for m in _PHONE.findall(value)):
+            looks = ["phone numbers"] + [k for k in looks if k != "long digit runs"]  # its digits are not a run too
+        for kind in looks:
+            self.first.setdefault(kind, line)
+
+    def finding(self, where: str = "the table") -> str | None:
+        """Why the values look identifying ("its values look like dates (first on m.csv line 4)"), or None.
+
+        Never a value."""
+        if self.first:
+            kind, line = min(self.first.items(), key=lambda kv: kv[1])
+            return f"its values look like {kind} (first on {where} line {line})"
+        if self.n >= DISTINCT_MIN_ROWS and len(self.distinct) > DISTINCT_FRACTION * self.n:
+            return (f"{len(self.distinct) / self.n:.0%} of its {self.n} values are distinct (more than "
+                    f"{DISTINCT_FRACTION:.0%}: a value per person or per image)")
+        return None
+
+
 def filter_metadata(metadata: Mapping[str, object], extra: Iterable[str] = (), allowed: Iterable[str] = ()) -> dict[str, str]:
     """Keep only whitelisted keys and the explicitly named `extra` columns, as strings.
 
@@ -187,7 +277,20 @@ def filter_metadata(metadata: Mapping[str, object], extra: Iterable[str] = (), a
     extra = tuple(extra)
     check_metadata_columns(extra, allowed)
     keep = set(WHITELIST) | set(extra)
-    return {k: "" if v is None else str(v) for k, v in metadata.items() if k in keep}
+    out = {k: "" if v is None else str(v) for k, v in metadata.items() if k in keep}
+    if "age" in out:
+        out["age"] = cap_age(out["age"])
+    return out
+
+
+def cap_age(value: str) -> str:
+    """An age as given, but "90" when it says 90 or more ("93", "091Y", "95-99", "90+"): such ages identify
+    (HIPAA safe harbour), wherever the age came from (a header or a CSV column)."""
+    numbers = [float(n) for n in re.findall(r"\d+(?:\.\d+)?", str(value))]
+    unit = re.fullmatch(r"\s*\d{1,3}\s*([DWM])\s*", str(value).upper())
+    if unit:  # a DICOM age in days, weeks or months
+        return age_in_years(str(value))
+    return "90" if any(n >= 90 for n in numbers) else str(value)
 
 
 class LibraryWarning(UserWarning):
@@ -231,8 +334,18 @@ PHOTOMETRIC_VALUES = {
     "MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422",
     "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT", "ARGB", "CMYK", "HSV",
 }
+# Modality (0008,0060) defined terms (PS3.3 C.7.3.1.1.1), retired ones included: a value outside them is free
+# text (a name typed into the field fits the code-string form as well), so it is never copied or repeated.
+MODALITY_TERMS = {
+    "AR", "ASMT", "AU", "BDUS", "BI", "BMD", "CD", "CF", "CP", "CR", "CS", "CT", "CTPROTOCOL", "DD", "DF", "DG",
+    "DM", "DOC", "DS", "DX", "EC", "ECG", "EPS", "ES", "FA", "FID", "FS", "GM", "HC", "HD", "IO", "IOL", "IVOCT",
+    "IVUS", "KER", "KO", "LEN", "LP", "LS", "MA", "MG", "MR", "MS", "NM", "OAM", "OCT", "OP", "OPM", "OPR", "OPT",
+    "OPTBSV", "OPTENF", "OPV", "OSS", "OT", "PLAN", "PR", "PT", "PX", "REG", "RESP", "RF", "RG", "RTDOSE",
+    "RTIMAGE", "RTINTENT", "RTPLAN", "RTRAD", "RTRECORD", "RTSEGANN", "RTSTRUCT", "RWV", "SEG", "SM", "SMR", "SR",
+    "SRF", "ST", "STAIN", "TEXTUREMAP", "TG", "US", "VA", "VF", "XA", "XAPROTOCOL", "XC",
+}
 _CHECKS = {
-    "modality": lambda v: bool(_CODE_STRING.fullmatch(v)),
+    "modality": lambda v: v.upper() in MODALITY_TERMS,
     "body_part": lambda v: bool(_CODE_STRING.fullmatch(v)),
     "view_position": lambda v: bool(_CODE_STRING.fullmatch(v)),
     "photometric": lambda v: v in PHOTOMETRIC_VALUES,
@@ -302,3 +415,40 @@ def _years_between(birth_date: str, on_date: str) -> float | None:
     if whole >= 1:
         return float(whole)
     return (seen - born).days / 365.25
+
+
+def new_key() -> str:
+    """A random pseudonym key: 32 bytes as 64 hex digits."""
+    import secrets
+
+    return secrets.token_hex(32)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("key", help="make a pseudonym key",
+                              description="Make keys medtl uses. `medtl key new --pseudonym --out FILE` writes a random "
+                                          f"pseudonym key readable only by you; set {KEY_FILE_ENV} to FILE.")
+    sub = p.add_subparsers(dest="key_command", required=True)
+    new = sub.add_parser("new", help="a new random key")
+    new.add_argument("--pseudonym", action="store_true", required=True,
+                     help="a pseudonym key (keyed hashes of patient ids and file paths)")
+    new.add_argument("--out", default=None, help="file to write it to (mode 600; refused if it exists); default: print it")
+    new.set_defaults(func=_key_new)
+
+
+def _key_new(args) -> int:
+    key = new_key()
+    if args.out is None:
+        print(key)
+        return 0
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise MedtlError(f"--out {args.out} exists; a key file is never overwritten (its pseudonyms would change)") from None
+    except OSError as e:
+        raise MedtlError(f"--out {args.out} cannot be created ({e.strerror or type(e).__name__})") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(key + "\n")
+    print(f"medtl key: wrote a new pseudonym key to {args.out}; set {KEY_FILE_ENV}={args.out} and keep the file "
+          "for every run on this data (`medtl locate` needs it too)")
+    return 0

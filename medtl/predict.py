@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Iterator
 from pathlib import Path
 
-from medtl.errors import MedtlError, UnreadableImage
+from medtl.errors import MedtlError
 from medtl.io import atomic_path
 
 # The training stack is imported where it is used: `medtl --help` imports this module.
@@ -90,6 +90,8 @@ class InputFile:
     path: Path  # where it is read from
     given: str  # the command-line argument it came from, as typed
     relative: str = ""  # its path inside that argument when the argument is a folder
+    problem: str | None = None  # a link inside the folder that loops, dangles or leaves it (medtl.intake)
+    detail: str = ""
 
     def name(self, name_files: bool) -> str:
         """How the CSV names the file inside its folder: its ref, or with --name-files its path; "" if passed itself."""
@@ -100,15 +102,20 @@ class InputFile:
         return self.relative if name_files else phi.source_ref(self.relative)
 
 
-def expand_inputs(inputs: list[str]) -> list[InputFile]:
-    """Files as given, folders walked recursively (hidden files skipped), in a stable order."""
-    from medtl.sources import iter_files
+def expand_inputs(inputs: list[str], hidden=None) -> list[InputFile]:
+    """Files as given, folders walked recursively by the intake, in a stable order.
+
+    A link that loops, dangles or leaves the folder becomes an error row (named by its ref, like the folder's
+    other files); hidden files are not read, but counted in `hidden`.
+    """
+    from medtl.intake import folder_items
 
     out: list[InputFile] = []
     for name in inputs:
         p = Path(name)
         if p.is_dir():
-            out.extend(InputFile(f, name, f.relative_to(p).as_posix()) for f in iter_files(p))
+            out.extend(InputFile(item.path or p / item.relative, name, item.relative, item.problem, item.detail)
+                       for item in folder_items(p, hidden))
         elif p.is_file():
             out.append(InputFile(p, name))
         else:
@@ -117,25 +124,29 @@ def expand_inputs(inputs: list[str]) -> list[InputFile]:
 
 
 def _decode_file(file: InputFile, pre: Preprocessing, op: Operating, allow_mismatch: bool):
-    """Decode and prepare one file: (file, sha256, error or [(image, refusal or None, model input)])."""
-    from medtl import phi
-    from medtl.imaging import decode, model_input
-    from medtl.io import sha256_file
+    """Decode and prepare one file: (file, sha256, error or [(image, refusal or None, model input)]).
 
-    digest = ""
-    try:
-        digest = sha256_file(file.path)
-        decoded = decode(file.path, pre)
-    except UnreadableImage as e:  # its detail may quote the path, which names the patient in many exports
-        return file, digest, phi.scrub_path(str(e), file.path, file.relative)
-    except OSError as e:
-        return file, "", f"unreadable_file: {phi.error_kind(e)}"
+    The intake decodes and checks it (burned-in text refused, header values checked) and words its problems
+    without the path or any header value."""
+    from medtl.imaging import model_input
+    from medtl.intake import decode_item
+    from medtl.sources import SourceItem
+
+    item = SourceItem(file.relative, path=None if file.problem else file.path, problem=file.problem,
+                      detail=file.detail)
+    res = decode_item(item, pre.read_options())
+    if res.problem:
+        return file, res.sha256, f"{res.problem}: {res.detail}" if res.detail else res.problem
     out = []
-    for k, d in enumerate(decoded):
-        image = d.metadata.get("slice") or d.metadata.get("frame") or ("" if len(decoded) == 1 else str(k))
-        why = None if allow_mismatch else misfit(d.pixels, d.metadata, op)
+    for k, d in enumerate(res.images):
+        image = d.metadata.get("slice") or d.metadata.get("frame") or ("" if len(res.images) == 1 else str(k))
+        why = None
+        if not allow_mismatch and "modality" in d.blanked and op.modalities:
+            why = ("modality is not a defined DICOM term, but the model was trained and evaluated on "
+                   f"{', '.join(op.modalities)} images; pass --allow-mismatch to predict anyway")
+        why = why or (None if allow_mismatch else misfit(d.pixels, d.metadata, op))
         out.append((image, why, None if why else model_input(d.pixels, pre)))
-    return file, digest, out
+    return file, res.sha256, out
 
 
 def _decoded(files: list[InputFile], decode, workers: int) -> Iterator:
@@ -167,7 +178,10 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
     classes = list(ckpt["classes"])
     pre = model_preprocessing(ckpt, model_path)
     op = load_operating_point(operating_point, model_path, classes, threshold)
-    files = expand_inputs(inputs)
+    from collections import Counter
+
+    hidden = Counter()
+    files = expand_inputs(inputs, hidden)
     if not files:
         raise MedtlError(f"no files found in {', '.join(inputs)}")
     if not name_files and any(f.relative for f in files):
@@ -221,7 +235,8 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
                 if len(pending) >= batch_size:
                     flush(writer)
         flush(writer)
-    return {**counts, "files": len(files), "threshold": op.threshold, "threshold_source": op.source}
+    return {**counts, "files": len(files), "threshold": op.threshold, "threshold_source": op.source,
+            "hidden": hidden["hidden_file"]}
 
 
 def register(subparsers) -> None:
@@ -259,7 +274,8 @@ def _main(args) -> int:
                   threshold=args.threshold, hw=hw, allow_mismatch=args.allow_mismatch, workers=args.workers,
                   name_files=args.name_files)
     print(f"medtl predict: {res['ok']} image(s) predicted, {res['error']} unreadable, {res['refused']} refused, "
-          f"threshold {res['threshold']} ({res['threshold_source']}) -> {args.out}")
+          f"threshold {res['threshold']} ({res['threshold_source']}) -> {args.out}"
+          + (f"; {res['hidden']} hidden file(s) not read" if res["hidden"] else ""))
     if res["ok"] == 0:
         raise MedtlError(f"no image could be predicted; see the error column of {args.out}")
     return 0

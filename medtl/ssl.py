@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,9 +29,8 @@ from tqdm import tqdm
 from medtl import hardware
 from medtl.backbones import Backbone
 from medtl.data import augment_batch
-from medtl.errors import MedtlError, ParamsError, UnreadableImage
-from medtl.imaging import Preprocessing, decode, model_input
-from medtl.io import open_npy
+from medtl.errors import MedtlError
+from medtl.imaging import Preprocessing
 from medtl.params import require
 
 
@@ -108,41 +106,20 @@ class ImagePool:
         return torch.from_numpy(np.stack(out))
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
 def read_image_folder(folder: str | Path, pre: Preprocessing, out: Path) -> tuple[np.ndarray, dict]:
     """Decode every readable image under `folder` as the training images were, into `out` (memory-mapped).
 
-    Each file goes through the preprocessing record (read options such as the
-    CT window, 16-bit quantisation, channels, resize), so the extra images look
-    like the prepared ones. Unreadable files are skipped and counted by reason;
-    file names are not kept, since they may carry patient identifiers.
+    The intake reads them (`medtl.intake.read_unlabelled`): the preprocessing
+    record's read options, burned-in text refused, links that leave the folder
+    not followed; unreadable files are skipped and counted by reason, hidden
+    ones counted. File names are not kept, since they may carry patient identifiers.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ParamsError(f"pretrain.ssl.extra_images: {folder} is not a folder; expected null or a folder of unlabelled images")
-    files = _image_files(folder)
-    skipped: Counter[str] = Counter()
-    images: list[np.ndarray] = []
-    for path in tqdm(files, desc="ssl extra images", unit="file", leave=False):
-        try:
-            decoded = decode(path, pre)
-        except UnreadableImage as e:
-            skipped[e.reason] += 1
-            continue
-        images.extend(model_input(d.pixels, pre) for d in decoded)
-    if not images:
-        raise ParamsError(
-            f"pretrain.ssl.extra_images: no readable image in {folder} ({len(files)} file(s), skipped: "
-            f"{dict(skipped) or 'none'}); expected DICOM, NIfTI, PNG, JPEG, BMP or TIFF files"
-        )
-    arr = open_npy(out, np.float16, (len(images), pre.channels, pre.image_size, pre.image_size))
-    for i, img in enumerate(images):
-        arr[i] = img
-    arr.flush()
-    return arr, {"files": len(files), "images": len(images), "skipped": dict(sorted(skipped.items()))}
+    from medtl.intake.unlabelled import read_unlabelled
+
+    got = read_unlabelled(str(folder), pre, "pretrain.ssl.extra_images", out)
+    return got.images, {"files": got.counts["files"], "images": got.counts["images"],
+                        "skipped": {k: v for k, v in got.counts["skipped"].items() if v},
+                        "hidden_files": got.counts["hidden_files"]}
 
 
 # ---------------------------------------------------------------- views

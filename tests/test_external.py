@@ -61,6 +61,29 @@ def test_external_files_are_decoded_by_the_models_record(tmp_path):
         assert all(r["group"].startswith("p-") and "person" not in r["group"] for r in data.rows)
 
 
+def test_external_images_are_traceable_by_ref_and_sha256_and_located_in_the_sets_folder(tmp_path, monkeypatch, capsys):
+    import hashlib
+
+    from medtl import cli
+    from medtl.external import ExternalResults, write_predictions
+
+    monkeypatch.setenv("MEDTL_PSEUDONYM_KEY", "external sets' own key, long")
+    root = tmp_path / "nih"
+    write_shifted_site(root, seed=3)
+    spec = build(ExternalSet, {"name": "nih", "source": "folder", "folder": {"root": str(root)}}, "external")
+    data = load_external(spec, "evaluate.external[0]", ["normal", "lesion"], preprocessing_record(24))
+    rows = [[spec.name, r["image_id"], r["group"], "normal", "normal", "", "0.5", "0.5", r["source_ref"], r["sha256"],
+             r["index"]] for r in data.rows]
+    out = tmp_path / "external_predictions.csv"
+    write_predictions(out, ExternalResults({}, {}, rows, []), ["normal", "lesion"])
+    first = next(csv.DictReader(open(out, newline="")))
+    assert first["source_ref"].startswith("f-") and len(first["sha256"]) == 64
+    assert cli.main(["locate", "--folder", str(root), "--predictions", str(out), first["image_id"]]) == 0
+    printed = capsys.readouterr().out.strip().split("\t")
+    assert printed[:2] == [first["image_id"], first["source_ref"]]
+    assert hashlib.sha256(open(printed[2], "rb").read()).hexdigest() == first["sha256"]
+
+
 def test_external_sets_are_checked():
     with pytest.raises(ParamsError, match=r"evaluate\.external\[0\]\.folder"):
         build(EvaluateParams, {"external": [{"name": "b", "source": "folder", "folder": {"root": "elsewhere/b"}}],

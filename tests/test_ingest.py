@@ -14,6 +14,7 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 import medtl.ingest
+import medtl.intake
 from medtl import demo
 from medtl.errors import MedtlError
 from medtl.ingest import IngestParams, run_ingest
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(autouse=True)
 def pseudonym_key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "test key")
+    monkeypatch.setenv(KEY_ENV, "test key, sixteen bytes or more")
 
 
 def paths_by_ref(root: Path) -> dict[str, str]:
@@ -47,7 +48,7 @@ def reasons(report: dict) -> dict:
 
 
 def params(**raw) -> IngestParams:
-    raw.setdefault("data", "anything")
+    raw.setdefault("data", "/")  # everything lies inside
     raw.setdefault("workers", 1)
     return build(IngestParams, raw, "ingest")
 
@@ -131,14 +132,14 @@ def test_quarantine_limit_and_nothing_usable(tmp_path):
 
 def test_unexpected_reader_error_is_quarantined(tmp_path, monkeypatch):
     root = class_folders(tmp_path / "data", per_class=8)
-    real = medtl.ingest.read
+    real = medtl.intake.read
 
     def flaky(path, options):  # a reader bug on one file
         if path.name == "benign_3.png":
             raise RuntimeError("reader bug")
         return real(path, options)
 
-    monkeypatch.setattr(medtl.ingest, "read", flaky)
+    monkeypatch.setattr(medtl.intake, "read", flaky)
     report, _ = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
     assert reasons(report) == {"decode_error": 1}
     assert report["quarantine"][0]["detail"] == "unexpected RuntimeError while decoding"  # the message may quote values

@@ -137,7 +137,7 @@ def test_medmnist_and_dicom_sources_through_dvc(project):
                             "dicom": {"root": "srcdata/dicom", "labels": "srcdata/dicom_labels.csv"}})
     res = project.dvc("repro", "ingest", check=False)  # real patient ids need a pseudonym key of the hospital's own
     assert res.returncode != 0 and "MEDTL_PSEUDONYM_KEY" in res.stderr + res.stdout
-    project.env["MEDTL_PSEUDONYM_KEY"] = "hospital secret"
+    project.env["MEDTL_PSEUDONYM_KEY"] = "hospital secret, long enough"
     ingest_params(project, {"source": "dicom", "data": "srcdata", "max_quarantine_fraction": 0.2, "classes": [],
                             "split": {"train": 1.0, "val": 0.0, "test": 0.0},
                             "dicom": {"root": "srcdata/dicom", "labels": "srcdata/dicom_labels.csv"}})

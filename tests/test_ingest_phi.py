@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 @pytest.fixture(autouse=True)
 def pseudonym_key(monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "test key")
+    monkeypatch.setenv(KEY_ENV, "test key, sixteen bytes or more")
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 
@@ -208,6 +208,102 @@ def test_allowed_columns_are_kept_and_recorded(tmp_path):
     assert {"site", "study_arm_id"} <= set(report["metadata_columns"])
     with pytest.raises(ParamsError, match="also listed in ingest.csv.metadata"):
         params(source="csv", csv={**csv, "allow_columns": ["mrn"]})
+
+
+MULTILINGUAL = ["patient_identifier", "identifier", "hospital_number", "pid", "patient_no", "case_no", "nom_patient",
+                "geburtsdatum", "姓名", "fecha_nacimiento", "telefono", "insurance", "passport", "postal_code", "exam_date"]
+
+
+@pytest.mark.parametrize("column", MULTILINGUAL)
+def test_identifying_csv_columns_are_refused_by_name_in_several_languages(column):
+    with pytest.raises(ParamsError, match=re.escape(repr(column)) + ".*allow_columns"):
+        params(source="csv", csv={"manifest": "m.csv", "metadata": ["site", column]})
+
+
+def content_csv(root: Path, column: str, value) -> Path:
+    lines = [f"path,label,site,{column}"]
+    for i in range(20):
+        png(root / f"{i}.png", seed=distinct_seed("content", i))
+        lines.append(f"{i}.png,{'a' if i % 2 else 'b'},s{i % 2},{value(i)}")
+    (root / "m.csv").write_text("\n".join(lines) + "\n")
+    return root / "m.csv"
+
+
+@pytest.mark.parametrize("value, finding", [
+    (lambda i: f"K{i * 7919 % 1000:03d}", "distinct"),  # a code per person, harmless-looking name
+    (lambda i: f"2021-0{i % 9 + 1}-1{i % 10}" if i % 4 else "", "dates"),
+    (lambda i: "+49 30 1234567" if i == 3 else "x", "phone numbers"),
+    (lambda i: f"pat{i % 3}@clinic.example" if i == 5 else "y", "e-mail addresses"),
+    (lambda i: "AB1234567" if i == 7 else "z", "long digit runs"),
+])
+def test_csv_columns_whose_values_look_identifying_are_refused_unless_allowed(tmp_path, value, finding):
+    manifest = content_csv(tmp_path / "data", "cohort", value)
+    csv = {"manifest": str(manifest), "metadata": ["site", "cohort"]}
+    with pytest.raises(ParamsError, match=f"'cohort'.*looks identifying: .*{finding}.*allow_columns") as e:
+        ingest(tmp_path, source="csv", csv=csv)
+    assert "clinic.example" not in str(e.value) and "1234567" not in str(e.value)  # the value is never repeated
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+    report, rows = ingest(tmp_path, source="csv", csv={**csv, "allow_columns": ["cohort"]})
+    assert finding in report["allowed_columns"]["cohort"] and report["allowed_columns"]["cohort"].startswith("values:")
+    assert report["allowed_columns"] == report["source"]["allowed_columns"] and "site" not in report["allowed_columns"]
+
+
+def test_ages_over_89_are_capped_at_ingest(tmp_path):
+    manifest = content_csv(tmp_path / "data", "age", lambda i: ["34", "93", "101", "90+", "95-99"][i % 5])
+    report, rows = ingest(tmp_path, source="csv", csv={"manifest": str(manifest), "metadata": ["site", "age"]})
+    assert {r["age"] for r in rows} == {"34", "90"}
+    root = tmp_path / "dicom"
+    files = dicoms(root, PatientAge="097Y")
+    report, rows = ingest(tmp_path, source="folder", folder={"root": str(root)})
+    assert max(float(r["age"]) for r in rows if r["age"]) <= 90 and "97" not in {r["age"] for r in rows}
+
+
+def docs_rule(dataset: str) -> str:
+    """The group rule docs/data.md gives for `dataset` (the first `group_rule:` after its name)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    return re.search(r"group_rule: '([^']+)'", text[text.index(dataset):]).group(1)
+
+
+def kermany(root: Path) -> None:
+    """Both naming schemes of Kermany's chest X-rays: NORMAL/IM-0115-0001.jpeg, NORMAL2-IM-0588-0001.jpeg and
+    PNEUMONIA/person1_bacteria_1.jpeg; patient person1 is in the published train and test splits."""
+    names = {"train/NORMAL": [f"IM-01{i:02d}-000{k}.jpeg" for i in range(6) for k in (1, 2)] +
+                             [f"NORMAL2-IM-05{i:02d}-0001.jpeg" for i in range(4)],
+             "train/PNEUMONIA": [f"person{i}_{kind}_{i * 10 + k}.jpeg" for i in range(1, 9) for k, kind in
+                                 ((1, "bacteria"), (2, "virus"))],
+             "test/NORMAL": [f"IM-00{i:02d}-0001.jpeg" for i in range(3)] + ["NORMAL2-IM-0007-0001.jpeg"],
+             "test/PNEUMONIA": ["person1_virus_99.jpeg"] + [f"person{i}_bacteria_{i}.jpeg" for i in range(20, 23)]}
+    for folder, files in names.items():
+        for name in files:
+            png(root / folder / name, seed=distinct_seed("kermany", folder, name))
+
+
+def test_docs_group_rule_covers_both_kermany_naming_schemes_and_split_conflicts(tmp_path, capfd):
+    root = tmp_path / "chest_xray"
+    kermany(root)
+    folder = {"root": str(root), "layout": "auto"}
+    # A rule for one naming scheme only: the error says in which class folders the ungrouped files are.
+    with pytest.raises(MedtlError, match=r"matches no file name of 20 file\(s\) in class folder\(s\) NORMAL \(20\)"):
+        ingest(tmp_path, source="folder", folder={**folder, "group_rule": r"person(?P<group>\d+)_"})
+    rule = docs_rule("## folder")
+    assert re.search(rule, "NORMAL/IM-0115-0001.jpeg") and re.search(rule, "PNEUMONIA/person1_bacteria_1.jpeg")
+    # The published split puts person1 in train and test: advice that fits a folder source.
+    with pytest.raises(MedtlError, match=r"1 group\(s\).*split/class folders.*split_conflicts to regroup.*keep_published"):
+        ingest(tmp_path, source="folder", folder={**folder, "group_rule": rule})
+    report, rows = ingest(tmp_path, source="folder", folder={**folder, "group_rule": rule}, split_conflicts="regroup")
+    assert report["quarantined"] == 0 and report["grouping"]["kind"] == "rule"
+    assert report["split_conflicts"] == {"policy": "regroup", "groups": 1, "images": 3, "images_moved": 1}
+    splits_of = {}
+    for r in rows:
+        splits_of.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits_of.values())  # no patient in two splits
+    assert len({r["group"] for r in rows if "IM" in r["group"]}) == 0  # groups are pseudonyms
+    report, rows = ingest(tmp_path, source="folder", folder={**folder, "group_rule": rule},
+                          split_conflicts="keep_published")
+    assert report["split_conflicts"] == {"policy": "keep_published", "groups": 1, "images": 3}
+    spans = [g for g in {r["group"] for r in rows} if len({r["split"] for r in rows if r["group"] == g}) > 1]
+    assert len(spans) == 1 and "keep_published" in capfd.readouterr().err
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
 
 
 def test_workers_above_the_cores_are_refused():

@@ -39,9 +39,9 @@ def test_key_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
     assert uses_default_key()
     assert pseudonymise("x") == pseudonymise("x", DEFAULT_PSEUDONYM_KEY)
-    monkeypatch.setenv(KEY_ENV, "hospital secret")
+    monkeypatch.setenv(KEY_ENV, "hospital secret, long enough")
     assert not uses_default_key()
-    assert pseudonymise("x") == pseudonymise("x", b"hospital secret")
+    assert pseudonymise("x") == pseudonymise("x", b"hospital secret, long enough")
     assert pseudonymise("x") != pseudonymise("x", DEFAULT_PSEUDONYM_KEY)
     monkeypatch.setenv(KEY_ENV, "  ")
     with pytest.raises(MedtlError, match=KEY_ENV):
@@ -96,11 +96,11 @@ def test_key_file_and_key_kind(monkeypatch, tmp_path):
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
     assert key_kind() == "default"
     key = tmp_path / "medtl.key"
-    key.write_text("  file secret\n")
+    key.write_text("  file secret, long enough\n")
     monkeypatch.setenv(KEY_FILE_ENV, str(key))
-    assert key_kind() == "user" and pseudonymise("x") == pseudonymise("x", b"file secret")
-    monkeypatch.setenv(KEY_ENV, "env secret")  # the variable wins over the file
-    assert pseudonymise("x") == pseudonymise("x", b"env secret")
+    assert key_kind() == "user" and pseudonymise("x") == pseudonymise("x", b"file secret, long enough")
+    monkeypatch.setenv(KEY_ENV, "env secret, long enough")  # the variable wins over the file
+    assert pseudonymise("x") == pseudonymise("x", b"env secret, long enough")
     monkeypatch.delenv(KEY_ENV)
     key.write_text("\n")
     with pytest.raises(MedtlError, match="empty"):
@@ -133,3 +133,31 @@ def test_header_metadata_values_must_have_their_standard_form():
     assert checked == {"modality": "", "photometric": "", "sex": "F", "age": "45", "body_part": "CHEST",
                        "manufacturer": "Acme Imaging"}
     assert sorted(blanked) == ["modality", "photometric"]
+
+
+def test_short_keys_and_the_demo_key_given_as_a_secret_are_refused(monkeypatch, tmp_path, capsys):
+    from medtl import cli
+    from medtl.phi import MIN_KEY_BYTES, refuse_demo_key
+
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    monkeypatch.setenv(KEY_ENV, "x")
+    with pytest.raises(MedtlError, match=f"1 byte.*at least {MIN_KEY_BYTES} bytes.*medtl key new --pseudonym"):
+        pseudonymise("x")
+    for how in ("env", "file"):  # whatever way it is given
+        if how == "env":
+            monkeypatch.setenv(KEY_ENV, DEFAULT_PSEUDONYM_KEY.decode())
+        else:
+            monkeypatch.delenv(KEY_ENV)
+            (tmp_path / "demo.key").write_bytes(DEFAULT_PSEUDONYM_KEY + b"\n")
+            monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "demo.key"))
+        assert key_kind() == "default"
+        refuse_demo_key("demo", "ingest")  # the demo may use it
+        with pytest.raises(MedtlError, match="public demo key.*medtl key new --pseudonym"):
+            refuse_demo_key("folder", "ingest.source folder")
+    # `medtl key new --pseudonym` writes a key that is accepted, readable only by its owner, never overwritten
+    out = tmp_path / "new.key"
+    assert cli.main(["key", "new", "--pseudonym", "--out", str(out)]) == 0
+    assert (out.stat().st_mode & 0o777) == 0o600 and len(out.read_text().strip()) == 64
+    monkeypatch.setenv(KEY_FILE_ENV, str(out))
+    assert key_kind() == "user" and pseudonymise("x") == pseudonymise("x", out.read_text().strip().encode())
+    assert cli.main(["key", "new", "--pseudonym", "--out", str(out)]) == 2

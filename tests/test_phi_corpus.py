@@ -1,5 +1,7 @@
-"""A PACS-like export full of identifiers, through the whole pipeline, `medtl audit` and `medtl predict`:
-not one planted value may appear in any byte the pipeline writes.
+"""A PACS-like export full of identifiers, through the whole pipeline, `medtl audit` and `medtl predict`, and
+through each of the five entry points of images (ingest, external sets, predict, SSL's extra images, unlabelled
+target images): not one planted value may appear in any byte they write or print, and each applies the same
+intake policy (burned-in text, unknown transfer syntax, free-text Modality, links, hidden files).
 
 Identifiers are planted where real exports have them: patient names and
 record numbers in folder and file names, every Patient / Study / Institution /
@@ -112,7 +114,7 @@ def test_no_planted_identifier_reaches_any_output(tmp_path):
     labels, files, planted = write_corpus(pacs)
     assert len(planted) >= 20
     params = deep_update(TINY_PARAMS, {
-        "ingest": {"source": "dicom", "data": str(pacs), "max_quarantine_fraction": 0.2,
+        "ingest": {"source": "dicom", "data": str(pacs.parent), "max_quarantine_fraction": 0.2,
                    "dicom": {"root": str(pacs), "labels": str(labels)}},
         "evaluate": {"bootstrap": {"n_resamples": 50}, "saliency": {"per_case": 1, "image_size": 64}},
     })
@@ -159,3 +161,150 @@ def test_no_planted_identifier_reaches_any_output(tmp_path):
     # The scan is able to fail: the source itself is full of the planted values.
     _, in_source = scan([labels, files[0]], {"paths": "\n".join(map(str, files))}, planted[:-1])
     assert len(in_source) >= 20
+
+
+# ---------------------------------------------------------------- the five entry points, one intake
+
+ENTRY_POINTS = ("ingest", "external", "predict", "ssl", "target")
+UNKNOWN_TS = "1.2.826.0.1.3680043.9.7777.424242"  # an unknown transfer syntax: a header value, never repeated
+FREE_MODALITY = "PLANTMODNAME"  # free text in Modality, in code-string form
+
+
+def write_entry_corpus(root: Path, outside: Path) -> list[str]:
+    """Class folders of patient folders named after the patient; every case the intake handles; the planted values."""
+    planted = {UNKNOWN_TS, FREE_MODALITY, PRIVATE, *SHARED.values()}
+    tmp = root.parent / "generated-entry"
+    for p in demo.fake_patients(PATIENTS, 0.5, 7):
+        values = patient_values(p.index)
+        planted |= set(values.values())
+        folder = root / demo.CLASSES[int(p.diseased)] / f"{values['PatientName'].replace('^', '_')}_{values['PatientID']}"
+        planted.add(folder.name)
+        for k, generated in enumerate(demo.write_patient_images(p, 2, (40, 48), 7, tmp)):
+            ds = pydicom.dcmread(generated)
+            for keyword, value in {**SHARED, **values}.items():
+                setattr(ds, keyword, value)
+            ds.private_block(0x0011, "PLANT PRIVATE CREATOR", create=True).add_new(0x10, "LO", PRIVATE)
+            name = folder / f"IM{k:04d}_{values['PatientID']}.dcm"
+            name.parent.mkdir(parents=True, exist_ok=True)
+            save = {}
+            if p.index == 0 and k == 0:
+                ds.BurnedInAnnotation = "YES"
+            elif p.index == 1 and k == 0:
+                ds.file_meta.TransferSyntaxUID = UNKNOWN_TS
+                save = {"enforce_file_format": False, "implicit_vr": False, "little_endian": True}
+            elif p.index == 2 and k == 0:
+                ds.Modality = FREE_MODALITY
+            ds.save_as(name, **save)
+    normal = root / demo.CLASSES[0]
+    (normal / ".Plantsurname_hidden_MRN999.png").write_bytes(b"hidden")
+    (normal / "Plantdangling_MRN881.png").symlink_to(normal / "absent.png")
+    (normal / "Plantloop_MRN882").symlink_to(normal / "Plantloop_MRN882")
+    outside.write_bytes((normal.parent / "x").read_bytes() if (normal.parent / "x").exists() else b"outside")
+    (normal / "Plantoutside_MRN883.png").symlink_to(outside)
+    return sorted(planted | {"Plantsurname_hidden_MRN999", "Plantdangling_MRN881", "Plantloop_MRN882",
+                             "Plantoutside_MRN883", outside.name})
+
+
+@pytest.fixture(scope="module")
+def entry_corpus(tmp_path_factory):
+    base = tmp_path_factory.mktemp("entry")
+    root = base / "export"
+    planted = write_entry_corpus(root, base / "Outsidepatient_MRN884.png")
+    from tests.test_evaluation import write_model
+
+    return root, planted, write_model(base / "model.pt")
+
+
+def _ingest(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
+    from medtl.ingest import IngestParams, run_ingest
+    from medtl.params import build
+
+    params = build(IngestParams, {"source": "folder", "data": str(root), "folder": {"root": str(root)}, "workers": 1,
+                                  "max_quarantine_fraction": 0.5}, "ingest")
+    report = run_ingest(params, out)
+    manifest = (out / "manifest.csv").read_text()
+    assert manifest.count(",f-") >= 20  # every image named by keyed ref + sha256
+    return sorted(out.iterdir()), report["quarantine_reasons"], {**report["source"], "warnings": report["decode_warnings"]}
+
+
+def _external(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
+    import json
+
+    from medtl.external import ExternalSet, load_external
+    from medtl.params import build
+    from tests.project import preprocessing_record
+
+    spec = build(ExternalSet, {"name": "site2", "source": "folder", "folder": {"root": str(root)}}, "external")
+    data = load_external(spec, "evaluate.external[0]", ["normal", "lesion"], preprocessing_record(24))
+    assert all(r["source_ref"].startswith("f-") and len(r["sha256"]) == 64 for r in data.rows)  # traceable
+    (out / "rows.json").write_text(json.dumps({"rows": data.rows, "skipped": data.skipped, "warnings": data.warnings}))
+    return [out / "rows.json"], data.skipped, {"hidden_files": data.skipped.get("hidden_file"),
+                                               "warnings": data.warnings}
+
+
+def _predict(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
+    import csv
+    from collections import Counter
+
+    from medtl import cli
+
+    code = cli.main(["predict", str(model), str(root), "--out", str(out / "p.csv"), "--device", "cpu",
+                     "--precision", "fp32"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "p.csv", newline="")))
+    assert all(r["file"].startswith("f-") for r in rows)
+    reasons = Counter(r["error"].split(":")[0] for r in rows if r["status"] == "error")
+    return [out / "p.csv"], dict(reasons), {}
+
+
+def _ssl(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
+    import json
+
+    from medtl.ssl import read_image_folder
+    from tests.project import preprocessing_record
+
+    _, info = read_image_folder(root, preprocessing_record(24), out / "extra.npy")
+    (out / "info.json").write_text(json.dumps(info))
+    return [out / "extra.npy", out / "info.json"], info["skipped"], info
+
+
+def _target(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
+    import json
+
+    from medtl.intake.unlabelled import read_unlabelled
+    from tests.project import preprocessing_record
+
+    got = read_unlabelled(root, preprocessing_record(24), "target", out / "target.npy")
+    assert len(got.refs) == len(got.images) == len(got.sha256) and all(r.startswith("f-") for r in got.refs)
+    (out / "counts.json").write_text(json.dumps({"refs": got.refs, "sha256": got.sha256, **got.counts}))
+    return [out / "target.npy", out / "counts.json"], got.counts["skipped"], got.counts
+
+
+RUNNERS = {"ingest": _ingest, "external": _external, "predict": _predict, "ssl": _ssl, "target": _target}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_every_entry_point_reads_through_one_intake_and_leaks_nothing(entry_corpus, entry, tmp_path, capfd,
+                                                                      monkeypatch):
+    root, planted, model = entry_corpus
+    monkeypatch.setenv("MEDTL_PSEUDONYM_KEY", "the entry points' own secret")
+    out = tmp_path / "out"
+    out.mkdir()
+    written, reasons, info = RUNNERS[entry](root, out, model)
+    log = capfd.readouterr()
+    texts = {f"{entry} output": (log.out + log.err).replace(str(root), "<passed folder>")}
+    read, found = scan(written, texts, planted)
+    assert read >= 1 and found == [], "\n".join(found)
+    # One policy: the same files refused for the same reasons, whatever the entry point.
+    for reason in ("burned_in_annotation", "unsupported_codec", "dangling_symlink", "symlink_loop", "link_outside_root"):
+        assert reasons.get(reason) == 1, (entry, reason, reasons)
+    if entry != "predict":
+        assert info.get("hidden_files") == 1, info
+    else:
+        assert "1 hidden file(s) not read" in log.out
+    if "warnings" in info:
+        assert info["warnings"].get("invalid_value:modality", 0) >= 1, info  # the free text was blanked, counted
+
+    # The scan is able to fail: the corpus itself holds the planted values.
+    _, in_source = scan([next(root.rglob("*.dcm"))], {"paths": "\n".join(map(str, root.rglob("*")))}, planted)
+    assert len(in_source) >= 10

@@ -487,6 +487,25 @@ def test_verify_refuses_folder_entries_and_source_roots_outside(ws, capsys):
     assert "recorded source root '/etc' is an absolute path" in capsys.readouterr().out
 
 
+def test_verify_never_opens_a_file_that_a_link_in_a_source_folder_points_to_outside(ws, tmp_path, capsys):
+    outside = tmp_path / "Doe_John_MRN4711.png"
+    outside.write_bytes(b"not to be read")
+    (ws / "data/raw" / "scan.png").symlink_to(outside)
+    rc, lines = verify_lines(capsys)
+    text = "\n".join(lines)
+    assert rc == 1 and "MISMATCH data/raw: expected a path inside the project root, actual 1 symbolic link(s)" in text
+    assert "Doe_John" not in text and "scan.png" not in text
+
+
+def test_audit_takes_the_manifest_only_from_the_ingest_stage_never_a_source_file_of_that_name(ws):
+    from medtl.provenance.audit import collect
+
+    (ws / "data/raw/manifest.csv").write_text("path,label,pt_name,dob\nnormal/a.dcm,normal,Doe^Jane,19470101\n")
+    ev = collect(ws, "models/model.pt")
+    assert ev["source_data"]["manifest"] == "data/ingested/manifest.csv"
+    assert "Doe^Jane" not in json.dumps(ev) and "19470101" not in json.dumps(ev)
+
+
 @pytest.fixture(scope="module")
 def evidence(project) -> dict:
     from medtl.provenance.audit import collect

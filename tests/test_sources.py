@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def params(**raw) -> IngestParams:
-    raw.setdefault("data", "anything")
+    raw.setdefault("data", "/")  # everything lies inside
     return build(IngestParams, raw, "ingest")
 
 

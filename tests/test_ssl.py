@@ -94,7 +94,8 @@ def test_ssl_is_deterministic_uses_extra_images_and_never_reads_labels_or_other_
     assert rec_a == rec_b
     assert rec_a["images"] == 12
     assert rec_a["image_sources"]["train"] == 8
-    assert rec_a["image_sources"]["extra"] == {"folder": str(extra), "files": 5, "images": 4, "skipped": {"not_an_image": 1}}
+    assert rec_a["image_sources"]["extra"] == {"folder": str(extra), "files": 5, "images": 4, "skipped": {"not_an_image": 1},
+                                                  "hidden_files": 1}
     assert rec_a["steps"] == 2 and len(rec_a["loss"]) == 1
 
 

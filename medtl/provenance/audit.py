@@ -149,6 +149,9 @@ def uv_packages(path: Path) -> list[dict]:
     return sorted(out, key=lambda p: p["name"])
 
 
+INGEST_STAGE = "ingest"  # the dvc.yaml stage whose output folder holds manifest.csv
+
+
 def manifest_summary(path: Path) -> dict:
     """Counts from the ingest manifest: per split and class, patients per split, overlap, subgroups."""
     try:
@@ -395,7 +398,11 @@ def collect(root: Path, model: str) -> dict:
                 problems.append(f"stage record {rec['_path']} describes another version of {o['path']} (sha256 {o.get('sha256')}, now {now['sha256']})")
 
     source = None
-    manifest = next((p for p in (f"{a}/manifest.csv" for a, d in artifacts.items() if d["type"] == "dir") if (root / p).is_file()), None)
+    # Only the ingest stage's own output (dvc.yaml outs, as locked) is its manifest: never a folder that merely holds a
+    # file of that name, such as a source folder whose CSV is called manifest.csv.
+    manifest = next((p for p in (f"{a}/manifest.csv" for a, d in artifacts.items()
+                                 if d["type"] == "dir" and d.get("stage") == INGEST_STAGE and d.get("role") == "output")
+                     if (root / p).is_file()), None)
     if manifest:
         ingest_rec = next((r for r in records.values() if any(o.get("path") == manifest.rsplit("/", 1)[0] for o in r.get("outputs", []))), {})
         summary = manifest_summary(root / manifest)
@@ -407,7 +414,8 @@ def collect(root: Path, model: str) -> dict:
             **summary,
         }
     else:
-        problems.append("no source manifest (manifest.csv) found in any folder artifact: source files cannot be traced")
+        problems.append(f"no source manifest: the {INGEST_STAGE} stage's output holds no manifest.csv, so source files "
+                        "cannot be traced")
 
     weights = None
     for path, d in artifacts.items():

@@ -164,8 +164,15 @@ def _check_source_folder(res: Result, root: Path, desc: dict) -> str | None:
     """A folder of source data: the evidence holds its digest and file count, not its file names."""
     name = desc["name"]
     files, md5s = {}, {}
+    base, escaped = root.resolve(), 0
     for rel in tree_files(root / name):
+        if not (root / name / rel).resolve().is_relative_to(base):  # never opened; its path is not repeated either
+            escaped += 1
+            continue
         files[rel], md5s[rel], _ = _digests(res, root / name / rel)
+    if escaped:
+        res.refuse(name, f"{escaped} symbolic link(s) inside it lead outside the root; they were not opened")
+        return None
     now = {"sha256": combined_digest(files), "md5": dvc_dir_md5(md5s), "nfiles": len(files)}
     res.checked += 1
     if now["sha256"] != desc["digest"]["sha256"]:

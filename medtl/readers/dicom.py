@@ -14,6 +14,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, as_pixel_options, get_decoder
 from pydicom.uid import JPEGExtended12Bit as JPEG_EXTENDED, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID_dictionary
 
 from medtl.errors import UnreadableImage
 from medtl.phi import PHOTOMETRIC_VALUES, LibraryWarning, age_in_years, error_kind, warning_kind
@@ -155,7 +156,7 @@ def _decode(path: Path, ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, st
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        raise UnreadableImage("unsupported_codec", f"{path}: transfer syntax {ts.name} ({ts}) cannot be decoded") from None
+        raise UnreadableImage("unsupported_codec", f"{path}: transfer syntax {syntax_name(ts)} cannot be decoded") from None
     try:
         pixel_options = as_pixel_options(ds)
     except Exception as e:
@@ -169,9 +170,14 @@ def _decode(path: Path, ds: pydicom.Dataset, index: int) -> tuple[np.ndarray, st
             # No permissive decoder handles 12-bit JPEG Extended; the GPL-3.0 plugin is an opt-in extra.
             hint = "; 12-bit JPEG Extended needs the optional jpeg12 extra (GPL-3.0, see README)"
         raise UnreadableImage(_decode_failure_reason(e),
-                              f"{path} ({ts.name}): the pixel data cannot be decoded ({error_kind(e)}){hint}") from None
+                              f"{path} ({syntax_name(ts)}): the pixel data cannot be decoded ({error_kind(e)}){hint}") from None
     photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")) or "")
     return arr, photometric.strip().upper()
+
+
+def syntax_name(ts) -> str:
+    """pydicom's name of a transfer syntax it knows, else "unknown": the UID of an unknown one is a header value."""
+    return UID_dictionary[ts][0] if ts in UID_dictionary else "unknown"
 
 
 def _decode_failure_reason(e: Exception) -> str:

@@ -14,6 +14,7 @@ import errno
 import importlib
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -127,19 +128,21 @@ def open_source(params, workdir: Path) -> Source:
     return module.open_source(params, workdir)
 
 
-def walk_files(root: Path, skip: Iterable[Path] = (), within: Path | None = None) -> Iterator[FileEntry]:
+def walk_files(root: Path, skip: Iterable[Path] = (), within: Path | None = None,
+               hidden: Counter | None = None) -> Iterator[FileEntry]:
     """Every regular file under root, in a stable order, hidden files skipped, links followed inside root.
 
     A link that loops, dangles or leads outside root is yielded with a problem
     instead of being read, so it is quarantined and counted, never silently
     skipped or fatal. `within` (default: root) is the data root links may not leave.
+    Hidden files and folders (".DS_Store", ".git") are not read; each is counted in `hidden["hidden_file"]`.
     """
     skip = {Path(p).resolve() for p in skip}
     real_root = (within or root).resolve()
 
     def visit(folder: Path, seen: frozenset) -> Iterator[FileEntry]:
         try:
-            names = _sorted_names(folder)
+            names = _sorted_names(folder, hidden)
         except OSError as e:
             yield FileEntry(folder, "unreadable_folder", f"the folder cannot be listed ({e.strerror or type(e).__name__})")
             return
@@ -175,13 +178,16 @@ def walk_files(root: Path, skip: Iterable[Path] = (), within: Path | None = None
     yield from visit(root, frozenset({root.resolve()}))
 
 
-def _sorted_names(folder: Path) -> Iterator[str]:
+def _sorted_names(folder: Path, hidden: Counter | None = None) -> Iterator[str]:
     """The visible names in a folder, sorted; held as one string while the walk is inside the folder.
 
     A folder may hold tens of thousands of files or patients: one string costs
     a few bytes a name where a list of strings costs some seventy.
     """
-    joined = "\0".join(sorted(n for n in os.listdir(folder) if not n.startswith(".")))  # no name holds NUL
+    names = os.listdir(folder)
+    if hidden is not None:
+        hidden["hidden_file"] += sum(n.startswith(".") for n in names)
+    joined = "\0".join(sorted(n for n in names if not n.startswith(".")))  # no name holds NUL
     start = 0
     while start < len(joined):
         end = joined.find("\0", start)

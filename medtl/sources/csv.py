@@ -6,9 +6,11 @@ other columns, e.g. "{dx}/{image_id}.jpg" for HAM10000's metadata file.
 
 Groups come from `group_column` (a patient or lesion id, pseudonymised by
 ingest) or from `group_rule`, a regex with a named group `group` over the
-path. Metadata columns whose names look identifying are refused unless listed
-in `allow_columns` as well; paths and cells are never repeated in messages,
-which name the manifest line instead.
+path. Metadata columns whose names look identifying (`medtl/identifier_words.txt`)
+or whose values do (mostly distinct, dates, phone numbers, e-mail addresses,
+long digit runs) are refused unless listed in `allow_columns` as well, and
+each allowed column is recorded with what flagged it; paths and cells are
+never repeated in messages, which name the manifest line instead.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from medtl.errors import MedtlError
+from medtl.errors import MedtlError, ParamsError
 from medtl.params import require
-from medtl.phi import check_metadata_columns
+from medtl.phi import ColumnProfile, check_metadata_columns, identifying_token
 from medtl.sources import (
     Source, SourceItem, apply_group_rule, compile_group_rule, existing_file, inside_root, split_name,
 )
@@ -81,6 +83,25 @@ def column(header: list[str], name: str | None, default: str | None, key: str, p
     return default if default in header else None
 
 
+def check_column_values(profiles: dict[str, ColumnProfile], allowed: list[str], where: str) -> dict[str, str]:
+    """Refuse a metadata column whose values look identifying unless allowed; say why each allowed column was flagged."""
+    out = {}
+    for name, profile in profiles.items():
+        token = identifying_token(name)
+        finding = profile.finding(where)
+        if finding and name not in allowed:
+            raise ParamsError(
+                f"metadata column {name!r} (params key 'ingest.csv.metadata') looks identifying: "
+                f"{finding}; it is not copied into artifacts. Remove it, or if you have checked that it holds no "
+                "identifier, list it under ingest.csv.allow_columns as well (report.json then records it under "
+                "allowed_columns with this finding)")
+        if name in allowed:
+            found = [f"name: the word {token!r}"] if token else []
+            found += [f"values: {finding}"] if finding else []
+            out[name] = "; ".join(found) or "nothing looked identifying"
+    return out
+
+
 def open_source(params, workdir: Path) -> Source:
     p = params.csv
     manifest = existing_file(p.manifest, "ingest.csv.manifest", "a CSV file with a path and a label column")
@@ -88,7 +109,8 @@ def open_source(params, workdir: Path) -> Source:
     if not root.is_dir():
         raise MedtlError(f"params key 'ingest.csv.root' is {p.root!r}, which is not a folder; expected the folder the manifest's paths are relative to")
     rows = ManifestRows.check(manifest, root, p)
-    description = {"source": "csv", "manifest": manifest.name, "rows": rows.count, "group_rule": p.group_rule}
+    description = {"source": "csv", "manifest": manifest.name, "rows": rows.count, "group_rule": p.group_rule,
+                   "allowed_columns": rows.allowed}
     return Source(items=rows.items(), classes=[], description=description, count=rows.count)
 
 
@@ -111,6 +133,7 @@ class ManifestRows:
     split_col: str | None
     rule: re.Pattern | None
     count: int = 0  # rows, the header not counted
+    allowed: dict = field(default_factory=dict)  # metadata column kept by allow_columns -> why it was flagged
 
     @classmethod
     def check(cls, manifest: Path, root: Path, p: CsvParams) -> ManifestRows:
@@ -126,17 +149,21 @@ class ManifestRows:
         except MedtlError as e:
             problem = e
         n = 1
+        profiles = {c: ColumnProfile() for c in p.metadata if c in header}
         for n, row in enumerate(rows, start=2):  # line 1 is the header
             if problem is None:
                 try:
                     table.fields(row, n)
                 except MedtlError as e:
                     problem = e
+                for c, profile in profiles.items():
+                    profile.add(row[c], n)
         if problem is not None:
             raise problem
         if n == 1:
             raise MedtlError(f"ingest.csv.manifest {manifest} has no rows; expected one row per image")
         table.count = n - 1
+        table.allowed = check_column_values(profiles, p.allow_columns, manifest.name)
         return table
 
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 from array import array
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -39,11 +40,14 @@ def open_source(params, workdir: Path) -> Source:
     root = existing_dir(p.root, "ingest.dicom.root")
     labels_path = existing_file(p.labels, "ingest.dicom.labels", f"a CSV file with a {p.key_column or p.key} column and a label column")
     labels = LabelRows.read(labels_path, root, p)
-    description = {"source": "dicom", "key": p.key, "group": p.group, "label_rows": labels.rows, "files": 0}
+    description = {"source": "dicom", "key": p.key, "group": p.group, "label_rows": labels.rows, "files": 0,
+                   "hidden_files": 0}
+    hidden = Counter()  # hidden files and folders are not read, but counted
 
     def items() -> Iterator[SourceItem]:  # streamed: one file at a time, however large the tree
         skip = labels_path.resolve()
-        for entry in walk_files(root):
+        for entry in walk_files(root, hidden=hidden):
+            description["hidden_files"] = hidden["hidden_file"]
             if not fnmatch.fnmatch(entry.path.name, p.include) or (not entry.problem and entry.path.resolve() == skip):
                 continue
             item = entry_item(entry, root)
@@ -57,6 +61,7 @@ def open_source(params, workdir: Path) -> Source:
             elif found is not None:
                 labels.take(found)  # a broken link that a label row names: quarantined once, as the link
             yield item
+        description["hidden_files"] = hidden["hidden_file"]
         if p.key == "path":  # every row has met its file or not: the table is no longer needed
             missing = labels.unmatched()
             labels.clear()

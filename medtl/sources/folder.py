@@ -10,6 +10,8 @@ e.g. `person(?P<group>\\d+)_` for Kermany's `person123_bacteria_456.jpeg`.
 """
 from __future__ import annotations
 
+import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -52,12 +54,15 @@ def open_source(params, workdir: Path) -> Source:
         pairs = [(None, root)]
     class_dirs = {base: sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
                   for _, base in pairs}
-    description = {"source": "folder", "layout": layout, "files": 0, "group_rule": p.group_rule}
+    description = {"source": "folder", "layout": layout, "files": 0, "group_rule": p.group_rule, "hidden_files": 0}
+    hidden = Counter()  # hidden files and folders are not read, but counted
 
     def items() -> Iterator[SourceItem]:  # streamed: one file at a time, however many there are
-        for item in _items(root, layout, pairs, class_dirs, rule):
+        for item in _items(root, layout, pairs, class_dirs, rule, hidden):
             description["files"] += item.path is not None
+            description["hidden_files"] = hidden["hidden_file"]
             yield item
+        description["hidden_files"] = hidden["hidden_file"]
 
     return Source(
         items=items(),
@@ -66,18 +71,21 @@ def open_source(params, workdir: Path) -> Source:
     )
 
 
-def _items(root: Path, layout: str, pairs: list, class_dirs: dict, rule) -> Iterator[SourceItem]:
+def _items(root: Path, layout: str, pairs: list, class_dirs: dict, rule, hidden: Counter) -> Iterator[SourceItem]:
+    hidden["hidden_file"] += sum(n.startswith(".") for n in os.listdir(root))
     if layout == "splits":
         for f in sorted(f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")):
             yield SourceItem(f.name, path=f, problem="no_label", detail="file is not inside a split/class folder")
     for split, base in pairs:
+        if base != root:
+            hidden["hidden_file"] += sum(n.startswith(".") for n in os.listdir(base))
         loose = sorted(f for f in base.iterdir() if not f.is_dir() and not f.name.startswith("."))
         for f in loose:  # an image beside the class folders has no label
             yield SourceItem(f.relative_to(root).as_posix(), path=f, split=split, problem="no_label",
                              detail="file is not inside a class folder")
         for d in class_dirs[base]:
             empty = True
-            for entry in walk_files(d, within=root):
+            for entry in walk_files(d, within=root, hidden=hidden):
                 item = entry_item(entry, root, label=d.name, split=split)
                 apply_group_rule(rule, item)
                 empty = False
