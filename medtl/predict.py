@@ -150,13 +150,13 @@ def _decoded(files: list[InputFile], decode, workers: int) -> Iterator:
 def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32, *,
             operating_point: Path | None = None, threshold: float | None = None,
             hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int = 1,
-            name_files: bool = False) -> dict:
+            name_files: bool = False, precision: str = "auto") -> dict:
     """Write one CSV row per image (or per unreadable file) to `out`; return counts."""
     import numpy as np
     from tqdm import tqdm
 
     from medtl import hardware
-    from medtl.inference import predict_logits, prepare_model
+    from medtl.inference import predict_logits, prepare_model, use_fused
     from medtl.metrics import apply_temperature, predict_labels
     from medtl.model import load_classifier, model_preprocessing
 
@@ -177,6 +177,7 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
             print("predict: warning: files inside folders are named by refs made with the public demo key, which "
                   f"anyone can recompute from guessed paths; to prevent that, {phi.HOW_TO_SET_KEY}", file=sys.stderr)
     prepare_model(model, hw)
+    fused = use_fused(model, hw, precision, len(files))  # `precision`: what the user asked for (auto fuses)
 
     header = ["path", "file", "sha256", "image", "status", "predicted"] + [f"prob_{c}" for c in classes] + \
              ["above_threshold", "threshold", "error"]
@@ -221,7 +222,8 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
                 if len(pending) >= batch_size:
                     flush(writer)
         flush(writer)
-    return {**counts, "files": len(files), "threshold": op.threshold, "threshold_source": op.source}
+    return {**counts, "files": len(files), "threshold": op.threshold, "threshold_source": op.source,
+            "inference": fused.record}
 
 
 def register(subparsers) -> None:
@@ -257,9 +259,9 @@ def _main(args) -> int:
     hw = hardware.select(args.device, args.precision, key="--device")
     res = predict(args.model, args.inputs, args.out, args.batch_size, operating_point=args.operating_point,
                   threshold=args.threshold, hw=hw, allow_mismatch=args.allow_mismatch, workers=args.workers,
-                  name_files=args.name_files)
+                  name_files=args.name_files, precision=args.precision)
     print(f"medtl predict: {res['ok']} image(s) predicted, {res['error']} unreadable, {res['refused']} refused, "
-          f"threshold {res['threshold']} ({res['threshold_source']}) -> {args.out}")
+          f"threshold {res['threshold']} ({res['threshold_source']}); inference {res['inference']['mode']} -> {args.out}")
     if res["ok"] == 0:
         raise MedtlError(f"no image could be predicted; see the error column of {args.out}")
     return 0
