@@ -11,7 +11,8 @@ Two fused forms, both built from the trained classifier on its first batch:
 - `compile`: torch.compile (inductor, generated C++ with its own fused
   kernels), where a C compiler exists. Faster per image (docs/performance.md),
   but 20-40 s to build on a 2-core CPU, so only chosen when the run is large
-  enough to earn that back: COMPILE_MIN_TFLOP of forward work.
+  enough to earn that back: COMPILE_MIN_TFLOP of forward work. Below FUSE_MIN_TFLOP
+  neither repays its build and the run stays eager.
 
 The first batch is also run eagerly and the fused probabilities must match it
 (FUSED_TOLERANCE); any failure to build, or a mismatch, falls back to eager.
@@ -28,6 +29,10 @@ import torch
 # 2-core AVX-512 BF16 EPYC, compile built in 20-32 s and ran ResNet-18/50 at 224 px 1.45-1.65x eager,
 # trace-freeze 1.03-1.35x; at ~250 GFLOP/s of eager bf16 that is ~80 s of eager work, about 20 TFLOP.
 COMPILE_MIN_TFLOP = 20.0
+# Below this much forward work even trace-freeze's build (0.3-1.2 s with its check batch) is not repaid:
+# at ~250 GFLOP/s of eager bf16 and 1.03-1.35x, about 1.5 TFLOP (~400 ResNet-18 or ~180 ResNet-50 images
+# at 224 px); small runs (tests, a handful of files) stay eager.
+FUSE_MIN_TFLOP = 1.5
 # A sanity bound on |fused - eager| probabilities on the first batch: catches a wrong graph, not rounding.
 FUSED_TOLERANCE = 1e-2
 
@@ -51,19 +56,22 @@ def choose_mode(precision_param: str, device: torch.device, work_tflop: float | 
         return "eager", f"precision set to {precision_param!r}: fused inference is used with precision auto only"
     if device.type != "cpu":
         return "eager", f"fused inference is measured on the CPU only; eager on {device.type}"
+    if work_tflop is not None and work_tflop < FUSE_MIN_TFLOP:
+        return "eager", f"{work_tflop:.2f} TFLOP of forward work < {FUSE_MIN_TFLOP}: no fused form repays its build"
     if work_tflop is not None and work_tflop >= COMPILE_MIN_TFLOP:
         if c_compiler():
             return "compile", f"{work_tflop:.0f} TFLOP of forward work >= {COMPILE_MIN_TFLOP:.0f}: compile repays its build"
         return "trace-freeze", "no C compiler for torch.compile"
-    return "trace-freeze", (f"{work_tflop or 0:.1f} TFLOP of forward work < {COMPILE_MIN_TFLOP:.0f}: "
-                            "torch.compile would not repay its build")
+    return "trace-freeze", (f"{work_tflop:.1f} TFLOP of forward work < {COMPILE_MIN_TFLOP:.0f}: torch.compile "
+                            "would not repay its build" if work_tflop is not None else "size of the run unknown")
 
 
 class FusedForward:
     """A drop-in forward for `forward_batches`: fused on the first batch it sees, eager if that fails."""
 
-    def __init__(self, model: torch.nn.Module, hw, precision_param: str = "auto", images: int | None = None):
-        self.model, self.hw, self.images = model, hw, images
+    def __init__(self, model: torch.nn.Module, hw, precision_param: str = "auto", images: int | None = None,
+                 mode: str | None = None):
+        self.model, self.hw, self.images, self.forced = model, hw, images, mode  # mode: the benchmarks' choice
         self.precision_param = precision_param
         self._fn: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._batch = 0
@@ -75,8 +83,11 @@ class FusedForward:
         return self._fn(x)
 
     def _build(self, x: torch.Tensor) -> None:
-        work = forward_tflop(self.model, x, self.images) if self.images else None
-        mode, why = choose_mode(self.precision_param, x.device, work)
+        if self.forced:
+            mode, why = self.forced, "chosen by the caller"
+        else:
+            work = forward_tflop(self.model, x, self.images) if self.images else None
+            mode, why = choose_mode(self.precision_param, x.device, work)
         self._fn, self.record = self.model, {"mode": "eager", "why": why}
         if mode == "eager":
             return

@@ -16,6 +16,7 @@ numbers. `--name-files` writes the paths inside the folder instead.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import multiprocessing
@@ -49,8 +50,10 @@ def misfit(pixels: np.ndarray, metadata: dict, op: Operating) -> str | None:
     if op.modalities and modality and modality not in op.modalities:
         return (f"modality {modality} but the model was trained and evaluated on {', '.join(op.modalities)} images; "
                 "pass --allow-mismatch to predict anyway")
+    if not op.colour:  # the model's record does not say what it was evaluated on: nothing to compare
+        return None
     colour = colour_of(pixels)
-    if op.colour and colour not in op.colour:
+    if colour not in op.colour:
         return (f"a {colour} image but the model was trained and evaluated on {' and '.join(op.colour)} images "
                 "only; pass --allow-mismatch to predict anyway")
     return None
@@ -147,9 +150,29 @@ def _decoded(files: list[InputFile], decode, workers: int) -> Iterator:
         yield from pool.imap(decode, files, chunksize=4)
 
 
+def decode_workers(requested: int | None) -> tuple[int, int | None]:
+    """(decode processes, torch threads to use or None to leave them) so that together they fill the cores.
+
+    Decoding in other processes overlaps it with inference, but a decode worker beside one torch thread per
+    core makes three busy threads on two cores, and OpenMP's threads then wait for each other. By default
+    one worker per four cores (at least one where there are two), and torch gets the cores that are left.
+    OMP_NUM_THREADS, when set, is the user's choice of torch threads.
+    """
+    import os
+
+    from medtl.hardware import available_cores
+
+    cores = available_cores()
+    workers = requested if requested is not None else (0 if cores < 2 else max(1, cores // 4))
+    if workers < 0:
+        raise MedtlError(f"--workers must be 0 (decode in this process) or a positive number of processes, got {workers}")
+    threads = None if "OMP_NUM_THREADS" in os.environ or workers == 0 else max(1, cores - workers)
+    return workers, threads
+
+
 def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32, *,
             operating_point: Path | None = None, threshold: float | None = None,
-            hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int = 1,
+            hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int | None = None,
             name_files: bool = False, precision: str = "auto") -> dict:
     """Write one CSV row per image (or per unreadable file) to `out`; return counts."""
     import numpy as np
@@ -162,6 +185,7 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
 
     if batch_size < 1:
         raise MedtlError(f"--batch-size must be a positive integer, got {batch_size}")
+    workers, threads = decode_workers(workers)
     hw = hw or hardware.select("auto", "auto")
     model, ckpt = load_classifier(model_path)
     classes = list(ckpt["classes"])
@@ -202,7 +226,7 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
             writer.writerow(row(named, "ok", probs=p))
         pending.clear()
 
-    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with _torch_threads(threads if len(files) > 1 else None), atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         decode_one = functools.partial(_decode_file, pre=pre, op=op, allow_mismatch=allow_mismatch)
@@ -226,6 +250,20 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
             "inference": fused.record}
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """At most `n` torch threads inside, the caller's count again after."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(min(n, saved))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="apply a model to image files and folders",
@@ -245,9 +283,9 @@ def register(subparsers) -> None:
     p.add_argument("--name-files", action="store_true",
                    help="name files found inside a folder by their path in it instead of a ref (f-...); such paths "
                         "often carry patient names or record numbers, so keep that CSV inside the hospital")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="processes that decode files while the model predicts; 0 decodes in the main process "
-                        "(default: %(default)s)")
+                        "(default: one per four cores, at least one on two or more, with torch on the other cores)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.set_defaults(func=_main)

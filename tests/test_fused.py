@@ -18,6 +18,7 @@ def test_fused_matches_eager_on_the_demo_test_split(tiny_run):
     test = load_split(tiny_run.path / "data/prepared", "test")
     eager = apply_temperature(predict_logits(model, test.images, 4, hw, "eager"), 1.0)
     fused = use_fused(model, hw, "auto", len(test.labels))
+    fused.forced = "trace-freeze"  # the demo split is too small for fusing to repay its build (see below)
     # batches of 4 leave a short last batch: the fused graph must take it too
     probs = apply_temperature(predict_logits(model, test.images, 4, hw, "fused"), 1.0)
     assert fused.record["mode"] == "trace-freeze" and fused.record["batch_norm_folded"], fused.record
@@ -27,9 +28,19 @@ def test_fused_matches_eager_on_the_demo_test_split(tiny_run):
     assert np.abs(probs - eager).max() <= tolerance
     threshold = json.loads((tiny_run.path / "reports/operating_point.json").read_text())["threshold"]
     assert (predict_labels(probs, threshold) == predict_labels(eager, threshold)).all()
-    # the evaluate stage of the run recorded what it ran
+    # the evaluate stage of the run recorded what it ran, and why
     record = json.loads((tiny_run.path / "reports/evaluation.json").read_text())["inference"]
-    assert record["mode"] == "trace-freeze", record
+    assert record["mode"] == "eager" and "no fused form repays its build" in record["why"], record
+
+
+def test_the_fused_form_follows_the_size_of_the_run():
+    from medtl.fused import choose_mode, COMPILE_MIN_TFLOP, FUSE_MIN_TFLOP, c_compiler
+
+    cpu = torch.device("cpu")
+    assert choose_mode("auto", cpu, FUSE_MIN_TFLOP / 2)[0] == "eager"
+    assert choose_mode("auto", cpu, FUSE_MIN_TFLOP * 2)[0] == "trace-freeze"
+    assert choose_mode("auto", cpu, COMPILE_MIN_TFLOP * 2)[0] == ("compile" if c_compiler() else "trace-freeze")
+    assert choose_mode("bf16", cpu, COMPILE_MIN_TFLOP * 2)[0] == "eager"
 
 
 def test_explicit_precision_stays_eager_and_says_why(tiny_run):
@@ -52,6 +63,7 @@ class _Untraceable(torch.nn.Module):
 def test_a_model_that_cannot_be_fused_runs_eager_and_the_fallback_is_recorded():
     model = _Untraceable()
     fused = use_fused(model, hardware.Hardware(torch.device("cpu"), "fp32"), "auto", 4)
+    fused.forced = "trace-freeze"
     x = torch.rand(2, 1, 4, 4)
     with torch.no_grad():
         out = fused(x)
