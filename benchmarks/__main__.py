@@ -17,7 +17,7 @@ BENCHMARKS = ("model_speed", "threads", "linear_probe", "train_path", "precision
               "predict")
 
 # Smallest sizes that still exercise every code path (the smoke test runs these).
-QUICK = {"patients": 12, "size": 32, "linear_epochs": [1, 2], "train_epochs": 1, "precision_epochs": 1,
+QUICK = {"patients": 12, "size": 32, "linear_epochs": [1, 2], "train_epochs": 1, "cpu_epochs": 0, "precision_epochs": 1,
          "precision_steps": 2, "batch_size": 8, "ingest_sizes": [16, 32], "dvc_images": 96, "dvc_targets": ["preprocess"],
          "ingest_formats": "dicom,png,csv", "predict_images": 16, "deploy_images": 4, "deploy_archs": ["resnet18"], "dataloader_workers": 0, "speed_archs": ["resnet18"],
          "speed_sizes": [32], "fused_sizes": [32], "fused_modes": ["trace-freeze"], "speed_batch": 2, "speed_steps": 1, "matmul_n": 128, "thread_size": 32, "speed_repeats": 1}
@@ -44,6 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--linear-epochs", type=_ints, default=[10, 30])
     p.add_argument("--dataloader-workers", type=int, default=2, help="the classic recipe's DataLoader workers")
     p.add_argument("--train-epochs", type=int, default=3)
+    p.add_argument("--cpu-epochs", type=int, default=2,
+                   help="train_path: epochs of the fine-tune timed with /usr/bin/time for its CPU use (0 skips)")
     p.add_argument("--precision-epochs", type=int, default=3)
     p.add_argument("--precision-steps", type=int, default=8)
     p.add_argument("--auc-tolerance", type=float, default=0.05)
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.dataloader_workers, args.auc_tolerance, args.arch)
             elif name == "train_path":
                 from benchmarks import train_path
-                r = train_path.run(prepared, args.train_epochs, args.batch_size, args.arch)
+                r = train_path.run(prepared, args.train_epochs, args.batch_size, args.arch, args.cpu_epochs)
             elif name == "precision":
                 from benchmarks import precision
                 r = precision.run(prepared, args.precision_epochs, args.batch_size, args.precision_steps,
