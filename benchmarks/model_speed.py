@@ -197,7 +197,7 @@ def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device:
             bs = batch_size if size >= 128 else batch_size * 4  # small images: bigger batches, same time
             # interleaved repeats, the best of each kept: a load spike from another process hits one repeat
             # of one variant, not the comparison
-            fuse = dev.type == "cpu" and size in fused_sizes
+            fuse = size in fused_sizes  # on a GPU too (gpu.sh): forced forms, a failure shows as a fallback
             runs = [{**{label: images_per_second(arch, size, hw, bs, steps) for label, hw in variants},
                      **{f"fused {m}": fused_inference(arch, size, auto, bs, steps, m) for m in fused_modes if fuse}}
                     for _ in range(repeats)]
