@@ -105,7 +105,9 @@ def int8_rows(res: Result, model, prepared: Path, test, speed: dict, scores: dic
 
     images = np.asarray(test.images, dtype=np.float32)
     batches = [images[i:i + 64] for i in range(0, len(images), 64)]
-    sessions = {name: ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the torch rows' threads, not onnxruntime's default
+    sessions = {name: ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
                 for name, data in (("onnx fp32", fp32), ("onnx int8", int8))}
     times = {name: [] for name in sessions}
     for _ in range(repeats):  # interleaved, the median kept; sessions started and warmed beforehand

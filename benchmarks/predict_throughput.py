@@ -155,8 +155,8 @@ def deploy_rows(res: Result, work: Path, n: int, batch_size: int, archs: list[st
     from medtl.predict import decode_workers, predict
 
     side = 224
-    inputs = {"224 px colour PNG": (write_colour_pngs(work / "png224", n, side), 3),
-              "DICOM to 224 px": (write_inputs(work / "dcm224", n, 96, 160), 1)}
+    inputs = {"224 px colour PNG": (work / "png224", write_colour_pngs(work / "png224", n, side), 3),
+              "DICOM to 224 px": (work / "dcm224", write_inputs(work / "dcm224", n, 96, 160), 1)}
     saved = torch.get_num_threads()
     torch.set_num_threads(hardware.available_cores())  # both sides as a user runs them: every core
     workers, threads = decode_workers(None)
@@ -165,13 +165,13 @@ def deploy_rows(res: Result, work: Path, n: int, batch_size: int, archs: list[st
                             "plain loop torch threads": torch.get_num_threads(), "plain loop": "eager bf16 autocast"}
     try:
         for arch in archs:
-            for what, (files, channels) in inputs.items():
+            for what, (folder, files, channels) in inputs.items():
                 model_path = work / f"deploy-{arch}-{channels}.pt"
                 save_deploy_model(model_path, arch, channels, side)
                 ratios, mode = [], ""
                 for _ in range(repeats):  # interleaved: a load spike hits one side of one repeat
                     with Timer() as t:
-                        out = predict(model_path, [str(files[0].parent)], work / "deploy.csv", batch_size,
+                        out = predict(model_path, [str(folder)], work / "deploy.csv", batch_size,
                                       threshold=0.5, hw=hardware.select("cpu", "auto"), precision="auto")
                     assert out["ok"] == len(files), out
                     mode = out["inference"]["mode"]
