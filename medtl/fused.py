@@ -135,7 +135,8 @@ class FusedForward:
 
         def run(t: torch.Tensor) -> torch.Tensor:
             n = len(t)
-            if n < self._batch:  # the last, short batch is padded: one shape, one build
+            self._batch = max(self._batch, n)  # a first batch cut short (predict flushes early) builds once more
+            if n < self._batch:  # a short batch is padded to the largest seen: one shape, one build
                 t = torch.cat([t, t[-1:].expand(self._batch - n, *t.shape[1:])]).contiguous(
                     memory_format=torch.channels_last if self.hw.channels_last else torch.contiguous_format)
             return compiled(t)[:n]
