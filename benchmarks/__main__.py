@@ -17,10 +17,10 @@ BENCHMARKS = ("model_speed", "threads", "linear_probe", "train_path", "precision
               "predict")
 
 # Smallest sizes that still exercise every code path (the smoke test runs these).
-QUICK = {"patients": 12, "size": 32, "linear_epochs": [1, 2], "train_epochs": 1, "precision_epochs": 1,
+QUICK = {"patients": 12, "size": 32, "linear_epochs": [1, 2], "train_epochs": 1, "cpu_epochs": 0, "precision_epochs": 1,
          "precision_steps": 2, "batch_size": 8, "ingest_sizes": [16, 32], "dvc_images": 96, "dvc_targets": ["preprocess"],
-         "ingest_formats": "dicom,png,csv", "predict_images": 16, "dataloader_workers": 0, "speed_archs": ["resnet18"],
-         "speed_sizes": [32], "speed_batch": 2, "speed_steps": 1, "matmul_n": 128, "thread_size": 32, "speed_repeats": 1}
+         "ingest_formats": "dicom,png,csv", "predict_images": 16, "deploy_images": 4, "deploy_archs": ["resnet18"], "dataloader_workers": 0, "speed_archs": ["resnet18"],
+         "speed_sizes": [32], "fused_sizes": [32], "fused_modes": ["trace-freeze"], "speed_batch": 2, "speed_steps": 1, "matmul_n": 128, "thread_size": 32, "speed_repeats": 1}
 
 
 def _ints(text: str) -> list[int]:
@@ -44,6 +44,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--linear-epochs", type=_ints, default=[10, 30])
     p.add_argument("--dataloader-workers", type=int, default=2, help="the classic recipe's DataLoader workers")
     p.add_argument("--train-epochs", type=int, default=3)
+    p.add_argument("--cpu-epochs", type=int, default=2,
+                   help="train_path: epochs of the fine-tune timed with /usr/bin/time for its CPU use (0 skips)")
     p.add_argument("--precision-epochs", type=int, default=3)
     p.add_argument("--precision-steps", type=int, default=8)
     p.add_argument("--auc-tolerance", type=float, default=0.05)
@@ -52,9 +54,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ingest-image-side", type=_ints, default=[64, 128], help="MIN,MAX side of the synthetic sources")
     p.add_argument("--dvc-images", type=int, default=10000)
     p.add_argument("--predict-images", type=int, default=2000)
+    p.add_argument("--deploy-images", type=int, default=256,
+                   help="predict: images per format of the 224 px rows (colour PNG, DICOM); 0 skips them")
+    p.add_argument("--deploy-archs", type=lambda t: t.split(","), default=["resnet18", "resnet50"],
+                   help="predict: architectures of the 224 px rows")
     p.add_argument("--speed-archs", type=lambda t: t.split(","), default=["resnet18", "resnet50"],
                    help="model_speed: architectures")
     p.add_argument("--speed-sizes", type=_ints, default=[28, 64, 128, 224], help="model_speed: image sides")
+    p.add_argument("--fused-sizes", type=_ints, default=[224], help="model_speed: image sides of the fused rows")
+    p.add_argument("--fused-modes", type=lambda t: t.split(","), default=["trace-freeze", "compile"],
+                   help="model_speed: fused inference forms (medtl.fused) measured against eager")
     p.add_argument("--speed-batch", type=int, default=8, help="model_speed/threads: batch at >= 128 px (4x below)")
     p.add_argument("--speed-steps", type=int, default=2, help="model_speed/threads: timed steps per measurement")
     p.add_argument("--speed-repeats", type=int, default=2,
@@ -154,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             if name == "model_speed":
                 from benchmarks import model_speed
                 r = model_speed.run(args.speed_archs, args.speed_sizes, args.speed_batch, args.speed_steps,
-                                    args.device, args.matmul_n, args.speed_repeats)
+                                    args.device, args.matmul_n, args.speed_repeats, tuple(args.fused_sizes),
+                                    tuple(args.fused_modes))
             elif name == "threads":
                 from benchmarks import model_speed
                 r = model_speed.thread_rows(args.arch, args.thread_size, args.speed_batch, args.speed_steps,
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                      args.dataloader_workers, args.auc_tolerance, args.arch)
             elif name == "train_path":
                 from benchmarks import train_path
-                r = train_path.run(prepared, args.train_epochs, args.batch_size, args.arch)
+                r = train_path.run(prepared, args.train_epochs, args.batch_size, args.arch, args.cpu_epochs)
             elif name == "precision":
                 from benchmarks import precision
                 r = precision.run(prepared, args.precision_epochs, args.batch_size, args.precision_steps,
@@ -180,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from benchmarks import predict_throughput
                 r = predict_throughput.run(work / "predict", prepared, args.predict_images, max(args.batch_size, 8) * 2,
-                                           args.arch)
+                                           args.arch, args.deploy_images, tuple(args.deploy_archs),
+                                           args.speed_repeats)
             r.seconds = time.perf_counter() - t0
             # a shared machine's load moves every absolute number: record it with each benchmark
             r.params["load_average_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU rows in one command: fp32, channels_last, AMP (bf16/fp16) for ResNet-18/50 at 224 px (and 128 px),
-# the matmul limit of the GPU, and DDP with nccl over every GPU of this node when there is more than one.
+# fused inference (trace-freeze, torch.compile) at 224 px, the matmul limit of the GPU, and DDP with nccl
+# over every GPU of this node when there is more than one.
 # Writes reports/bench-gpu.json (and reports/bench-gpu-ddp.json); see docs/performance.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -115,6 +115,28 @@ def images_per_second(arch: str, size: int, hw, batch_size: int, steps: int, cha
     return steps * batch_size / train_s, steps * batch_size / infer_s
 
 
+def fused_inference(arch: str, size: int, hw, batch_size: int, steps: int, mode: str,
+                    channels: int = 1) -> tuple[float, float, str]:
+    """(images/s, build seconds, mode that ran) of medtl's fused inference (medtl.fused) forced to `mode`."""
+    from medtl.fused import FusedForward
+
+    batches = random_batches(batch_size, steps, channels, size, hw)
+    model = build(arch, channels, hw).eval()
+    if mode == "compile":
+        torch._dynamo.reset()  # a fresh build per model, as in a new process; no recompile limit reached
+    fused = FusedForward(model, hw, "auto", None, mode=mode)
+    with torch.no_grad(), hw.autocast():
+        start = time.perf_counter()
+        fused(batches[0][0])  # the build, and its check against eager on this batch
+        built = time.perf_counter() - start
+        fused(batches[0][0])  # warm-up
+        start = time.perf_counter()
+        for x, _ in batches:
+            fused(x)
+        seconds = time.perf_counter() - start
+    return steps * batch_size / seconds, built, fused.record["mode"]
+
+
 def precisions(device: torch.device) -> tuple[list[tuple[str, object]], object]:
     """(label, Hardware) to compare: fp32, each reduced precision the device has, and what `auto` picks."""
     from medtl import hardware
@@ -145,7 +167,8 @@ class _ChannelsLast:
 
 
 def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device: str = "cpu",
-        matmul_n: int = 2048, repeats: int = 2) -> Result:
+        matmul_n: int = 2048, repeats: int = 2, fused_sizes: tuple[int, ...] = (224,),
+        fused_modes: tuple[str, ...] = ("trace-freeze", "compile")) -> Result:
     from medtl import hardware
 
     dev = torch.device(device)
@@ -168,15 +191,21 @@ def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device:
     res.params["precision_auto"] = auto.precision
     auto_label = next(label for label, hw in variants if hw.precision == auto.precision)
     measured = []  # (arch, size, forward FLOPs, {label: (train img/s, inference img/s)})
+    fused_rows = []  # (arch, size, forward FLOPs, {mode: (inference img/s, build s, mode that ran)})
     for arch in archs:
         for size in sizes:
             bs = batch_size if size >= 128 else batch_size * 4  # small images: bigger batches, same time
             # interleaved repeats, the best of each kept: a load spike from another process hits one repeat
             # of one variant, not the comparison
-            runs = [{label: images_per_second(arch, size, hw, bs, steps) for label, hw in variants}
+            fuse = size in fused_sizes  # on a GPU too (gpu.sh): forced forms, a failure shows as a fallback
+            runs = [{**{label: images_per_second(arch, size, hw, bs, steps) for label, hw in variants},
+                     **{f"fused {m}": fused_inference(arch, size, auto, bs, steps, m) for m in fused_modes if fuse}}
                     for _ in range(repeats)]
             speed = {label: tuple(max(r[label][i] for r in runs) for i in (0, 1)) for label, _ in variants}
+            fused = {m: (max(r[f"fused {m}"][0] for r in runs), min(r[f"fused {m}"][1] for r in runs),
+                         runs[-1][f"fused {m}"][2]) for m in fused_modes if fuse}
             measured.append((arch, size, forward_flops(arch, 1, size), speed))
+            fused_rows.append((arch, size, measured[-1][2], fused))
     after, limit = limits(), {}
     for name in dtypes:
         (mm0, cv0), (mm1, cv1) = before[name], after[name]
@@ -203,6 +232,15 @@ def run(archs: list[str], sizes: list[int], batch_size: int, steps: int, device:
         # auto may trail the fastest choice by no more than the noise of a shared machine
         res.check(f"{arch} {size}px train: auto / fastest ({fastest})",
                   round(speed[auto_label][0] / speed[fastest][0], 2), ">=", 0.8)
+    p = auto.precision
+    for (arch, size, flops, fused), (_, _, _, speed) in zip(fused_rows, measured):
+        eager = speed[auto_label][1]
+        for mode, (ips, built, ran) in fused.items():
+            res.add(f"{arch} {size}px inference {p} fused {mode}" + ("" if ran == mode else f" (fell back to {ran})"),
+                    round(ips, 1), f"img/s = {flops * ips / 1e9 / limit[p]:.0%} of {p} limit "
+                                   f"(eager {flops * eager / 1e9 / limit[p]:.0%})")
+            res.add(f"{arch} {size}px inference: fused {mode} / eager ({p})", round(ips / eager, 2), "x")
+            res.add(f"{arch} {size}px fused {mode}: build + check on the first batch", round(built, 1), "s")
     if dev.type == "cpu":
         res.notes.append(f"CPU bf16 instructions: {hardware.cpu_bf16() or 'none (emulated)'}; "
                          f"precision auto picks {auto.precision}")

@@ -60,7 +60,7 @@ def memory_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, step
     return out
 
 
-def run(prepared: Path, epochs: int, batch_size: int, arch: str = "resnet18") -> Result:
+def run(prepared: Path, epochs: int, batch_size: int, arch: str = "resnet18", cpu_epochs: int = 0) -> Result:
     from medtl import hardware
     from medtl.backbones import build_backbone
     from medtl.finetune import FinetuneParams, fit
@@ -95,4 +95,68 @@ def run(prepared: Path, epochs: int, batch_size: int, arch: str = "resnet18") ->
     res.add("medtl training loop", round(loop_ips, 1), "img/s")
     res.add("forward+backward+step, tensors in memory", round(raw_ips, 1), "img/s")
     res.check("loop / in-memory", round(loop_ips / raw_ips, 3), ">=", 0.9)
+    if cpu_epochs:
+        cpu_rows(res, prepared, cpu_epochs, batch_size, arch)
     return res
+
+
+# Fine-tune in a fresh process under /usr/bin/time, with the stages' thread defaults: how much of the cores it
+# keeps busy. "serial" is the loop without the batch prefetch and without the fused optimiser, for the A/B.
+_CPU_WORKER = """
+import sys
+import medtl
+import torch
+from medtl import finetune, hardware
+from medtl.backbones import build_backbone
+from medtl.model import Classifier
+from medtl.prepared import load_split
+from benchmarks.common import load_stats
+from benchmarks.train_path import small_val
+variant, prepared, epochs, batch, arch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if variant == "serial":
+    finetune.prefetch = lambda batches: batches
+    plain = finetune.make_optimizer
+    finetune.make_optimizer = lambda name, groups, lr, wd, momentum=0.9: torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+stats = load_stats(prepared)
+train, val = load_split(prepared, "train"), small_val(load_split(prepared, "val"), 4)
+hw = hardware.select("cpu", "auto")
+torch.manual_seed(0)
+model = Classifier(build_backbone(arch, stats["channels"], "none"), len(stats["classes"]), stats["mean"], stats["std"])
+params = finetune.FinetuneParams(strategy="full", epochs=epochs, batch_size=batch, patience=epochs, seed=0,
+                                 device="cpu", precision=hw.precision)
+finetune.fit(params, model, train, val, hw)
+print(torch.get_num_threads())
+"""
+
+
+def cpu_rows(res: Result, prepared: Path, epochs: int, batch_size: int, arch: str, repeats: int = 2) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    time_bin = shutil.which("time") or "/usr/bin/time"
+    if not os.access(time_bin, os.X_OK):
+        res.notes.append("fine-tune CPU use not measured: /usr/bin/time is missing")
+        return
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    got: dict[str, list[tuple[float, float]]] = {"overlapped": [], "serial": []}
+    threads = "?"
+    for _ in range(repeats):  # interleaved
+        for variant in got:
+            out = subprocess.run([time_bin, "-f", "medtl-cpu %P %e", sys.executable, "-c", _CPU_WORKER, variant,
+                                  str(prepared), str(epochs), str(batch_size), arch],
+                                 env=env, capture_output=True, text=True, check=True)
+            line = next(ln for ln in out.stderr.splitlines() if ln.startswith("medtl-cpu "))
+            cpu, wall = line.split()[1:3]
+            got[variant].append((float(cpu.rstrip("%")), float(wall)))
+            threads = out.stdout.strip().splitlines()[-1]
+    med = {k: sorted(v)[len(v) // 2] for k, v in got.items()}
+    size = load_stats(prepared)["size"]
+    for variant, (cpu, wall) in med.items():
+        res.add(f"fine-tune {size}px, {threads} torch threads, {variant}: CPU (/usr/bin/time %P)", cpu, "%")
+        res.add(f"fine-tune {size}px, {variant}: wall, process included", wall, "s")
+    res.add("fine-tune: serial / overlapped wall time", round(med["serial"][1] / med["overlapped"][1], 2), "x")
+    res.check(f"fine-tune {size}px CPU use (of {100 * int(threads) if threads.isdigit() else '?'}%)",
+              med["overlapped"][0], ">=", 185)

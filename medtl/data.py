@@ -104,3 +104,49 @@ class TrainBatches:
     def __call__(self, batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in batches:
             yield self.batch(index)
+
+
+def prefetch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], depth: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The same batches in the same order, the next `depth` gathered and augmented in a thread meanwhile.
+
+    Gathering from the memory-mapped array and augmenting release the GIL in numpy and torch, so they
+    overlap the model's step instead of leaving the cores idle between steps. One thread, in order:
+    the augmentation's random stream is drawn exactly as without it.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has stopped
+
+    def work() -> None:
+        try:
+            for item in batches:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # raised again in the consumer, where it belongs
+            put(e)
+
+    thread = threading.Thread(target=work, name="medtl-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

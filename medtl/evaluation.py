@@ -16,7 +16,7 @@ import numpy as np
 from medtl import external as ext
 from medtl import hardware
 from medtl.errors import MedtlError
-from medtl.inference import predict_logits, prepare_model
+from medtl.inference import predict_logits, prepare_model, use_fused
 from medtl.io import atomic_dir, atomic_path, write_json
 from medtl.metrics import apply_temperature, fit_temperature, operating_point, predict_labels, threshold_rule_problem
 from medtl.metrics_report import curve_points, evaluate_split, site_summary, subgroup_columns
@@ -138,6 +138,7 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     if len(val.labels) == 0:
         raise MedtlError(f"{prepared / 'val.npy'} has no images; the operating threshold and temperature are fitted "
                          "on validation, so ingest.split.val must be above 0")
+    fused = use_fused(model, hw, params.precision, len(val.labels) + (0 if data is val else len(data.labels)))
     val_logits = predict_logits(model, val.images, params.batch_size, hw, "evaluate val")
     logits = val_logits if data is val else predict_logits(model, data.images, params.batch_size, hw, f"evaluate {params.split}")
 
@@ -164,6 +165,7 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
                                 target_digests=(ckpt.get("target") or {}).get("pixel_digests", ()))
     metrics.update(external.metrics)
     details.update(external.details)
+    details["inference"] = fused.record  # fused or eager, and why (docs/performance.md)
 
     with atomic_dir(out_dir / "plots") as plots:
         write_plots(plots, data.labels, probs, classes, threshold, report["calibration"]["reliability"])

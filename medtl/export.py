@@ -224,10 +224,20 @@ def register(subparsers) -> None:
                    help=f"operating point to carry (default: {DEFAULT_OPERATING_POINT} when it was fitted for this model)")
     p.add_argument("--check", type=Path, default=Path("data/prepared"),
                    help="prepared arrays to compare the export with the PyTorch model on (default: %(default)s, when present)")
+    # INT8 (medtl.int8): calibrated on validation, its test AUC change measured, refused beyond the tolerance
+    p.add_argument("--int8", action="store_true",
+                   help="write an INT8 ONNX model calibrated on the validation split of --check; exits 1 and writes "
+                        "nothing when its test ROC AUC moves by more than --int8-tolerance")
+    p.add_argument("--int8-tolerance", type=float, default=0.01,
+                   help="largest accepted |test ROC AUC change| of the INT8 model (default: %(default)s)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if getattr(args, "int8", False):
+        from medtl.int8 import cmd_export_int8
+
+        return cmd_export_int8(args)
     if not args.model.is_file():
         raise MedtlError(f"model {args.model} not found; run the pipeline (dvc repro) or name the model file")
     data, meta = export(args.model, args.format, args.operating_point)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from medtl import distributed, hardware
 from medtl.checkpoint import ResumeFile, code_digest, input_digest, resume_key
-from medtl.data import AugmentParams, TrainBatches, build_augment
+from medtl.data import AugmentParams, TrainBatches, build_augment, prefetch
 from medtl.distributed import EpochBatches, World, derive_seed
 from medtl.domain import Adversary, DomainAdversarialParams, adabn_target, check_adabn_target
 from medtl.errors import ParamsError
@@ -161,9 +161,21 @@ def sampling_weights(sampler: str, train: PreparedSplit, k: int) -> np.ndarray |
 
 
 def make_optimizer(name: str, groups, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    # fused: one kernel over all tensors per step instead of several per tensor (the AdamW update was
+    # ~18% of a ResNet-18 step at 64 px); devices or dtypes without a fused kernel get the plain one
+    groups = list(groups)
+
+    def build(fused: bool) -> torch.optim.Optimizer:
+        fresh = [dict(g) if isinstance(g, dict) else g for g in groups]  # torch writes its defaults into groups
+        if name == "sgd":
+            return torch.optim.SGD(fresh, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   nesterov=momentum > 0, fused=fused)
+        return torch.optim.AdamW(fresh, lr=lr, weight_decay=weight_decay, fused=fused)
+
+    try:
+        return build(True)
+    except (RuntimeError, TypeError, ValueError):
+        return build(False)
 
 
 def lr_factor(step: int, params: FinetuneParams, steps_per_epoch: int) -> float:
@@ -371,8 +383,7 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
             adversary.start_epoch(epoch, world)
 
         total, n = 0.0, 0
-        for i, index in enumerate(sampler):
-            x, y = loop.batches(index)
+        for i, (x, y) in enumerate(prefetch(map(loop.batches, sampler))):  # the next batch is gathered while this one trains
             x, y = x.to(hw.device, non_blocking=True), y.to(hw.device, non_blocking=True)
             if hw.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

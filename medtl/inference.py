@@ -31,7 +31,8 @@ def predict_logits(model, images: np.ndarray, batch_size: int, hw: hardware.Hard
     """(N, K) float64 logits; temperature scaling needs logits, not probabilities."""
     if len(images) == 0:
         return np.zeros((0, model.head[-1].out_features))
-    return forward_batches(model, images, batch_size, hw, desc).numpy().astype(np.float64).reshape(len(images), -1)
+    fn = getattr(model, "fused_forward", None) or model  # set by use_fused
+    return forward_batches(fn, images, batch_size, hw, desc).numpy().astype(np.float64).reshape(len(images), -1)
 
 
 def prepare_model(model: torch.nn.Module, hw: hardware.Hardware) -> torch.nn.Module:
@@ -40,3 +41,15 @@ def prepare_model(model: torch.nn.Module, hw: hardware.Hardware) -> torch.nn.Mod
     if hw.channels_last:
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def use_fused(model: torch.nn.Module, hw: hardware.Hardware, precision: str, images: int | None):
+    """From now on `predict_logits(model, ...)` runs fused (medtl.fused) when `precision` is auto.
+
+    `images`: how many the run will infer, which decides whether torch.compile repays its build.
+    Returns the FusedForward; its `record` (after the first batch) says what ran and why."""
+    from medtl.fused import FusedForward
+
+    fused = FusedForward(model, hw, precision, images)
+    model.fused_forward = fused  # read by predict_logits; gradients (saliency) still use the eager model
+    return fused

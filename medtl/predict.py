@@ -16,6 +16,7 @@ numbers. `--name-files` writes the paths inside the folder instead.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import multiprocessing
@@ -49,8 +50,10 @@ def misfit(pixels: np.ndarray, metadata: dict, op: Operating) -> str | None:
     if op.modalities and modality and modality not in op.modalities:
         return (f"modality {modality} but the model was trained and evaluated on {', '.join(op.modalities)} images; "
                 "pass --allow-mismatch to predict anyway")
+    if not op.colour:  # the model's record does not say what it was evaluated on: nothing to compare
+        return None
     colour = colour_of(pixels)
-    if op.colour and colour not in op.colour:
+    if colour not in op.colour:
         return (f"a {colour} image but the model was trained and evaluated on {' and '.join(op.colour)} images "
                 "only; pass --allow-mismatch to predict anyway")
     return None
@@ -158,21 +161,42 @@ def _decoded(files: list[InputFile], decode, workers: int) -> Iterator:
         yield from pool.imap(decode, files, chunksize=4)
 
 
+def decode_workers(requested: int | None) -> tuple[int, int | None]:
+    """(decode processes, torch threads to use or None to leave them) so that together they fill the cores.
+
+    Decoding in other processes overlaps it with inference, but a decode worker beside one torch thread per
+    core makes three busy threads on two cores, and OpenMP's threads then wait for each other. By default
+    one worker per four cores (at least one where there are two), and torch gets the cores that are left.
+    OMP_NUM_THREADS, when set, is the user's choice of torch threads.
+    """
+    import os
+
+    from medtl.hardware import available_cores
+
+    cores = available_cores()
+    workers = requested if requested is not None else (0 if cores < 2 else max(1, cores // 4))
+    if workers < 0:
+        raise MedtlError(f"--workers must be 0 (decode in this process) or a positive number of processes, got {workers}")
+    threads = None if "OMP_NUM_THREADS" in os.environ or workers == 0 else max(1, cores - workers)
+    return workers, threads
+
+
 def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32, *,
             operating_point: Path | None = None, threshold: float | None = None,
-            hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int = 1,
-            name_files: bool = False) -> dict:
+            hw: hardware.Hardware | None = None, allow_mismatch: bool = False, workers: int | None = None,
+            name_files: bool = False, precision: str = "auto") -> dict:
     """Write one CSV row per image (or per unreadable file) to `out`; return counts."""
     import numpy as np
     from tqdm import tqdm
 
     from medtl import hardware
-    from medtl.inference import predict_logits, prepare_model
+    from medtl.inference import predict_logits, prepare_model, use_fused
     from medtl.metrics import apply_temperature, predict_labels
     from medtl.model import load_classifier, model_preprocessing
 
     if batch_size < 1:
         raise MedtlError(f"--batch-size must be a positive integer, got {batch_size}")
+    workers, threads = decode_workers(workers)
     hw = hw or hardware.select("auto", "auto")
     model, ckpt = load_classifier(model_path)
     classes = list(ckpt["classes"])
@@ -191,6 +215,7 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
             print("predict: warning: files inside folders are named by refs made with the public demo key, which "
                   f"anyone can recompute from guessed paths; to prevent that, {phi.HOW_TO_SET_KEY}", file=sys.stderr)
     prepare_model(model, hw)
+    fused = use_fused(model, hw, precision, len(files))  # `precision`: what the user asked for (auto fuses)
 
     header = ["path", "file", "sha256", "image", "status", "predicted"] + [f"prob_{c}" for c in classes] + \
              ["above_threshold", "threshold", "error"]
@@ -215,7 +240,7 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
             writer.writerow(row(named, "ok", probs=p))
         pending.clear()
 
-    with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    with _torch_threads(threads if len(files) > 1 else None), atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         decode_one = functools.partial(_decode_file, pre=pre, op=op, allow_mismatch=allow_mismatch)
@@ -236,7 +261,21 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
                     flush(writer)
         flush(writer)
     return {**counts, "files": len(files), "threshold": op.threshold, "threshold_source": op.source,
-            "hidden": hidden["hidden_file"]}
+            "hidden": hidden["hidden_file"], "inference": fused.record}
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """At most `n` torch threads inside, the caller's count again after."""
+    import torch
+
+    saved = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(min(n, saved))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def register(subparsers) -> None:
@@ -258,9 +297,9 @@ def register(subparsers) -> None:
     p.add_argument("--name-files", action="store_true",
                    help="name files found inside a folder by their path in it instead of a ref (f-...); such paths "
                         "often carry patient names or record numbers, so keep that CSV inside the hospital")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="processes that decode files while the model predicts; 0 decodes in the main process "
-                        "(default: %(default)s)")
+                        "(default: one per four cores, at least one on two or more, with torch on the other cores)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     p.set_defaults(func=_main)
@@ -272,9 +311,9 @@ def _main(args) -> int:
     hw = hardware.select(args.device, args.precision, key="--device")
     res = predict(args.model, args.inputs, args.out, args.batch_size, operating_point=args.operating_point,
                   threshold=args.threshold, hw=hw, allow_mismatch=args.allow_mismatch, workers=args.workers,
-                  name_files=args.name_files)
+                  name_files=args.name_files, precision=args.precision)
     print(f"medtl predict: {res['ok']} image(s) predicted, {res['error']} unreadable, {res['refused']} refused, "
-          f"threshold {res['threshold']} ({res['threshold_source']}) -> {args.out}"
+          f"threshold {res['threshold']} ({res['threshold_source']}); inference {res['inference']['mode']} -> {args.out}"
           + (f"; {res['hidden']} hidden file(s) not read" if res["hidden"] else ""))
     if res["ok"] == 0:
         raise MedtlError(f"no image could be predicted; see the error column of {args.out}")

@@ -63,8 +63,25 @@ def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]
     return out
 
 
+def _torch_build_from_metadata() -> dict:
+    """The CUDA version torch was built with, read from its installed files without importing it."""
+    try:
+        text = Path(importlib.metadata.distribution("torch").locate_file("torch/version.py")).read_text()
+    except (importlib.metadata.PackageNotFoundError, OSError):
+        return {}
+    cuda = next((line.split("=", 1)[1].strip().strip("'\"") for line in text.splitlines()
+                 if line.startswith("cuda") and "=" in line), None)
+    return {"cuda_build": None if cuda in (None, "None") else cuda, "source": "package metadata"}
+
+
 def accelerator_versions() -> dict:
-    """CUDA / cuDNN the installed torch was built with, and what this machine has."""
+    """CUDA / cuDNN the installed torch was built with, and what this machine has.
+
+    A stage that does not train (ingest, preprocess) never imports torch: importing it only to
+    record its build costs about a second and 700 MiB per run, so the build is read from its files.
+    """
+    if "torch" not in sys.modules:
+        return _torch_build_from_metadata()
     try:
         import torch
     except ImportError:
