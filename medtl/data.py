@@ -91,15 +91,23 @@ class TrainBatches:
     def reseed(self, seed: int) -> None:
         self.gen.manual_seed(seed)
 
-    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch as stored: safe to run in another thread (no random draws)."""
         idx = np.asarray(index, dtype=np.int64)
-        xt = torch.from_numpy(np.asarray(self.images[idx], dtype=np.float32))
+        return torch.from_numpy(np.asarray(self.images[idx], dtype=np.float32)), \
+            torch.from_numpy(self.labels[idx].astype(np.int64))
+
+    def finish(self, xt: torch.Tensor, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmentation, in the training thread: torchvision draws from torch's global stream, which dropout
+        and the training step share, so drawing it from a second thread would make runs differ."""
         if self.augment is not None:
             xt = augment_batch(self.augment, xt, self.gen)
-        yt = torch.from_numpy(self.labels[idx].astype(np.int64))
         if self.pin_memory:
             xt, yt = xt.pin_memory(), yt.pin_memory()
         return xt, yt
+
+    def batch(self, index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.finish(*self.gather(index))
 
     def __call__(self, batches: Iterable[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for index in batches:
@@ -107,11 +115,11 @@ class TrainBatches:
 
 
 def prefetch(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], depth: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The same batches in the same order, the next `depth` gathered and augmented in a thread meanwhile.
+    """The same batches in the same order, the next `depth` gathered in a thread meanwhile.
 
-    Gathering from the memory-mapped array and augmenting release the GIL in numpy and torch, so they
-    overlap the model's step instead of leaving the cores idle between steps. One thread, in order:
-    the augmentation's random stream is drawn exactly as without it.
+    Gathering from the memory-mapped array releases the GIL in numpy, so it overlaps the model's step
+    instead of leaving the cores idle between steps. Only work without random draws belongs here
+    (`TrainBatches.gather`): torch's global random stream is shared by every thread.
     """
     import queue
     import threading

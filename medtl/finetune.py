@@ -272,7 +272,8 @@ class _Loop:
     """What one epoch of training needs, whatever the strategy."""
 
     module: nn.Module  # what the optimiser trains: the head (linear) or the whole classifier
-    batches: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]
+    gather: Callable[[list[int]], tuple[torch.Tensor, torch.Tensor]]  # no random draws: runs in the prefetch thread
+    finish: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # augmentation, in this thread
     inputs: Callable[[torch.Tensor], torch.Tensor]  # batch -> what `module` takes
     val_logits: Callable[[], torch.Tensor]
 
@@ -289,7 +290,7 @@ def _build_loop(params: FinetuneParams, model: Classifier, train: PreparedSplit,
         def cached(index: list[int]):
             idx = torch.as_tensor(index, dtype=torch.long)
             return train_f[idx], labels[idx]
-        return _Loop(model.head, cached, lambda f: f, lambda: model.head(val_f.to(hw.device)).float().cpu()), None
+        return _Loop(model.head, cached, lambda f, y: (f, y), lambda f: f, lambda: model.head(val_f.to(hw.device)).float().cpu()), None
 
     source = TrainBatches(train.images, train.labels, build_augment(params.augment), pin_memory=hw.device.type == "cuda")
     if params.strategy == "linear":  # the frozen backbone forwarded every step: the reference for the cache
@@ -298,9 +299,9 @@ def _build_loop(params: FinetuneParams, model: Classifier, train: PreparedSplit,
             with torch.no_grad(), hw.autocast():
                 return model.features(x).float()
         val_logits = lambda: forward_split(model, val.images, eval_bs, hw, "val", world)  # noqa: E731
-        return _Loop(model.head, source.batch, features, val_logits), source
+        return _Loop(model.head, source.gather, source.finish, features, val_logits), source
     val_logits = lambda: forward_split(model, val.images, eval_bs, hw, "val", world)  # noqa: E731
-    return _Loop(model, source.batch, lambda x: x, val_logits), source
+    return _Loop(model, source.gather, source.finish, lambda x: x, val_logits), source
 
 
 def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: PreparedSplit,
@@ -383,7 +384,7 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
             adversary.start_epoch(epoch, world)
 
         total, n = 0.0, 0
-        for i, (x, y) in enumerate(prefetch(map(loop.batches, sampler))):  # the next batch is gathered while this one trains
+        for i, (x, y) in enumerate(loop.finish(*b) for b in prefetch(map(loop.gather, sampler))):  # next batch read meanwhile
             x, y = x.to(hw.device, non_blocking=True), y.to(hw.device, non_blocking=True)
             if hw.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)

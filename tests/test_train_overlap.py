@@ -15,7 +15,7 @@ def test_prefetched_batches_are_the_same_batches_with_the_same_augmentations():
     source.reseed(7)
     direct = [source.batch(i) for i in index]
     source.reseed(7)
-    fetched = list(prefetch(map(source.batch, index)))
+    fetched = [source.finish(*b) for b in prefetch(map(source.gather, index))]
     assert len(fetched) == len(direct)
     for (x0, y0), (x1, y1) in zip(direct, fetched):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
