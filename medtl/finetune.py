@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medtl import distributed, hardware
+from medtl.attacks import AdversarialParams, TrainingAttack
 from medtl.checkpoint import ResumeFile, code_digest, input_digest, resume_key
 from medtl.data import AugmentParams, TrainBatches, build_augment
 from medtl.distributed import EpochBatches, World, derive_seed
@@ -69,6 +70,7 @@ class FinetuneParams:
     device: Device = "auto"
     precision: Precision = "auto"
     nproc: int = 1  # >1: the stage relaunches itself under torchrun with this many processes
+    adversarial: AdversarialParams = field(default_factory=AdversarialParams)  # medtl.attacks
 
     def check(self, key: str) -> None:
         require(0 < self.lr < 10, f"{key}.lr", self.lr, "a learning rate between 0 and 10")
@@ -274,7 +276,9 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
         model.to(memory_format=torch.channels_last)
     freeze(model, trained_stages(params, 0, n_stages))
 
-    loop, source = _build_loop(params, model, train, val, hw, world, cache_features)
+    # Adversarial examples change the input every step: the linear probe's cached features cannot be reused.
+    adversary = TrainingAttack(params.adversarial, model) if params.adversarial.enabled else None
+    loop, source = _build_loop(params, model, train, val, hw, world, cache_features and adversary is None)
     sampler = EpochBatches(len(train.labels), params.batch_size, params.seed, world,
                            balanced_row_weights(train.labels, k) if params.sampler == "balanced" else None)
     steps = len(sampler)
@@ -314,6 +318,8 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
         if source is not None:
             source.reseed(derive_seed(params.seed, epoch, "augment", world.rank))
         torch.manual_seed(derive_seed(params.seed, epoch, "torch", world.rank))  # dropout
+        if adversary is not None:
+            adversary.reseed(derive_seed(params.seed, epoch, "adversarial", world.rank))  # PGD's random starts
 
         total, n = 0.0, 0
         for index in sampler:
@@ -321,6 +327,8 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
             x, y = x.to(hw.device, non_blocking=True), y.to(hw.device, non_blocking=True)
             if hw.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if adversary is not None:
+                x = adversary(x, y)
             x = loop.inputs(x)
             with hw.autocast():
                 logits = net(x)
