@@ -170,6 +170,7 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     with atomic_dir(out_dir / "plots") as plots:
         write_plots(plots, data.labels, probs, classes, threshold, report["calibration"]["reliability"])
         write_json(plots / "sets.json", external.plot_rows)
+        write_json(plots / "robustness.json", rob.curve_rows(robustness))
     with atomic_path(out_dir / "external_predictions.csv") as tmp:
         ext.write_predictions(tmp, external, classes)
     with atomic_path(out_dir / "predictions.csv") as tmp:

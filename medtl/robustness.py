@@ -225,8 +225,6 @@ def run_robustness(params: RobustnessParams, bootstrap, model: torch.nn.Module, 
     return {
         "format": ROBUSTNESS_FORMAT,
         "enabled": True,
-        # First list in the file: what `dvc plots` draws (ROC AUC and flipped share vs severity, one line per perturbation).
-        "curve": curve_rows(clean, rows),
         "split": split,
         "n": int(len(labels)),
         "n_groups": len(set(groups)),
@@ -241,8 +239,14 @@ def run_robustness(params: RobustnessParams, bootstrap, model: torch.nn.Module, 
     }
 
 
-def curve_rows(clean: dict | None, rows: list[dict]) -> list[dict]:
-    """Wide rows for `dvc plots`: severity 0 (clean) to the highest, a column per perturbation (null where absent)."""
+def curve_rows(record: dict) -> list[dict]:
+    """Wide rows for `dvc plots` (reports/plots/robustness.json): severity 0 (clean) to the highest, a column of
+    ROC AUC and one of flipped decisions per perturbation (null where not run), one line per perturbation.
+
+    A separate file: dvc merges every list of rows in a JSON file by index, so the report's own list of
+    conditions would overwrite these.
+    """
+    clean, rows = record.get("clean"), record.get("conditions") or []
     top = max([r["severity"] for r in rows], default=3)
     out = []
     for s in range(top + 1):
@@ -271,5 +275,4 @@ def worst(rows: list[dict]) -> dict | None:
 
 def disabled_record() -> dict:
     """What robustness.json holds when the report is off: the plots stay drawable (empty lines)."""
-    return {"format": ROBUSTNESS_FORMAT, "enabled": False, "curve": curve_rows(None, []),
-            "note": "robustness report off (evaluate.robustness.enabled: false)"}
+    return {"format": ROBUSTNESS_FORMAT, "enabled": False, "note": "robustness report off (evaluate.robustness.enabled: false)"}

@@ -64,7 +64,7 @@ def test_evaluate_writes_robustness_against_the_clean_operating_point(tmp_path):
     # attacks against the true labels lower the AUC, the larger epsilon more
     assert attacks[("fgsm", 2)]["roc_auc"] < attacks[("fgsm", 1)]["roc_auc"] < r["clean"]["roc_auc"]
     assert attacks[("pgd", 2)]["roc_auc"] < r["clean"]["roc_auc"]
-    curve = r["curve"]
+    curve = json.loads((tmp_path / "reports/plots/robustness.json").read_text())
     assert [row["severity"] for row in curve] == [0, 1, 2, 3]
     assert curve[0]["fgsm"] == r["clean"]["roc_auc"] and curve[3]["fgsm"] is None and curve[1]["blur"] is None
     # the same seed gives the same report
