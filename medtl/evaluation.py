@@ -14,10 +14,10 @@ from typing import Literal
 import numpy as np
 
 from medtl import external as ext
-from medtl import robustness as rob
-from medtl.failures import FailureParams, source_refs, write_failures
 from medtl import hardware
+from medtl import robustness as rob
 from medtl.errors import MedtlError
+from medtl.failures import FailureParams, source_refs, write_failures
 from medtl.inference import predict_logits, prepare_model
 from medtl.io import atomic_dir, atomic_path, write_json
 from medtl.metrics import apply_temperature, fit_temperature, operating_point, predict_labels, threshold_rule_problem
