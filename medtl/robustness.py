@@ -69,11 +69,14 @@ def gamma(x: np.ndarray, g: float, rng: np.random.Generator) -> np.ndarray:
 def jpeg(x: np.ndarray, quality: float, rng: np.random.Generator) -> np.ndarray:
     def one(img: np.ndarray) -> np.ndarray:
         u8 = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
-        ok, buf = cv2.imencode(".jpg", u8 if u8.shape[2] in (1, 3) else u8[:, :, :3], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        colour = u8.shape[2] == 3
+        # OpenCV encodes BGR; the prepared arrays are RGB
+        ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(u8[:, :, ::-1]) if colour else u8,
+                               [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
         if not ok:
             raise RuntimeError("JPEG encoding failed")
         dec = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED).astype(np.float32) / 255.0
-        return dec
+        return dec[:, :, ::-1] if colour else dec
     return _per_image(x, one)
 
 

@@ -13,19 +13,22 @@ from medtl.robustness import ALL, PERTURBATIONS, perturb
 from tests.test_evaluation import params, write_model, write_prepared
 
 
-def synthetic_image(side: int = 48) -> np.ndarray:
+def synthetic_image(side: int = 48, channels: int = 1) -> np.ndarray:
     """Two images with edges, a gradient and texture, as (N, C, S, S) in [0, 1]."""
     yy, xx = np.mgrid[0:side, 0:side] / side
     img = 0.2 + 0.3 * xx + 0.1 * np.sin(12 * yy) * np.cos(9 * xx)
     img[side // 4:side // 2, side // 3:2 * side // 3] += 0.35
     rng = np.random.default_rng(0)
     texture = 0.05 * rng.standard_normal((side, side))
-    return np.clip(np.stack([img, img[::-1] + texture])[:, None], 0, 1).astype(np.float32)
+    gray = np.stack([img, img[::-1] + texture])[:, None]
+    tint = np.array([1.0, 0.8, 0.6][:channels]).reshape(1, -1, 1, 1)
+    return np.clip(gray * tint, 0, 1).astype(np.float32)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("name", list(PERTURBATIONS))
-def test_each_perturbation_is_seeded_and_monotone_in_severity(name):
-    x = synthetic_image()
+def test_each_perturbation_is_seeded_and_monotone_in_severity(name, channels):
+    x = synthetic_image(channels=channels)
     change = []
     for severity in (1, 2, 3):
         out = perturb(name, x, severity, seed=3)
