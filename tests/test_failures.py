@@ -14,6 +14,16 @@ from medtl.params import build
 from tests.test_evaluation import params, write_model, write_prepared
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: a second intra-op thread only adds waiting, badly so on a shared machine.
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def test_the_surest_mistakes_are_listed_by_id_and_ref_with_overlays(tmp_path):
     model, prepared = write_model(tmp_path / "model.pt"), write_prepared(tmp_path / "prepared")
     test_rows = list(csv.DictReader(open(prepared / "test.csv", newline="")))

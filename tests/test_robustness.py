@@ -13,6 +13,16 @@ from medtl.robustness import ALL, PERTURBATIONS, perturb
 from tests.test_evaluation import params, write_model, write_prepared
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: a second intra-op thread only adds waiting, badly so on a shared machine.
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def synthetic_image(side: int = 48, channels: int = 1) -> np.ndarray:
     """Two images with edges, a gradient and texture, as (N, C, S, S) in [0, 1]."""
     yy, xx = np.mgrid[0:side, 0:side] / side
