@@ -75,13 +75,13 @@ def robustness_section(ev: dict) -> dict | None:
             concerns.append(f"{c['perturbation']} {c['severity']}")
         rows.append([c["perturbation"], str(c["severity"]), card.fmt(c.get("value"), 4)]
                     + [x for n in names for x in (card.fmt(c.get(n), 3), _fmt_ci(c.get(f"{n}_ci_low"), c.get(f"{n}_ci_high")))]
-                    + [{"kind": "bad" if beyond else "plain", "text": card.fmt(drop, 3)},
+                    + [{"kind": "bad" if beyond else "plain", "text": f"{drop:+.3f}" if isinstance(drop, numbers.Real) else "n/a"},
                        f"{c['flipped']:.1%}" if isinstance(c.get("flipped"), numbers.Real) else "n/a"])
     boot = rec.get("bootstrap") or {}
     worst = rec.get("worst")
     return {
         "enabled": True, "header": header, "rows": rows, "num": list(range(3, len(header))), "chart": _chart(rec),
-        "summary": f"{rec.get('split')} split, {rec.get('n')} images from {rec.get('n_groups')} patients, at the "
+        "summary": f"{rec.get('split')} split, {rec.get('n')} images in {rec.get('n_groups')} bootstrap groups (patients), at the "
                    f"operating threshold {card.fmt(rec.get('threshold'), 3)} fitted on validation (never refitted); "
                    f"95% intervals from {boot.get('n_resamples')} patient bootstrap resamples; perturbation seed {rec.get('seed')}",
         "worst": (f"Largest ROC AUC drop: {card.fmt(worst['roc_auc_drop'], 3)} under {worst['perturbation']} severity "
