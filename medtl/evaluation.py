@@ -15,7 +15,9 @@ import numpy as np
 
 from medtl import external as ext
 from medtl import hardware
+from medtl import robustness as rob
 from medtl.errors import MedtlError
+from medtl.failures import FailureParams, source_refs, write_failures
 from medtl.inference import predict_logits, prepare_model, use_fused
 from medtl.io import atomic_dir, atomic_path, write_json
 from medtl.metrics import apply_temperature, fit_temperature, operating_point, predict_labels, threshold_rule_problem
@@ -77,6 +79,8 @@ class EvaluateParams:
     external: list[ext.ExternalSet] = field(default_factory=list)  # labelled external sets (medtl.external)
     external_data: str = "medtl/demo.py"  # what dvc tracks as their data: the folder that holds them
     shift: ext.ShiftParams = field(default_factory=ext.ShiftParams)
+    robustness: rob.RobustnessParams = field(default_factory=rob.RobustnessParams)  # medtl.robustness
+    failures: FailureParams = field(default_factory=FailureParams)  # medtl.failures
 
     def check(self, key: str) -> None:
         require(self.split in ("val", "test"), f"{key}.split", self.split, "'test' (or 'val' while developing)")
@@ -126,8 +130,10 @@ def split_report(report: dict, params: EvaluateParams, skipped_subgroups: list[s
     return metrics, details
 
 
-def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path) -> dict:
-    """Write metrics.json, evaluation.json, operating_point.json, predictions.csv, plots/ and saliency/ into out_dir."""
+def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path,
+                 manifest: Path | None = None) -> dict:
+    """Write metrics.json, evaluation.json, operating_point.json, predictions.csv, plots/, saliency/, failures/ and
+    robustness.json into out_dir; `manifest` (ingest's) names the failure cases' source files by ref."""
     hw = hardware.select(params.device, params.precision, key="evaluate.device")
     model, ckpt, stats = _load_model(model_path, prepared, hw)
     classes = list(ckpt["classes"])
@@ -166,10 +172,12 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     metrics.update(external.metrics)
     details.update(external.details)
     details["inference"] = fused.record  # fused or eager, and why (docs/performance.md)
+    robustness = _robustness(params, model, hw, data, probs, t, threshold)
 
     with atomic_dir(out_dir / "plots") as plots:
         write_plots(plots, data.labels, probs, classes, threshold, report["calibration"]["reliability"])
         write_json(plots / "sets.json", external.plot_rows)
+        write_json(plots / "robustness.json", rob.curve_rows(robustness))
     with atomic_path(out_dir / "external_predictions.csv") as tmp:
         ext.write_predictions(tmp, external, classes)
     with atomic_path(out_dir / "predictions.csv") as tmp:
@@ -178,12 +186,24 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
         write_predictions(tmp, val, val_probs, classes, threshold)
     with atomic_dir(out_dir / "saliency") as sal:
         details["saliency"] = _saliency(params, model, hw, data, probs, classes, threshold, sal)
+    with atomic_dir(out_dir / "failures") as fail:
+        details["failures"] = write_failures(params.failures, model, data, probs, classes, threshold, fail, hw.device,
+                                             source_refs(manifest))
     profile = data_profile([load_split(prepared, s, stats) for s in ("train", "val", "test")])
     write_operating_point(out_dir / "operating_point.json",
                           operating_point_record(model_path, classes, op, temperature, profile))
     write_json(out_dir / "evaluation.json", details)
+    write_json(out_dir / "robustness.json", robustness)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _robustness(params, model, hw, data, probs, temperature: float, threshold: float | None) -> dict:
+    if not params.robustness.enabled:
+        return rob.disabled_record()
+    return rob.run_robustness(params.robustness, params.bootstrap, model, hw, data.images, data.labels,
+                              [r["group"] for r in data.rows], probs, temperature, threshold, params.batch_size,
+                              params.split)
 
 
 def _saliency(params, model, hw, data, probs, classes, threshold, out: Path) -> dict:

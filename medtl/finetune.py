@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from medtl import distributed, hardware
+from medtl.attacks import AdversarialParams, TrainingAttack
 from medtl.checkpoint import ResumeFile, code_digest, input_digest, resume_key
 from medtl.data import AugmentParams, TrainBatches, build_augment, prefetch
 from medtl.distributed import EpochBatches, World, derive_seed
@@ -77,6 +78,7 @@ class FinetuneParams:
     target_data: str = "medtl/demo.py"  # what dvc tracks as the target images: the folder that holds them
     adapt: Literal["none", "adabn_target"] = "none"
     domain_adversarial: DomainAdversarialParams = field(default_factory=DomainAdversarialParams)
+    adversarial: AdversarialParams = field(default_factory=AdversarialParams)  # medtl.attacks
 
     def check(self, key: str) -> None:
         require(0 < self.lr < 10, f"{key}.lr", self.lr, "a learning rate between 0 and 10")
@@ -332,7 +334,9 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
         model.to(memory_format=torch.channels_last)
     freeze(model, trained_stages(params, 0, n_stages))
 
-    loop, source = _build_loop(params, model, train, val, hw, world, cache_features)
+    # Adversarial examples change the input every step: the linear probe's cached features cannot be reused.
+    attack = TrainingAttack(params.adversarial, model) if params.adversarial.enabled else None
+    loop, source = _build_loop(params, model, train, val, hw, world, cache_features and attack is None)
     sampler = EpochBatches(len(train.labels), params.batch_size, params.seed, world,
                            sampling_weights(params.sampler, train, k))
     steps = len(sampler)
@@ -382,12 +386,16 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
         torch.manual_seed(derive_seed(params.seed, epoch, "torch", world.rank))  # dropout
         if adversary is not None:
             adversary.start_epoch(epoch, world)
+        if attack is not None:
+            attack.reseed(derive_seed(params.seed, epoch, "adversarial", world.rank))  # PGD's random starts
 
         total, n = 0.0, 0
         for i, (x, y) in enumerate(loop.finish(*b) for b in prefetch(map(loop.gather, sampler))):  # next batch read meanwhile
             x, y = x.to(hw.device, non_blocking=True), y.to(hw.device, non_blocking=True)
             if hw.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if attack is not None:
+                x = attack(x, y)
             x = loop.inputs(x)
             with hw.autocast():
                 logits = net(x) if adversary is None else adversary.forward(net, x, epoch * steps + i)

@@ -112,10 +112,11 @@ def pick_cases(labels: np.ndarray, probs: np.ndarray, threshold: float | None, p
 
 
 def write_overlays(model: nn.Module, data, probs: np.ndarray, classes: list[str], threshold: float | None,
-                   out_dir: Path, per_case: int, size: int, device: torch.device) -> list[str]:
-    """PNG overlays for a sample of each case into out_dir; returns the file names written."""
+                   out_dir: Path, per_case: int, size: int, device: torch.device,
+                   cases: dict[str, list[int]] | None = None) -> list[str]:
+    """PNG overlays for a sample of each case (or the row indices in `cases`) into out_dir; returns the file names written."""
     layer = target_layer(model)
-    cases = pick_cases(data.labels, probs, threshold, per_case)
+    cases = pick_cases(data.labels, probs, threshold, per_case) if cases is None else cases
     pred = predict_labels(probs, threshold)
     # Each map explains the class the model called: where the evidence for its decision lies.
     written = []

@@ -1,4 +1,5 @@
 """evaluate: models/model.pt on validation and test -> reports/ (metrics, operating point, predictions, plots, saliency)."""
+import json
 from pathlib import Path
 
 from medtl.evaluation import EvaluateParams, run_evaluate
@@ -8,8 +9,10 @@ from medtl.provenance import stage_record
 from medtl.stage import main
 
 MODEL, PREPARED, OUT = Path("models/model.pt"), Path("data/prepared"), Path("reports")
+MANIFEST = Path("data/ingested/manifest.csv")  # source refs of the failure cases
 OUTPUTS = [OUT / "metrics.json", OUT / "evaluation.json", OUT / "operating_point.json", OUT / "predictions.csv",
-           OUT / "val_predictions.csv", OUT / "external_predictions.csv", OUT / "plots", OUT / "saliency"]
+           OUT / "val_predictions.csv", OUT / "external_predictions.csv", OUT / "plots", OUT / "saliency",
+           OUT / "robustness.json", OUT / "failures"]
 
 
 def _fmt(m: dict, name: str) -> str:
@@ -22,8 +25,8 @@ def _fmt(m: dict, name: str) -> str:
 def run() -> str:
     params = load_section("evaluate", EvaluateParams)
     external = [Path(x) for e in params.external for x in e.source_inputs()]
-    with stage_record("evaluate", params, inputs=[MODEL, PREPARED, *external], outputs=OUTPUTS):
-        m = run_evaluate(params, MODEL, PREPARED, OUT)
+    with stage_record("evaluate", params, inputs=[MODEL, PREPARED, MANIFEST, *external], outputs=OUTPUTS):
+        m = run_evaluate(params, MODEL, PREPARED, OUT, manifest=MANIFEST)
     line = f"{params.split} split, {m['n']} images / {m['n_groups']} patients: ROC AUC {_fmt(m, 'roc_auc')}, " \
            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
     if m.get("threshold") is not None:
@@ -34,6 +37,10 @@ def run() -> str:
         flags = [f for f in ("intensity_shift", "operating_point_shift", "transductive") if e.get(f)]
         line += f"; external {name}, {e['n']} images: ROC AUC {_fmt(e, 'roc_auc')}" + \
                 (f" [{', '.join(flags)}]" if flags else "")
+    worst = json.loads((OUT / "robustness.json").read_text(encoding="utf-8")).get("worst")
+    if worst:
+        line += f"; robustness: largest ROC AUC drop {worst['roc_auc_drop']:.3f} ({worst['perturbation']} " \
+                f"severity {worst['severity']}, {worst['flipped']:.0%} of decisions flipped)"
     return line
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,7 +31,8 @@ PARAMS = deep_update(TINY_PARAMS, {
                "read": {"window": WINDOW}},
     # fp32 on both sides, so predict and the stage agree to the printed digit on any CPU
     "evaluate": {"precision": "fp32", "bootstrap": {"n_resamples": 100}, "min_subgroup_size": 5,
-                 "saliency": {"per_case": 1, "image_size": 96}},
+                 "saliency": {"per_case": 1, "image_size": 96}, "failures": {"count": 2, "image_size": 64},
+                 "robustness": {"enabled": True, "perturbations": ["blur", "fgsm"], "pgd_steps": 2}},
 })
 
 
@@ -135,3 +138,32 @@ def test_predict_on_source_dicom_and_png_matches_the_evaluate_stage(ran, tmp_pat
         assert row["status"] == "ok", row["error"]
         assert abs(float(row["prob_lesion"]) - float(expected["prob_lesion"])) <= 2e-6, source
         assert row["above_threshold"] == expected["above_threshold"] and row["predicted"] == expected["predicted"]
+
+
+def test_robustness_and_failure_cases_reach_dvc_plots_and_the_audit_report(ran):
+    from medtl.cli import main
+
+    r = json.loads((ran.path / "reports/robustness.json").read_text())
+    assert r["enabled"] and [(c["perturbation"], c["severity"]) for c in r["conditions"]] == \
+        [("blur", 1), ("blur", 2), ("blur", 3), ("fgsm", 1), ("fgsm", 2), ("fgsm", 3)]
+    shown = json.loads(ran.dvc("plots", "show", "--json").stdout)
+    values = shown["data"]["Robustness (test), ROC AUC vs severity (0 = clean)"][0]["content"]["data"]["values"]
+    assert {v["severity"] for v in values} == {0, 1, 2, 3}
+    # failure cases are named by image id and the manifest's source ref, never by path
+    failures = json.loads((ran.path / "reports/failures/failures.json").read_text())
+    refs = {row["image_id"]: row["source_ref"] for row in csv.DictReader(open(ran.path / "data/ingested/manifest.csv"))}
+    assert failures["cases"] and all(c["source_ref"] == refs[c["image_id"]] for c in failures["cases"])
+    assert "source/" not in json.dumps(failures)
+
+    ran.commit("run")
+    cwd = Path.cwd()
+    os.chdir(ran.path)
+    try:
+        assert main(["audit"]) == 0
+    finally:
+        os.chdir(cwd)
+    html = (ran.path / "reports/audit/report.html").read_text()
+    assert 'id="robustness"' in html and "ROC AUC against severity" in html and "fgsm" in html
+    assert 'id="failures"' in html and failures["cases"][0]["image_id"] in html
+    md = (ran.path / "reports/audit/report.md").read_text()
+    assert "## Robustness" in md and "## Failure cases" in md

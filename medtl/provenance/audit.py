@@ -311,9 +311,10 @@ def evaluation_plots(root: Path, artifacts: dict[str, dict], metrics_path: str |
     base = Path(metrics_path).parent
     folders |= {(base / name).as_posix() for name in ("plots", "saliency") if (root / base / name).is_dir()}
     out = []
-    for folder in sorted(folders):
+    for folder in sorted(f for f in folders if Path(f).name != "failures"):  # failure cases have their own section
         for p in sorted((root / folder).rglob("*")):
-            if p.is_file() and p.suffix.lower() in PLOT_SUFFIXES:
+            # plots/robustness.json is drawn by the report's robustness section
+            if p.is_file() and p.suffix.lower() in PLOT_SUFFIXES and p.relative_to(root / folder).as_posix() != "robustness.json":
                 out.append(p.relative_to(root).as_posix())
     return out
 
@@ -432,6 +433,9 @@ def collect(root: Path, model: str) -> dict:
     elif isinstance(metrics, dict) and isinstance(metrics.get("detail"), dict):
         details = metrics["detail"]  # older evaluate: detail nested in metrics.json
     plots = evaluation_plots(root, artifacts, metrics_path)
+    # The robustness report and failure cases, written beside metrics.json by evaluate (None for an older evaluate).
+    robustness = load_json((root / metrics_path).with_name("robustness.json")) if metrics_path else None
+    failures = load_json((root / metrics_path).parent / "failures" / "failures.json") if metrics_path else None
     ingest_report = None
     if manifest and (root / manifest).with_name("report.json").is_file():
         ingest_report = load_json((root / manifest).with_name("report.json"))
@@ -459,6 +463,8 @@ def collect(root: Path, model: str) -> dict:
         "evaluation": details if isinstance(details, dict) else None,
         "ingest_report": ingest_report,
         "plots": plots,
+        "robustness": robustness if isinstance(robustness, dict) else None,
+        "failures": failures if isinstance(failures, dict) else None,
         "records": [{"path": r["_path"], "sha256": describe(root / r["_path"])["sha256"]} for r in sorted(records.values(), key=lambda r: r["_path"])],
     }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from medtl.provenance import card
+from medtl.provenance import card, report_robustness
 
 MAX_TABLE_ROWS = 25
 
@@ -312,6 +312,7 @@ def render_markdown(ev: dict) -> str:
                                             [[x["column"], x["value"], card.fmt(x["n"]), card.fmt(x["patients"]), card.fmt(x["metric"]), card.ci_text(x), x["flag"]] for x in subs]), ""]
     if ev.get("plots"):
         out += ["## Plots", ""] + [f"- [{p}](../../{p})" if not p.endswith((".png", ".svg")) else f"![{p}](../../{p})" for p in ev["plots"]] + [""]
+    out += report_robustness.markdown(ev)
     out += ["## Pipeline", "", "```mermaid", "graph LR"]
     out += [f"  {a}[{a}] -->|{art}| {b}[{b}]" for a, b, art in ev["edges"]] or [f"  {s['name']}" for s in ev["stages"]]
     out += ["```", ""]
@@ -543,5 +544,6 @@ def render_html(ev: dict, root: Path) -> str:
                     _span("ok", "yes") if s.get("record") else _span("bad", "MISSING")] for s in ev["stages"]],
         "params_yaml": yaml.safe_dump(ev.get("params") or {}, sort_keys=False),
         "env_facts": _env_facts(ev), "lineage": _lineage(ev), "checklist": checklist(ev),
+        "robustness": report_robustness.robustness_section(ev), "failures": report_robustness.failures_section(ev, root),
     }
     return _environment().get_template("report.html").render(**context)
