@@ -677,6 +677,7 @@ def flow(ev: dict) -> dict | None:
     if not reasons:
         reasons.update(str(i.get("reason")) for i in report.get("quarantine") or [] if isinstance(i, dict) and i.get("reason"))
     site = _site_column(src)
+    count = lambda v: len(v) if isinstance(v, list) else v if isinstance(v, numbers.Real) else None  # noqa: E731
     splits = []
     for s, c in (src.get("per_split_class") or {}).items():
         sites = (src.get("subgroups") or {}).get(site, {}).get(s) if site else None
@@ -684,12 +685,12 @@ def flow(ev: dict) -> dict | None:
                        "classes": ", ".join(f"{k} {n}" for k, n in c.items()),
                        "sites": ", ".join(f"{k} {n}" for k, n in sites.items()) if sites else None})
     steps = [
-        {"label": "files found in the source", "n": report.get("files_seen")},
+        {"label": "files found in the source", "n": count(report.get("files_seen"))},
         {"label": "images decoded", "n": report.get("images_decoded", report.get("files_decoded")),
-         "out": {"label": "quarantined (not used)", "n": report.get("quarantined"),
+         "out": {"label": "quarantined (not used)", "n": count(report.get("quarantined")),
                  "why": [f"{r.replace('_', ' ')}: {n}" for r, n in reasons.most_common()]}},
         {"label": "images used", "n": report.get("images", src.get("images")),
-         "out": {"label": "duplicates removed", "n": report.get("duplicates_removed"), "why": []}},
+         "out": {"label": "duplicates removed", "n": count(report.get("duplicates_removed", report.get("duplicates"))), "why": []}},
     ]
     steps = [s for s in steps if s["n"] is not None]
     # geometry: a column of boxes, exclusions to the right, splits side by side at the bottom
