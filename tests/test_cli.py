@@ -249,11 +249,20 @@ def test_reviewer_install_verifies_offline_without_torch(base_venv, audited, off
         assert error["format"] == "medtl-error/1" and error["command"] == "verify" and error["error"], argv
 
 
+def python312() -> str | None:
+    """A Python 3.12 that runs: on PATH, or installed by pyenv (whose shim may not select it)."""
+    candidates = [shutil.which("python3.12")] + sorted(map(str, Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")))
+    for c in filter(None, candidates):
+        if subprocess.run([c, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"], capture_output=True).returncode == 0:
+            return c
+    return None
+
+
 @pytest.mark.e2e
-@pytest.mark.skipif(not shutil.which("python3.12"), reason="no Python 3.12 on this machine")
+@pytest.mark.skipif(python312() is None, reason="no Python 3.12 on this machine")
 def test_reviewer_install_verifies_on_python_312(audited, tmp_path):
     # requires-python is >=3.11: a reviewer on a newer Python installs the base package and verifies
-    venv = make_base_venv(tmp_path, shutil.which("python3.12"))
+    venv = make_base_venv(tmp_path, python312())
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     res = run([str(venv / "python"), "-c", "import sys; print(sys.version_info[:2])"], env)
     assert res.stdout.strip() == "(3, 12)"
