@@ -19,6 +19,7 @@ $(VENV)/.synced: pyproject.toml uv.lock
 
 repro: env
 	dvc repro
+	@echo "next: medtl exps (compare runs), dvc plots show (charts), medtl audit (evidence; commit first) -- README.md"
 
 test: env
 	pytest

@@ -45,8 +45,27 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class UsageError(Exception):
+    """A command-line mistake argparse found, raised instead of printed when the command asked for --json."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message}")
+        self.prog = prog
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, except that under --json a usage error becomes a UsageError, printed by main() as JSON."""
+
+    json_errors = False
+
+    def error(self, message):
+        if Parser.json_errors:
+            raise UsageError(self.prog, message)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medtl", description="Reproducible, auditable transfer learning for medical images.",
+    parser = Parser(prog="medtl", description="Reproducible, auditable transfer learning for medical images.",
                                      epilog="Exit codes: 0 success, 1 a check failed, 2 usage or input error, "
                                             "3 needs the train extra (pip install 'medtl[train]'), 130 interrupted.")
     parser.add_argument("--version", action="version", version=f"medtl {version()}")
@@ -78,6 +97,19 @@ def _stdout_out(args: argparse.Namespace) -> bool:
     return str(getattr(args, "out", None)) == "-"
 
 
+class _Renamed:
+    """A text stream that writes `old` as `new`: with `--out -`, messages name stdout, not the temporary file."""
+
+    def __init__(self, stream, old: str, new: str):
+        self._stream, self._old, self._new = stream, old, new
+
+    def write(self, text: str) -> int:
+        return self._stream.write(text.replace(self._old, self._new))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the handler; with `--out -` it writes to a temporary file that is then copied to stdout."""
     if not _stdout_out(args):
@@ -86,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         target = Path(tmp) / "out"
         args.out = type(args.out)(target) if isinstance(args.out, Path) else str(target)
         # The handler's own messages go to stderr, so stdout carries only the output.
-        with contextlib.redirect_stdout(sys.stderr):
+        messages = _Renamed(sys.stderr, str(target), "stdout")
+        with contextlib.redirect_stdout(messages), contextlib.redirect_stderr(messages):
             code = int(args.func(args) or 0)
         if target.is_file():
             with open(target, "rb") as f:
@@ -95,18 +128,41 @@ def _run(args: argparse.Namespace) -> int:
         return code
 
 
+def _json_error(command: str | None, message: str, code: int) -> int:
+    """Under --json, an error is one JSON object on stdout too, so a script parses every outcome the same way."""
+    import json
+
+    print(json.dumps({"format": "medtl-error/1", "command": command, "status": "error",
+                      "exit_code": code, "error": message}, indent=2))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    Parser.json_errors = "--json" in argv
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        command = next((a for a in argv if not a.startswith("-")), None)
+        return _json_error(command, str(e), EXIT_USAGE)
+    finally:
+        Parser.json_errors = False
+    as_json = bool(getattr(args, "json", False))
     try:
         return _run(args)
     except MedtlError as e:
+        if as_json:
+            return _json_error(args.command, f"medtl {args.command}: error: {e}", EXIT_USAGE)
         print(f"medtl {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in TRAIN_PACKAGES:
             raise
-        print(f"medtl {args.command}: error: this command needs the training stack ({e.name} is not installed); "
-              "install it with: pip install 'medtl[train]'", file=sys.stderr)
+        message = (f"medtl {args.command}: error: this command needs the training stack ({e.name} is not installed); "
+                   "install it with: pip install 'medtl[train]'")
+        if as_json:
+            return _json_error(args.command, message, EXIT_MISSING_EXTRA)
+        print(message, file=sys.stderr)
         return EXIT_MISSING_EXTRA
     except KeyboardInterrupt:
         print(f"medtl {args.command}: interrupted", file=sys.stderr)

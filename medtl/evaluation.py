@@ -126,8 +126,17 @@ def split_report(report: dict, params: EvaluateParams, skipped_subgroups: list[s
     metrics = {"split": params.split, **{k: v for k, v in report.items() if k not in nested}}
     metrics["temperature"] = report["calibration"]["temperature"]
     metrics["subgroups_too_small"] = len(flags)
+    metrics.update(worst_subgroup(report["subgroups"]))
     details = {"split": params.split, **report, "subgroups_skipped": skipped_subgroups, "subgroups_too_small": flags}
     return metrics, details
+
+
+def worst_subgroup(subgroups: dict, metric: str = "roc_auc") -> dict:
+    """The subgroup with the lowest ROC AUC among those large enough to judge (`medtl exps` shows it); none: null."""
+    judged = [(entry[metric], f"{col}={value}") for col, table in subgroups.items() for value, entry in table.items()
+              if not entry.get("too_small") and isinstance(entry.get(metric), (int, float))]
+    auc, name = min(judged) if judged else (None, None)
+    return {"subgroups_worst": name, f"subgroups_worst_{metric}": auc}
 
 
 def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_dir: Path,

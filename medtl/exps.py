@@ -101,6 +101,7 @@ def table(rows: list[dict], width: int = DEFAULT_WIDTH) -> tuple[list[str], list
         for c, r in zip(cells, rows):
             t = r["test"]
             c.insert(2, f"{_num(t['worst_site_roc_auc'])} ({t.get('worst_site')})" if t.get("worst_site_roc_auc") is not None else "-")
+    add_shift_columns(rows, headers, cells)
 
     def varies(key: str) -> bool:
         return len({json.dumps(r["params"].get(key), sort_keys=True) for r in rows}) > 1
@@ -121,6 +122,78 @@ def table(rows: list[dict], width: int = DEFAULT_WIDTH) -> tuple[list[str], list
         for c, v in zip(cells, column):
             c.append(v)
     return headers, cells, shared, left_out
+
+
+# ---- how the model holds up away from the test split: external sets and the weakest subgroup ----
+
+def external_aucs(test: dict) -> dict[str, Any]:
+    """{set name: ROC AUC} of the external sets evaluate ran (metrics.json's `external.<set>.roc_auc`)."""
+    out = {}
+    for key, value in test.items():
+        if key.startswith("external.") and key.endswith(".roc_auc"):
+            out[key[len("external."):-len(".roc_auc")]] = value
+    return out
+
+
+def worst_subgroup(test: dict) -> tuple[str | None, Any]:
+    """(subgroup, ROC AUC) of the weakest subgroup large enough to judge (metrics.json's `subgroups_worst*`)."""
+    return test.get("subgroups_worst"), test.get("subgroups_worst_roc_auc")
+
+
+def _worst_external(test: dict) -> str:
+    aucs = {k: v for k, v in external_aucs(test).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if not aucs:
+        return "-"
+    name = min(aucs, key=aucs.get)
+    return _num(aucs[name]) + (f" {name}" if len(aucs) > 1 else "")
+
+
+def add_shift_columns(rows: list[dict], headers: list[str], cells: list[list[str]]) -> None:
+    """The lowest external-set ROC AUC (named when there are several sets) and the weakest subgroup's ROC AUC."""
+    headers += ["ext AUC", "worst subgroup AUC"]
+    for r, c in zip(rows, cells):
+        name, auc = worst_subgroup(r["test"])
+        c += [_worst_external(r["test"]), f"{_num(auc)} {name}" if name and auc is not None else "-"]
+
+
+def records(rows: list[dict]) -> list[dict]:
+    """One JSON-ready record per experiment for scripts (`--json`, `--csv`): its metrics and every param."""
+    out = []
+    for r in rows:
+        t = r["test"]
+        name, auc = worst_subgroup(t)
+        out.append({
+            "experiment": r["name"],
+            "test_roc_auc": t.get("roc_auc"), "test_roc_auc_ci_low": t.get("roc_auc_ci_low"),
+            "test_roc_auc_ci_high": t.get("roc_auc_ci_high"),
+            "test_sensitivity": t.get("sensitivity"), "test_specificity": t.get("specificity"),
+            "val_auc": r["train"].get("val_auc"),
+            "external_roc_auc": external_aucs(t),
+            "worst_subgroup": name, "worst_subgroup_roc_auc": auc,
+            "params": r["params"],
+        })
+    return out
+
+
+def render_csv(rows: list[dict]) -> str:
+    """The records as CSV: one column per metric, per external set and per param that differs between rows."""
+    import csv
+    import io
+
+    recs = records(rows)
+    sets = sorted({k for rec in recs for k in rec["external_roc_auc"]})
+    varying = sorted(k for k in {k for r in rows for k in r["params"]}
+                     if len({json.dumps(r["params"].get(k), sort_keys=True) for r in rows}) > 1)
+    shown = [k for k in KEY_PARAMS if any(k in r["params"] for r in rows)] + [k for k in varying if k not in KEY_PARAMS]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    fixed = [k for k in recs[0] if k not in ("external_roc_auc", "params")] if recs else []
+    w.writerow(fixed + [f"external.{s}.roc_auc" for s in sets] + shown)
+    for rec in recs:
+        cell = lambda v: "" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else v  # noqa: E731
+        w.writerow([cell(rec[k]) for k in fixed] + [cell(rec["external_roc_auc"].get(s)) for s in sets]
+                   + [cell(rec["params"].get(k)) for k in shown])
+    return buf.getvalue()
 
 
 def render(headers: list[str], cells: list[list[str]], markdown: bool = False) -> str:
@@ -151,6 +224,12 @@ def _cmd(args: argparse.Namespace) -> int:
         raise MedtlError(f"--width {args.width}: expected at least 60 columns")
     extra = (["-A"] if args.all_commits else []) + (["-n", str(args.num)] if args.num else [])
     rows = rows_from_dvc_json(dvc_exp_json(extra))
+    if args.json:
+        print(json.dumps({"format": "medtl-exps/1", "experiments": records(rows)}, indent=2, allow_nan=False, default=str))
+        return 0
+    if args.csv:
+        print(render_csv(rows), end="")
+        return 0
     if not rows:
         print("no experiments: run the pipeline (dvc repro) or an experiment (dvc exp run -S key=value)")
         return 0
@@ -171,11 +250,15 @@ def _wrap(text: str, width: int) -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("exps", help="compare experiments in one screen (key params and the model's metrics)",
-                              description="A compact `dvc exp show`: per experiment, the test ROC AUC with its 95%% "
-                                          "interval, sensitivity and specificity, validation AUC, the key params and "
-                                          "the params that differ between rows, within --width columns.")
+                              description="A compact `dvc exp show`: per experiment, the test ROC AUC with its 95% "
+                                          "interval, sensitivity and specificity, validation AUC, the lowest external-set "
+                                          "ROC AUC, the weakest subgroup's ROC AUC, the key params and the params that "
+                                          "differ between rows, within --width columns.")
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH, help="widest line (default: %(default)s)")
-    p.add_argument("--md", action="store_true", help="a Markdown table")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--md", action="store_true", help="a Markdown table")
+    fmt.add_argument("--json", action="store_true", help="one JSON object for scripts: every experiment's metrics and params")
+    fmt.add_argument("--csv", action="store_true", help="CSV: one row per experiment, metrics and the params that differ")
     p.add_argument("-A", "--all-commits", action="store_true", help="experiments of all commits (dvc exp show -A)")
     p.add_argument("-n", "--num", type=int, default=None, help="experiments of the last N commits (dvc exp show -n)")
     p.set_defaults(func=_cmd)

@@ -13,10 +13,11 @@ from medtl.data import iter_batches
 
 @torch.no_grad()
 def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batch_size: int,
-                    hw: hardware.Hardware, desc: str) -> torch.Tensor:
+                    hw: hardware.Hardware, desc: str, progress: bool = True) -> torch.Tensor:
     """Apply `fn` to every image in inference mode; float32 results on the CPU."""
     out = []
-    for x in tqdm(iter_batches(images, batch_size), total=-(-len(images) // batch_size), desc=desc, leave=False):
+    for x in tqdm(iter_batches(images, batch_size), total=-(-len(images) // batch_size), desc=desc, leave=False,
+                  disable=not progress):
         if hw.device.type == "cuda":
             x = x.pin_memory()
         x = x.to(hw.device, non_blocking=True)
@@ -27,12 +28,13 @@ def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarr
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def predict_logits(model, images: np.ndarray, batch_size: int, hw: hardware.Hardware, desc: str) -> np.ndarray:
+def predict_logits(model, images: np.ndarray, batch_size: int, hw: hardware.Hardware, desc: str,
+                   progress: bool = True) -> np.ndarray:
     """(N, K) float64 logits; temperature scaling needs logits, not probabilities."""
     if len(images) == 0:
         return np.zeros((0, model.head[-1].out_features))
     fn = getattr(model, "fused_forward", None) or model  # set by use_fused
-    return forward_batches(fn, images, batch_size, hw, desc).numpy().astype(np.float64).reshape(len(images), -1)
+    return forward_batches(fn, images, batch_size, hw, desc, progress).numpy().astype(np.float64).reshape(len(images), -1)
 
 
 def prepare_model(model: torch.nn.Module, hw: hardware.Hardware) -> torch.nn.Module:

@@ -278,9 +278,9 @@ def check_pseudonym_key(params: IngestParams) -> None:
     if "dicom" in kinds:
         raise MedtlError(f"ingest.source is dicom and no pseudonym key is set, so patient ids and file paths would be "
                          f"pseudonymised with the public demo key, which anyone can use to reverse them; {phi.HOW_TO_SET_KEY}")
-    print(f"ingest: warning: no pseudonym key is set; file paths and groups of this {'/'.join(sorted(kinds - {'demo'}))} source are "
-          f"pseudonymised with the public demo key, which anyone can use to recompute them. To prevent that, "
-          f"{phi.HOW_TO_SET_KEY}", file=sys.stderr)
+    # One line on every run: enough to notice, short enough not to bury the stage's own output.
+    print(f"ingest: warning: pseudonyms of this {'/'.join(sorted(kinds - {'demo'}))} source use the public demo key "
+          f"(anyone can recompute them); set {phi.KEY_ENV} to a secret (docs/data.md)", file=sys.stderr)
 
 
 def _label_problem(label: str, classes: list[str]) -> tuple[str, str] | None:

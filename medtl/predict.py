@@ -212,8 +212,8 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
         from medtl import phi
 
         if phi.uses_default_key():
-            print("predict: warning: files inside folders are named by refs made with the public demo key, which "
-                  f"anyone can recompute from guessed paths; to prevent that, {phi.HOW_TO_SET_KEY}", file=sys.stderr)
+            print(f"predict: warning: file refs use the public demo key (anyone can recompute them from guessed "
+                  f"paths); set {phi.KEY_ENV} to a secret (docs/data.md)", file=sys.stderr)
     prepare_model(model, hw)
     fused = use_fused(model, hw, precision, len(files))  # `precision`: what the user asked for (auto fuses)
 
@@ -234,7 +234,8 @@ def predict(model_path: Path, inputs: list[str], out: Path, batch_size: int = 32
     def flush(writer) -> None:
         if not pending:
             return
-        logits = predict_logits(model, np.stack([x for _, x in pending]), batch_size, hw, "predict")
+        # the per-file bar below is the command's one progress bar
+        logits = predict_logits(model, np.stack([x for _, x in pending]), batch_size, hw, "predict", progress=False)
         probs = apply_temperature(logits, op.temperature or 1.0)
         for (named, _), p in zip(pending, probs):
             writer.writerow(row(named, "ok", probs=p))

@@ -86,9 +86,41 @@ def overlay(image: np.ndarray, cam: np.ndarray, caption: str, size: int) -> np.n
     heat = cv2.resize((np.clip(cam, 0, 1) * 255).astype(np.uint8), (size, size), interpolation=cv2.INTER_LINEAR)
     heat = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
     picture = cv2.addWeighted(base, 0.6, heat, 0.4, 0)
-    band = np.zeros((28, size, 3), dtype=np.uint8)
-    cv2.putText(band, caption, (4, 19), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    scale, lines = caption_lines(caption, size)
+    line_h = int(round(26 * scale)) + 4
+    band = np.zeros((line_h * len(lines) + 6, size, 3), dtype=np.uint8)
+    for n, line in enumerate(lines):
+        cv2.putText(band, line, (CAPTION_MARGIN, line_h * (n + 1)), CAPTION_FONT, scale, (255, 255, 255), 1, cv2.LINE_AA)
     return np.vstack([picture, band])
+
+
+CAPTION_FONT, CAPTION_MARGIN = cv2.FONT_HERSHEY_SIMPLEX, 4
+
+
+def caption_lines(caption: str, width: int, scale: float = 0.5, min_scale: float = 0.35) -> tuple[float, list[str]]:
+    """(font scale, lines): the caption's parts (split at double spaces) packed into lines that fit the picture.
+
+    The font shrinks down to min_scale before the caption wraps; a single part wider than the picture is
+    cut at characters rather than drawn past the edge.
+    """
+    room = width - 2 * CAPTION_MARGIN
+    fits = lambda text, sc: cv2.getTextSize(text, CAPTION_FONT, sc, 1)[0][0] <= room  # noqa: E731
+    while scale > min_scale and not fits(caption, scale):
+        scale = round(scale - 0.05, 2)
+    parts = [x.strip() for x in caption.split("  ") if x.strip()]
+    lines: list[str] = []
+    for part in parts:
+        candidate = f"{lines[-1]}  {part}" if lines else part
+        if lines and fits(candidate, scale):
+            lines[-1] = candidate
+            continue
+        while not fits(part, scale):  # one part wider than the picture: break it at the last fitting character
+            cut = max(1, next(i for i in range(len(part), 0, -1) if fits(part[:i], scale)))
+            lines.append(part[:cut])
+            part = part[cut:]
+        if part:
+            lines.append(part)
+    return scale, lines or [""]
 
 
 def pick_cases(labels: np.ndarray, probs: np.ndarray, threshold: float | None, per_case: int) -> dict[str, list[int]]:

@@ -8,7 +8,7 @@ from medtl.backbones import backbone_state
 from medtl.io import save_torch, write_text
 from medtl.params import load_section
 from medtl.provenance import stage_record
-from medtl.provenance.hashing import describe
+from medtl.provenance.hashing import PLACEHOLDER, describe
 from medtl.stage import main
 
 PREPARED, OUT, LIVE = Path("data/prepared"), Path("models/backbone.pt"), "dvclive_pretrain"
@@ -31,8 +31,9 @@ def run() -> str:
             backbone, record = run_pretrain(params, PREPARED, on_epoch)
             live.summary["adapt_images"] = record.get("images", 0)
         if params.adapt != "ssl":
-            # The declared plot file exists for every method, so `dvc plots show` never trips on it.
-            write_text(Path(LIVE) / "plots" / "metrics" / "ssl_loss.tsv", "step\tssl_loss\n")
+            # The declared plot folder exists for every method (git keeps it through a placeholder that
+            # .dvcignore hides), but holds no loss file: `dvc plots show` draws no empty chart.
+            write_text(Path(LIVE) / "plots" / "metrics" / PLACEHOLDER, "")
         save_torch({**backbone_state(backbone), "adaptation": record}, OUT)
         rec.seeds["torch"] = params.seed
         if params.adapt == "ssl":

@@ -71,7 +71,7 @@ def make_project(dest: Path, params: dict | None = None) -> Project:
     for name in ("dvc.yaml", "params.yaml", "uv.lock", "pyproject.toml", ".gitignore", ".dvcignore"):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, dest / name)
-    for name in ("stages", "medtl"):
+    for name in ("stages", "medtl", "plots/templates"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     p = Project(dest)
     p.set_params(deep_update(p.params, params if params is not None else TINY_PARAMS))

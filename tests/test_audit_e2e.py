@@ -201,4 +201,52 @@ def test_report_opens_in_headless_chromium(run, tmp_path):
     r = subprocess.run(base + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     dom = r.stdout
-    assert '<table class="metrics">' in dom and 'id="plots"' in dom and 'aria-label="ROC curve"' in dom
+    assert '<table class="metrics">' in dom and 'id="plots"' in dom and 'aria-label="ROC curve, AUC ' in dom
+
+
+# Measures, in the browser, every element that could run off a printed page, and writes what it found into the DOM.
+_MEASURE = """<script>
+addEventListener('load', () => {
+  const page = document.documentElement.clientWidth;
+  const wide = [...document.querySelectorAll('table, svg, pre, figure, img, dl, .cards')]
+    .filter(e => e.getBoundingClientRect().right > page + 1)
+    .map(e => e.tagName + '.' + (e.getAttribute('class') || '') + ' ' + Math.round(e.getBoundingClientRect().right));
+  const out = document.createElement('pre'); out.id = 'measured'; out.textContent = JSON.stringify(wide);
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="Chromium is not installed (apt-get install -y chromium)")
+def test_report_reads_in_order_for_a_clinician_and_prints_within_the_page(run, tmp_path):
+    html = (run.path / "reports/audit/report.html").read_text()
+    # plain-language summary first; the checklist (with CLAIM 2024) before the appendix of hashes and environment
+    order = ['id="summary"', "of 100 cases <strong>with lesion</strong>", 'id="participant-flow"', 'id="demographics"',
+             'id="preprocessing"', 'id="evaluation"', 'id="glossary"', 'id="checklist"', "CLAIM 2024 item 33",
+             'id="appendix"', 'id="lineage"']
+    positions = [html.find(x) for x in order]
+    assert -1 not in positions and positions == sorted(positions), dict(zip(order, positions))
+    summary = html[:html.index('id="use"')]
+    assert "without lesion</strong> (normal), about <strong>" in summary and "95% CI" in summary
+    # every metric in the table has a human name and a glossary line; raw keys only as a reference
+    for name in ("Sensitivity", "Positive predictive value", "Cohen&#39;s kappa", "Brier score", "Expected calibration error"):
+        assert html.count(f"<dt>{name}</dt>") == 1 and f"<td>{name}</td>" in html, name
+    assert "Intensity window:" in html and "Normalisation:" in html and '"image_size"' not in html
+    assert "files found in the source" in html and "quarantined (not used)" in html and "duplicates removed" in html
+    assert 'aria-label="Test and external sets: estimate and 95% CI"' in html  # per-set estimates with CI bars
+
+    base = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    # the print stylesheet applied on screen at the width of an A4 page's text (about 700 CSS px)
+    page = tmp_path / "print.html"
+    page.write_text(html.replace("@media print{", "@media all{").replace("</body>", _MEASURE + "</body>"))
+    r = subprocess.run(base + ["--window-size=700,1000", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    measured = r.stdout[r.stdout.index('<pre id="measured">') + 19:]
+    assert json.loads(measured[:measured.index("</pre>")].replace("&quot;", '"')) == []
+    pdf = tmp_path / "report.pdf"
+    r = subprocess.run(base + [f"--print-to-pdf={pdf}", "--no-pdf-header-footer", (run.path / "reports/audit/report.html").as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and pdf.read_bytes().startswith(b"%PDF"), r.stderr[-2000:]
+    assert pdf.stat().st_size > 50_000  # the pages with their charts and saliency images

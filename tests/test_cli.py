@@ -69,7 +69,9 @@ def offline(tmp_path_factory) -> tuple[dict, Path]:
     (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
     log = folder / "sockets.log"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env.update(PYTHONPATH=str(folder), MEDTL_TEST_SOCKET_LOG=str(log), NO_COLOR="1")
+    # this tree's medtl first, whatever the venv's editable install points at
+    env.update(PYTHONPATH=os.pathsep.join([str(folder), str(Path(__file__).resolve().parents[1])]),
+               MEDTL_TEST_SOCKET_LOG=str(log), NO_COLOR="1")
     return env, log
 
 
@@ -168,14 +170,17 @@ def audited(tiny_run, tmp_path_factory):
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory) -> Path:
     """medtl installed with only its base requirements (as uv.lock pins them): no torch, no numpy."""
+    return make_base_venv(tmp_path_factory.mktemp("base-venv"), sys.executable)
+
+
+def make_base_venv(folder: Path, python: str) -> Path:
     uv = [shutil.which("uv")] if shutil.which("uv") else None
     if uv is None and shutil.which("python3") and subprocess.run(["python3", "-m", "uv", "--version"], capture_output=True).returncode == 0:
         uv = ["python3", "-m", "uv"]  # how `make env` installs it when it is missing
     if uv is None:
         pytest.skip("uv is not installed (make env installs it)")
-    folder = tmp_path_factory.mktemp("base-venv")
     venv, req = folder / "venv", folder / "requirements.txt"
-    steps = [[*uv, "venv", "-q", "--python", sys.executable, str(venv)],
+    steps = [[*uv, "venv", "-q", "--python", python, str(venv)],
              [*uv, "export", "--project", str(ROOT), "--frozen", "--no-dev", "--no-emit-project", "--no-hashes", "-q", "-o", str(req)],
              [*uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "-r", str(req)],
              [*uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "--no-deps", str(ROOT)]]
@@ -210,7 +215,7 @@ def test_reviewer_install_verifies_offline_without_torch(base_venv, audited, off
 
     res = run([medtl, "verify", "reports/audit/provenance.json", "--json"], env, audited.path)
     report = json.loads(res.stdout)
-    assert res.returncode == report["exit_code"] == 0 and report["status"] == "ok" and report["format"] == "medtl-verify/1"
+    assert res.returncode == report["exit_code"] == 0 and report["status"] == "ok" and report["format"] == "medtl-verify/2"
     assert report["checked"] > 0 and report["mismatches"] == []
 
     res = run([medtl, "keygen", "--out", str(tmp_path / "keys")], env, tmp_path, MEDTL_SIGNING_PASSPHRASE="reviewer test")
@@ -230,9 +235,39 @@ def test_reviewer_install_verifies_offline_without_torch(base_venv, audited, off
         res = run([medtl, "verify", "reports/audit/provenance.json", "--json"], env, audited.path)
         report = json.loads(res.stdout)
         assert res.returncode == report["exit_code"] == 1 and report["status"] == "failed"
-        assert any("reports/metrics.json" in m for m in report["mismatches"])
+        mismatch = next(m for m in report["mismatches"] if m["path"] == "reports/metrics.json")
+        assert mismatch["expected"].startswith("sha256 ") and mismatch["actual"].startswith("sha256 ")
+        assert mismatch["expected"] != mismatch["actual"] and mismatch["message"].startswith("MISMATCH reports/metrics.json")
     finally:
         metrics.write_bytes(original)
+
+    # Under --json every outcome is one JSON object on stdout, errors of usage and of input included.
+    for argv in (["verify", "--json"], ["verify", "missing.json", "--json"], ["verify", "x.json", "--json", "--bogus"]):
+        res = run([medtl, *argv], env, audited.path)
+        error = json.loads(res.stdout)
+        assert res.returncode == error["exit_code"] == cli.EXIT_USAGE and error["status"] == "error", argv
+        assert error["format"] == "medtl-error/1" and error["command"] == "verify" and error["error"], argv
+
+
+def python312() -> str | None:
+    """A Python 3.12 that runs: on PATH, or installed by pyenv (whose shim may not select it)."""
+    candidates = [shutil.which("python3.12")] + sorted(map(str, Path.home().glob(".pyenv/versions/3.12*/bin/python3.12")))
+    for c in filter(None, candidates):
+        if subprocess.run([c, "-c", "import sys; assert sys.version_info[:2] == (3, 12)"], capture_output=True).returncode == 0:
+            return c
+    return None
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(python312() is None, reason="no Python 3.12 on this machine")
+def test_reviewer_install_verifies_on_python_312(audited, tmp_path):
+    # requires-python is >=3.11: a reviewer on a newer Python installs the base package and verifies
+    venv = make_base_venv(tmp_path, python312())
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    res = run([str(venv / "python"), "-c", "import sys; print(sys.version_info[:2])"], env)
+    assert res.stdout.strip() == "(3, 12)"
+    res = run([str(venv / "medtl"), "verify", "reports/audit/provenance.json", "--json"], env, audited.path)
+    assert res.returncode == 0 and json.loads(res.stdout)["status"] == "ok", res.stdout + res.stderr
 
 
 @pytest.mark.e2e
@@ -251,3 +286,6 @@ def test_out_dash_writes_predictions_to_stdout(audited, offline):
     assert lines[0].startswith("path,file,sha256,image,status") and len(lines) == 2 and ",ok," in lines[1]
     assert "image(s) predicted" in res.stderr  # the summary goes to stderr, so stdout stays a CSV
     assert not (audited.path / "-").exists()
+    # Messages name stdout, never the temporary file behind it; one progress bar (per file), none per batch.
+    assert "medtl-out-" not in res.stderr and "/tmp" not in res.stderr and "stdout" in res.stderr, res.stderr
+    assert "file" in res.stderr and "it/s" not in res.stderr and "it]" not in res.stderr  # no bar counted in batches

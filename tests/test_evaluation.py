@@ -237,3 +237,20 @@ def test_site_summary_flattens_sites_and_names_the_worst():
     assert detail["pooled_roc_auc"] == 0.8 and set(detail["sites"]) == {"a", "b", "c"}
     assert not any(k.startswith("site.F") for k in flat)
     assert site_summary({"roc_auc": 0.8, "subgroups": {"sex": {"F": entry(0.7, 10)}}}) == ({}, None)
+
+
+def test_saliency_caption_stays_inside_the_picture():
+    import cv2
+
+    from medtl.saliency import CAPTION_FONT, caption_lines, overlay
+
+    caption = "FN  p(lesion)=0.123  t=0.456  map: normal"
+    for size in (64, 96, 160, 512):
+        scale, lines = caption_lines(caption, size)
+        # every part of the caption is drawn, in order, and no line is wider than the picture
+        assert "".join(lines).replace(" ", "") == caption.replace(" ", "")
+        assert all(cv2.getTextSize(line, CAPTION_FONT, scale, 1)[0][0] <= size - 8 for line in lines)
+        picture = overlay(np.full((1, 32, 32), 0.5, dtype=np.float32), np.zeros((4, 4)), caption, size)
+        band = picture[size:]
+        assert band.shape[0] >= 20 and band[:, -3:].max() == 0 and band.max() > 0  # text drawn, right edge untouched
+    assert len(caption_lines(caption, 512)[1]) == 1 and len(caption_lines(caption, 64)[1]) > 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medtl.exps import rows_from_dvc_json, render, table
+from medtl.exps import records, render, render_csv, rows_from_dvc_json, table
 from tests.project import VENV_BIN, copy_project
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,15 +32,39 @@ def test_changed_params_that_do_not_fit_are_listed_not_squeezed():
     headers, cells, shared, left_out = table(rows, 120)
     text = render(headers, cells)
     assert max(map(len, text.splitlines())) <= 120
-    assert headers[:5] == ["Experiment", "test ROC AUC (95% CI)", "sens", "spec", "val AUC"]
+    assert headers[:7] == ["Experiment", "test ROC AUC (95% CI)", "sens", "spec", "val AUC", "ext AUC", "worst subgroup AUC"]
     # The key params both rows share are said once; the one that differs (lr) is a column.
     assert shared == [("arch", "resnet18"), ("weights", "none"), ("adapt", "none"), ("strategy", "full")]
-    assert headers[5] == "lr"
+    assert headers[7] == "lr"
     assert cells[0][1] == "0.812 (0.700-0.900)" and cells[1][headers.index("lr")] == "0.0003"
     assert left_out and all(k.startswith("finetune.a_rather_long") for k in left_out)
     assert len(left_out) + sum(h.startswith("finetune.a_rather") for h in headers) == 8
     # Unchanged params other than the key ones are not shown at all.
     assert not any(h.startswith("pretrain.") for h in headers)
+
+
+def test_external_sets_and_the_weakest_subgroup_are_columns_and_records():
+    baseline = _record("main", 0.001, {})
+    exp = _record("exp-ext", 0.0003, {})
+    exp["data"]["metrics"]["reports/metrics.json"]["data"].update({
+        "external.site_b.roc_auc": 0.61, "external.same_scanner.roc_auc": 0.79,
+        "subgroups_worst": "sex=F", "subgroups_worst_roc_auc": 0.7})
+    baseline["experiments"] = [{"revs": [exp]}]
+    rows = rows_from_dvc_json([baseline])
+    headers, cells, _, _ = table(rows, 120)
+    ext, worst = headers.index("ext AUC"), headers.index("worst subgroup AUC")
+    assert [c[ext] for c in cells] == ["-", "0.610 site_b"]  # the lowest set, named when there are several
+    assert [c[worst] for c in cells] == ["-", "0.700 sex=F"]
+    recs = records(rows)
+    assert recs[1]["external_roc_auc"] == {"site_b": 0.61, "same_scanner": 0.79} and recs[1]["worst_subgroup_roc_auc"] == 0.7
+    assert recs[0]["params"]["finetune.lr"] == 0.001 and recs[1]["test_roc_auc_ci_low"] == 0.7
+    import csv
+    import io
+
+    table_rows = list(csv.DictReader(io.StringIO(render_csv(rows))))
+    assert [r["experiment"] for r in table_rows] == ["main", "exp-ext"]
+    assert table_rows[1]["external.site_b.roc_auc"] == "0.61" and table_rows[0]["external.site_b.roc_auc"] == ""
+    assert table_rows[1]["finetune.lr"] == "0.0003" and table_rows[1]["worst_subgroup"] == "sex=F"
 
 
 def _readme_dvc_command() -> list[str]:
@@ -64,6 +88,18 @@ def test_both_views_fit_120_columns_on_the_tiny_run(tiny_run, tmp_path):
     assert len(body) == 3 and {l.split()[0] for l in body} >= {"workspace"}  # workspace, the commit, the experiment
     assert any(re.search(r"\b50$", l) for l in body) and any(re.search(r"\b1000$", l) for l in body)
     assert all(re.search(r"\d\.\d{3} \(\d\.\d{3}-\d\.\d{3}\)", l) for l in body)
+
+    import csv
+    import io
+    import json
+
+    doc = json.loads(p.run(str(VENV_BIN / "medtl"), "exps", "--json").stdout)
+    assert doc["format"] == "medtl-exps/1" and len(doc["experiments"]) == 3
+    assert all(isinstance(e["test_roc_auc"], float) and "worst_subgroup_roc_auc" in e for e in doc["experiments"])
+    table_rows = list(csv.DictReader(io.StringIO(p.run(str(VENV_BIN / "medtl"), "exps", "--csv").stdout)))
+    assert len(table_rows) == 3 and {"50", "1000"} <= {r["evaluate.bootstrap.n_resamples"] for r in table_rows}
+    help_text = p.run(str(VENV_BIN / "medtl"), "exps", "--help").stdout
+    assert re.search(r"95%\s+interval", help_text) and "95%%" not in help_text
 
     # The README's plain dvc line: wide terminal, so any truncation would be DVC's own ("…").
     cmd = _readme_dvc_command()

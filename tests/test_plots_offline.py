@@ -98,6 +98,9 @@ def test_every_chart_draws_offline_in_headless_chromium(tiny_run, tmp_path):
     titles = [next(iter(entry)) for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]]
     expected = {re.sub(r"[^A-Za-z0-9-]", "_", t) for t in titles}
     assert expected <= with_data, expected - with_data
+    # No chart twice, none titled by a file path, none empty: the tiny run does not adapt by SSL, so no SSL loss chart.
+    assert p.params["pretrain"]["adapt"] != "ssl"
+    assert set(charts) == expected, set(charts) - expected
 
     # Offline: a proxy that does not exist, and none of Chromium's own background traffic.
     cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -110,7 +113,14 @@ def test_every_chart_draws_offline_in_headless_chromium(tiny_run, tmp_path):
     marks.feed(res.stdout)
     blank = {c: n for c, n in marks.counts.items() if c in with_data and n == 0}
     assert not blank, f"charts that drew nothing offline: {blank}"
-    # Shape counts that only real data gives: a confusion matrix has a cell per (actual, predicted) pair.
+    # Shape counts that only real data gives: a confusion matrix has a cell and a number per (true, predicted) pair.
     for title in titles:
         if "Confusion" in title:
-            assert marks.counts[re.sub(r"[^A-Za-z0-9-]", "_", title)] >= 2
+            assert marks.counts[re.sub(r"[^A-Za-z0-9-]", "_", title)] >= 8
+    dom = res.stdout
+    metrics = json.loads((p.path / "reports/metrics.json").read_text())
+    # The AUC in the title is the one evaluate computed; PR names its chance level; axes are titled in words.
+    assert f"ROC curve (test), AUC {metrics['roc_auc']:.3f}" in dom and "chance (AUC 0.5)" in dom
+    assert f"Precision-recall curve (test), AUC {metrics['pr_auc']:.3f}, prevalence" in dom
+    assert "true class" in dom and "predicted class" in dom and "estimate and 95% confidence interval" in dom
+    assert ">y<" not in dom and ">step<" not in dom

@@ -194,7 +194,37 @@ def manifest_summary(path: Path) -> dict:
         "patients_in_several_splits": sum(shared.values()),
         "shared_between": dict(shared),
         "subgroups": subgroups,
+        "ages": age_summary(rows),
     }
+
+
+AGE_COLUMNS = ("age", "patient_age", "PatientAge")
+
+
+def age_summary(rows: list[dict]) -> dict:
+    """Per split: median, quartiles and range of the age column (DICOM "045Y" read as 45), and how many lack one."""
+    col = next((c for c in AGE_COLUMNS if rows and c in rows[0]), None)
+    if col is None:
+        return {}
+    ages: dict[str, list[float]] = defaultdict(list)
+    missing: Counter = Counter()
+    for r in rows:
+        split = r.get("split") or "unassigned"
+        text = str(r.get(col) or "").strip().upper()
+        digits = text.rstrip("YMWD").lstrip("0") or ("0" if text[:1] == "0" else "")
+        try:
+            value = float(digits)
+        except ValueError:
+            missing[split] += 1
+            continue
+        ages[split].append(value / {"M": 12, "W": 52, "D": 365}.get(text[-1:], 1))
+    out = {}
+    for split in sorted(set(ages) | set(missing)):
+        v = sorted(ages.get(split, []))
+        q = (lambda f: v[min(len(v) - 1, int(round(f * (len(v) - 1))))]) if v else (lambda f: None)  # noqa: E731
+        out[split] = {"n": len(v), "missing": missing[split], "median": q(0.5), "q1": q(0.25), "q3": q(0.75),
+                      "min": v[0] if v else None, "max": v[-1] if v else None}
+    return {"column": col, "by_split": out}
 
 
 def withhold_source_paths(paths: list[str], folders: list[str]) -> list[str]:

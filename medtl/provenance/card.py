@@ -285,3 +285,75 @@ def validation_table(details) -> tuple[list[str], list[list[str]]]:
                    [fmt(r["intensity_distance"], 3), f"{fmt(r['prevalence'], 3)} / {fmt(r['predicted_prevalence'], 3)}",
                     ", ".join(flags) or "none"])
     return header, out
+
+
+# ---- words for readers who are not engineers: metric names and meanings, preprocessing, the summary ----
+
+# key in metrics.json -> (name a clinician knows, one line on what it means)
+GLOSSARY: dict[str, tuple[str, str]] = {
+    "roc_auc": ("ROC AUC", "the chance that a case with the finding scores higher than one without "
+                "(0.5 = coin toss, 1 = perfect); independent of the threshold"),
+    "pr_auc": ("Precision–recall AUC", "positive predictive value averaged over all sensitivities; "
+               "chance level equals the prevalence of the finding"),
+    "sensitivity": ("Sensitivity", "of the cases with the finding, the share the model flags (true positive rate, recall)"),
+    "specificity": ("Specificity", "of the cases without the finding, the share the model does not flag (true negative rate)"),
+    "ppv": ("Positive predictive value", "of the flagged cases, the share that have the finding (precision); depends on prevalence"),
+    "npv": ("Negative predictive value", "of the cases not flagged, the share without the finding; depends on prevalence"),
+    "f1": ("F1 score", "harmonic mean of positive predictive value and sensitivity (0 to 1, higher is better)"),
+    "f1_macro": ("Macro F1", "the F1 score of each class, averaged with equal weight per class"),
+    "accuracy": ("Accuracy", "the share of cases classified correctly; flattering when one class is rare"),
+    "balanced_accuracy": ("Balanced accuracy", "the mean of the per-class sensitivities (for two classes: of sensitivity and specificity)"),
+    "kappa": ("Cohen's kappa", "agreement with the reference standard beyond what chance gives (0 = chance, 1 = perfect)"),
+    "brier": ("Brier score", "mean squared gap between the predicted probability and the outcome (0 = perfect, lower is better)"),
+    "ece": ("Expected calibration error", "mean gap between predicted probability and observed frequency over probability bins "
+            "(0 = the probabilities can be taken at face value)"),
+    "threshold": ("Operating threshold", "the probability above which a case is flagged, fitted on the validation split"),
+    "temperature": ("Calibration temperature", "the factor that rescales the model's scores into calibrated probabilities (none: not rescaled)"),
+    "n": ("Cases", "images evaluated"),
+    "n_groups": ("Patients", "distinct patients (or groups) among the evaluated images"),
+    "support": ("Cases", "images of this class in the evaluated split"),
+}
+
+
+def metric_name(key: str) -> str:
+    """The readable name of a metrics.json key (dotted keys keep their prefix: external.site_b.roc_auc)."""
+    head, _, last = str(key).rpartition(".")
+    name = GLOSSARY.get(last, (last.replace("_", " "), ""))[0]
+    return f"{name} ({head})" if head else name
+
+
+def metric_meaning(key: str) -> str:
+    return GLOSSARY.get(str(key).rpartition(".")[2], ("", ""))[1]
+
+
+def preprocessing_words(pre) -> list[str]:
+    """The model's preprocessing record as sentences: decoding, window, resize, normalisation."""
+    if not isinstance(pre, dict):
+        return ["not recorded in the model file"]
+    read = pre.get("read") if isinstance(pre.get("read"), dict) else {}
+    window = read.get("window")
+    if window is None:
+        win = "the window stored in each DICOM header (VOI LUT), else the full range of stored values, mapped to 0–1"
+    elif isinstance(window, str):
+        win = f"the {window} window preset mapped to 0–1"
+    elif isinstance(window, (list, tuple)) and len(window) == 2:
+        win = f"a fixed window (centre {fmt(window[0])}, width {fmt(window[1])}) mapped to 0–1"
+    else:
+        win = str(window)
+    size, ch = pre.get("image_size"), pre.get("channels")
+    resize = {"pad": "scaled to fit and padded to a square (aspect ratio kept)",
+              "stretch": "stretched to a square (aspect ratio not kept)",
+              "crop": "scaled and centre-cropped to a square (edges cut off)"}.get(str(pre.get("resize")), f"resized ({pre.get('resize')})")
+    mean, std = pre.get("mean") or [], pre.get("std") or []
+    out = [
+        "Decoding: pixel values are read from each file with the stored rescale slope and intercept applied "
+        f"(multi-frame files: {read.get('frame', 'middle')} frame; NIfTI volumes: {read.get('slice', 'middle')} slice along axis {read.get('axis', 2)}).",
+        f"Intensity window: {win}; MONOCHROME1 images are inverted so that bright means dense.",
+        f"Resize: {resize}, to {size} × {size} pixels, {ch} channel{'s' if ch != 1 else ''}"
+        + (" (the grey image repeated)" if ch == 3 else "") + ".",
+        "Normalisation: each channel has the training images' mean subtracted and is divided by their standard deviation"
+        + (f" (mean {', '.join(fmt(m, 3) for m in mean)}; standard deviation {', '.join(fmt(s, 3) for s in std)})" if mean and std else "") + ".",
+    ]
+    if pre.get("quantisation"):
+        out.append(f"Storage: intensities are kept as {pre['quantisation']} (steps of 1/65535) between ingest and training.")
+    return out

@@ -4,13 +4,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 from medtl.cli import EXIT_CHECK_FAILED, EXIT_OK, folder_argument
 from medtl.errors import MedtlError
 
 # `medtl verify --json`: one object on stdout; the format is versioned so scripts can rely on it.
-VERIFY_JSON_FORMAT = "medtl-verify/1"
+# /2: each mismatch is an object {path, expected, actual, message} (in /1 it was the message string).
+VERIFY_JSON_FORMAT = "medtl-verify/2"
+_MISMATCH = re.compile(r"^MISMATCH (?P<path>.+?): expected (?P<expected>.+?), actual (?P<actual>.+)$", re.S)
 
 
 def register(subparsers) -> None:
@@ -106,6 +109,7 @@ def verify_json(res, evidence: Path, root: Path) -> dict:
         if isinstance(value, (set, frozenset)) or str(f.type).replace(" ", "").startswith(("set[", "dict[Path")):
             continue
         fields[f.name] = _plain(value)
+    fields["mismatches"] = [mismatch_record(m) for m in res.mismatches]
     if res.mismatches:
         status, code = "failed", EXIT_CHECK_FAILED
     elif res.checked == 0:
@@ -114,6 +118,20 @@ def verify_json(res, evidence: Path, root: Path) -> dict:
         status, code = "ok", EXIT_OK
     return {"format": VERIFY_JSON_FORMAT, "evidence": str(evidence), "root": str(root), "status": status,
             "exit_code": code, **fields}
+
+
+def mismatch_record(line: str) -> dict:
+    """A mismatch line ("MISMATCH <path>: expected <e>, actual <a>") as {path, expected, actual, message}.
+
+    A line of another shape (e.g. "MISMATCH signature: no --pub-key given") keeps its path, with null
+    expected and actual and the explanation in message.
+    """
+    text = str(line)
+    m = _MISMATCH.match(text)
+    if m:
+        return {"path": m["path"], "expected": m["expected"], "actual": m["actual"], "message": text}
+    head, _, rest = text.removeprefix("MISMATCH ").partition(": ")
+    return {"path": head, "expected": None, "actual": None, "message": text}
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -13,6 +13,9 @@ from pathlib import Path
 from medtl.errors import MedtlError
 
 _CHUNK = 1 << 20
+# An empty file that keeps an otherwise empty output folder in git; .dvcignore hides it from DVC, so it is
+# left out here too (a folder's md5 must be the one dvc.lock records).
+PLACEHOLDER = ".medtl-empty"
 
 
 def file_digests(path: str | Path) -> tuple[str, str, int]:
@@ -37,6 +40,8 @@ def tree_files(root: str | Path) -> list[str]:
         # DVC never descends into these; matching it keeps the folder md5 comparable
         dirnames[:] = [d for d in dirnames if d not in (".git", ".dvc")]
         for name in filenames:
+            if name == PLACEHOLDER:
+                continue
             p = Path(dirpath, name)
             if p.is_file():
                 out.append(p.relative_to(root).as_posix())

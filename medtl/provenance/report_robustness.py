@@ -1,4 +1,4 @@
-"""The audit report's robustness and failure-case sections (templates robustness.html and failures.html).
+"""The audit report's robustness and failure-case sections (templates sections/robustness.html and the failure cases of sections/figures.html).
 
 Like the rest of the report, the Python here computes what to show (text,
 numbers, chart geometry); the templates escape every value.
