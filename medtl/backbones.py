@@ -185,6 +185,14 @@ def build_backbone(arch: str, in_channels: int = 1, weights: str = "none", sha25
 
     check_arch(arch)
     _check_channels(in_channels, grayscale)
+    if isinstance(weights, str) and weights.strip() and weights not in ("none", "imagenet"):
+        from medtl import lineage
+
+        loaded = weights_mod.load_pinned(weights, sha256)
+        if lineage.is_model_file(loaded):  # another project's models/model.pt
+            return lineage.backbone_from_model(arch, loaded, in_channels, grayscale, weights, weights_mod.check_sha256(sha256))
+        model, info = weights_mod.model_from_file(arch, loaded, weights, sha256)
+        return Backbone(arch, model, in_channels, grayscale, info)
     model, info = weights_mod.load_model(arch, weights, sha256)
     return Backbone(arch, model, in_channels, grayscale, info)
 

@@ -34,6 +34,7 @@ from medtl.data import AugmentParams, TrainBatches, build_augment
 from medtl.distributed import EpochBatches, World, derive_seed
 from medtl.errors import ParamsError
 from medtl.inference import forward_batches
+from medtl.lineage import initial_head
 from medtl.metrics import predict_labels, roc_auc
 from medtl.model import Classifier, load_backbone, model_file
 from medtl.params import Device, Precision, require
@@ -380,6 +381,7 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
               f"channels_last {d['channels_last']}, {world.size} process(es)", file=sys.stderr)
     seed_everything(params.seed)
     model = Classifier(backbone, len(pre.classes), pre.mean, pre.std, params.dropout)
+    head_init = initial_head(model.head, bb_ckpt.get("source_head"), pre.classes)
     train, val = load_split(prepared, "train", stats), load_split(prepared, "val", stats)
     resume = None
     if resume_path is not None:
@@ -397,5 +399,6 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
         best_epoch=summary["best_epoch"],
         validation=summary["best"],
         adaptation=bb_ckpt.get("adaptation", {}),
+        head_init=head_init,
     )
     return ckpt, summary

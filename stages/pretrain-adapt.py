@@ -33,7 +33,9 @@ def run() -> str:
         if params.adapt != "ssl":
             # The declared plot file exists for every method, so `dvc plots show` never trips on it.
             write_text(Path(LIVE) / "plots" / "metrics" / "ssl_loss.tsv", "step\tssl_loss\n")
-        save_torch({**backbone_state(backbone), "adaptation": record}, OUT)
+        # A previous medtl model as the source: its head goes along, for fine-tune to reuse when the classes match.
+        head = {"source_head": backbone.source_head} if getattr(backbone, "source_head", None) else {}
+        save_torch({**backbone_state(backbone), "adaptation": record, **head}, OUT)
         rec.seeds["torch"] = params.seed
         if params.adapt == "ssl":
             rec.seeds["ssl"] = params.ssl.seed
