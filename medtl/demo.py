@@ -6,6 +6,12 @@ obvious to invisible, among elongated vessel-like distractors that both
 classes share. The headers carry fake names, ids and birth dates (so tests
 can prove none of it leaks), 12-bit stored values with RescaleSlope and
 RescaleIntercept, a window, and some images are MONOCHROME1.
+
+A `Scanner` makes the images of one site differ from another's the way
+scanners do: the intensity transfer curve, noise, resolution and blur, the
+share of MONOCHROME1 files, and collimation borders. `PRESETS` are a few such
+sites with different prevalence too; the default (no scanner) is the original
+demo, unchanged.
 """
 from __future__ import annotations
 
@@ -68,7 +74,45 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, scale: int) -> np.nd
     )
 
 
-def synth_image(rng: np.random.Generator, h: int, w: int, lesion: bool, patient_tone: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Scanner:
+    """How one site's scanner renders the same anatomy (the demo's default: `Scanner()`)."""
+
+    gamma: float = 1.0  # intensity transfer curve: displayed = intensity ** gamma
+    noise: float = 0.045  # standard deviation of the pixel noise
+    resolution: float = 1.0  # acquired at this fraction of the matrix size, then resampled up (loses detail)
+    blur: float = 0.0  # Gaussian blur sigma, as a fraction of the image side
+    monochrome1: float = 0.25  # share of MONOCHROME1 files
+    collimation: float = 0.0  # largest dark border (collimator) on each side, as a fraction of the side
+
+
+# Sites that differ as scanners do, with different prevalence: (name, prevalence, scanner).
+PRESETS = (
+    ("a", 0.4, Scanner()),
+    ("b", 0.25, Scanner(gamma=1.8, noise=0.09, resolution=0.5, blur=0.01, monochrome1=0.7, collimation=0.12)),
+    ("c", 0.55, Scanner(gamma=0.6, noise=0.03, resolution=0.75, blur=0.0, monochrome1=0.0, collimation=0.05)),
+    ("d", 0.3, Scanner(gamma=1.3, noise=0.06, resolution=0.35, blur=0.02, monochrome1=1.0, collimation=0.2)),
+)
+
+
+def render(rng: np.random.Generator, img: np.ndarray, scanner: Scanner) -> np.ndarray:
+    """One site's rendering of an image in [0, 1]: transfer curve, resolution, blur and collimation."""
+    h, w = img.shape
+    out = np.power(np.clip(img, 0, 1), scanner.gamma, dtype=np.float32)
+    if scanner.resolution < 1:
+        small = (max(8, int(round(w * scanner.resolution))), max(8, int(round(h * scanner.resolution))))
+        out = cv2.resize(cv2.resize(out, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_LINEAR)
+    if scanner.blur > 0:
+        out = cv2.GaussianBlur(out, (0, 0), scanner.blur * min(h, w))
+    if scanner.collimation > 0:  # a dark band of random width on each side
+        top, bottom = (int(h * rng.uniform(0, scanner.collimation)) for _ in range(2))
+        left, right = (int(w * rng.uniform(0, scanner.collimation)) for _ in range(2))
+        out[:top], out[h - bottom:], out[:, :left], out[:, w - right:] = 0, 0, 0, 0
+    return np.clip(out, 0, 1)
+
+
+def synth_image(rng: np.random.Generator, h: int, w: int, lesion: bool, patient_tone: float,
+                noise: float = 0.045) -> np.ndarray:
     """An image in [0, 1]: a body ellipse with texture, vessels, and maybe a lesion."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cy, cx = h / 2 + rng.normal(0, h * 0.03), w / 2 + rng.normal(0, w * 0.03)
@@ -89,7 +133,7 @@ def synth_image(rng: np.random.Generator, h: int, w: int, lesion: bool, patient_
         ly, lx = cy + np.sin(ang) * rad * ry, cx + np.cos(ang) * rad * rx
         r = s * rng.uniform(0.05, 0.09)
         img += rng.uniform(0.05, 0.4) * np.exp(-(((yy - ly) ** 2 + (xx - lx) ** 2) / (2 * r**2)))
-    img += rng.normal(0, 0.045, (h, w)).astype(np.float32)
+    img += rng.normal(0, noise, (h, w)).astype(np.float32)
     return np.clip(img, 0, 1)
 
 
@@ -115,19 +159,26 @@ def _dataset(p: FakePatient, k: int, seed: int) -> FileDataset:
     return ds
 
 
-def write_patient_images(p: FakePatient, n_images: int, size_range: tuple[int, int], seed: int, out_dir: Path) -> list[Path]:
-    """Write one patient's images as DICOM files under out_dir; file names carry no identifiers."""
+def write_patient_images(p: FakePatient, n_images: int, size_range: tuple[int, int], seed: int, out_dir: Path,
+                         scanner: Scanner | None = None) -> list[Path]:
+    """Write one patient's images as DICOM files under out_dir; file names carry no identifiers.
+
+    `scanner` renders them as one site's scanner would; None is the original demo.
+    """
     rng = np.random.default_rng([seed, p.index])
+    site = scanner or Scanner()
     tone = rng.normal(0, 0.05)
     paths = []
     for k in range(n_images):
         h, w = (int(rng.integers(size_range[0], size_range[1] + 1)) for _ in range(2))
-        img = synth_image(rng, h, w, p.diseased, tone)
+        img = synth_image(rng, h, w, p.diseased, tone, site.noise)
+        if scanner is not None:
+            img = render(rng, img, scanner)
         slope = float(rng.choice([0.5, 1.0, 2.0]))
         intercept = -1024.0
         centre, width = 300.0 + rng.normal(0, 20), 1400.0 + rng.normal(0, 60)
         hu = (img * width) + (centre - width / 2)  # displayed [0,1] <- window
-        mono1 = rng.random() < 0.25
+        mono1 = rng.random() < site.monochrome1
         if mono1:  # mirror inside the window so that display after inversion is unchanged
             hu = 2 * centre - hu
         stored = np.clip(np.round((hu - intercept) / slope), 0, 4095).astype(np.uint16)
