@@ -61,7 +61,7 @@ def run_preprocess(params: PreprocessParams, read: ReadOptions, ingested: Path, 
         resplit, cv = fold_splits(iter_manifest(manifest), params.cv, ingested)
         write_json(out_dir / "cv.json", cv)
     elif params.cv.held_out_site:  # one site is test, the others train and validate
-        resplit, cv = site_splits(iter_manifest(manifest), params.cv.held_out_site, str(manifest))
+        resplit, cv = site_splits(iter_manifest(manifest), params.cv.held_out_site, str(manifest), params.cv.seed)
         write_json(out_dir / "cv.json", cv)
     if params.train_subset.images:  # a nested subset of the training images; val and test untouched
         resplit, subset = _training_subset(manifest, resplit, params.train_subset)
