@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Byte-compile at install time: imports of torch & co are then fast in every stage.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: env repro test bench clean plots-vendor
+.PHONY: env repro test bench bench-transfer clean plots-vendor
 
 env: $(VENV)/.synced
 
@@ -25,6 +25,11 @@ test: env
 
 bench: env
 	python -m benchmarks
+
+# Transfer to a new site: the multi-site demo, then HAM10000's sites (docs/transfer.md). Trains several small models.
+bench-transfer: env
+	python -m benchmarks.transfer demo
+	python -m benchmarks.transfer ham
 
 clean:
 	rm -rf $(VENV)

@@ -87,7 +87,7 @@ def arm_folder(work: Path, name: str, ingested: Path, keep, params: dict) -> Pat
     d = work / name
     (d / "data/ingested").mkdir(parents=True, exist_ok=True)
     for f in ingested.iterdir():
-        if f.name != "manifest.csv":
+        if f.name not in ("manifest.csv", "manifest.json"):
             target = d / "data/ingested" / f.name
             if not target.exists():
                 target.symlink_to(f.resolve())
@@ -96,7 +96,10 @@ def arm_folder(work: Path, name: str, ingested: Path, keep, params: dict) -> Pat
         reader = csv.DictReader(src)
         writer = csv.DictWriter(dst, fieldnames=reader.fieldnames)
         writer.writeheader()
-        writer.writerows(r for r in reader if keep(r))
+        kept = [r for r in reader if keep(r)]
+        writer.writerows(kept)
+    meta = json.loads((ingested / "manifest.json").read_text())
+    (d / "data/ingested/manifest.json").write_text(json.dumps({**meta, "rows": len(kept)}, indent=2))
     (d / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (d / "models").mkdir(exist_ok=True)
     return d

@@ -1,5 +1,7 @@
 """A previous medtl model as the starting point: its backbone and head start the new model, lineage recorded."""
+import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -53,6 +55,17 @@ def test_lineage_is_in_the_backbone_record_and_carries_into_the_new_model(from_m
     model_b = load_torch(p.path / "models/model.pt")
     assert model_b["head_init"] == "source model"
     assert model_b["backbone"]["weights"]["source_model"]["sha256"] == sha  # B's file names A
+
+    # The audit shows the lineage to a reviewer.
+    p.dvc("repro")
+    p.commit("from the source model")
+    p.run(sys.executable, "-m", "medtl.cli", "audit")
+    md = (p.path / "reports/audit/report.md").read_text()
+    assert "## Transfer" in md and sha in md and "source.pt.provenance.json" in md
+    page = (p.path / "reports/audit/report.html").read_text()
+    assert 'id="transfer"' in page and sha in page
+    evidence = json.loads((p.path / "reports/audit/provenance.json").read_text())
+    assert sha in json.dumps(evidence)
 
 
 def test_other_classes_get_a_new_head_and_preprocessing_mismatch_names_both_values():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from medtl.provenance import card
+from medtl.provenance import card, transfer
 
 MAX_TABLE_ROWS = 25
 
@@ -300,6 +300,7 @@ def render_markdown(ev: dict) -> str:
     out += _md_table(["stage", "command", "record"], [[s["name"], s["cmd"], "yes" if s.get("record") else "MISSING"] for s in ev["stages"]]).splitlines() + [""]
     out += ["## Parameters", "", "```yaml", yaml.safe_dump(ev.get("params") or {}, sort_keys=False).rstrip(), "```", ""]
     out += ["## Environment", "", _md_table(["", ""], _env_facts(ev)), ""]
+    out += transfer.markdown(ev)
     out += ["## Lineage", "", "Every artifact with its sha256 (folders: sha256 over the file manifest) and the md5 DVC locked.", ""]
     lin = []
     for a in ev["artifacts"]:
@@ -525,5 +526,6 @@ def render_html(ev: dict, root: Path) -> str:
                     _span("ok", "yes") if s.get("record") else _span("bad", "MISSING")] for s in ev["stages"]],
         "params_yaml": yaml.safe_dump(ev.get("params") or {}, sort_keys=False),
         "env_facts": _env_facts(ev), "lineage": _lineage(ev), "checklist": checklist(ev),
+        "transfer": transfer.html_context(ev),
     }
     return _environment().get_template("report.html").render(**context)
