@@ -215,9 +215,9 @@ def ham(args) -> dict:
     medtl = [sys.executable, "-m", "medtl.cli"]
     p = ham_project(work / "loso", data, settings)
     t = time.perf_counter()
-    p.dvc("repro")
-    p.commit("pooled run")
-    p.run(*medtl, "cv", "run", "--by", "site", "-j", "1")
+    p.dvc("repro", "ingest")  # the experiments run the rest
+    p.commit("ingested")
+    p.run(*medtl, "cv", "run", "--by", "site", "-j", "1", timeout=7200)
     p.run(*medtl, "cv", "report", "--by", "site")
     loso = json.loads((p.path / "reports/cv-site/summary.json").read_text())
     loso_s = round(time.perf_counter() - t, 1)
@@ -238,10 +238,10 @@ def ham(args) -> dict:
     q.update_params({"pretrain": {"weights": "models/source.pt", "sha256": sha256_file(source)}})
     q.commit("target site only, from the source model")
     t = time.perf_counter()
-    q.dvc("repro")
-    q.commit("run")
+    q.dvc("repro", "ingest")
+    q.commit("ingested")
     q.run(*medtl, "curve", "run", "--sizes", args.curve_sizes, "--repeats", str(args.curve_repeats),
-          "--compare", "pretrain.weights=none", "--compare", "pretrain.sha256=null")
+          "--compare", "pretrain.weights=none", "--compare", "pretrain.sha256=null", timeout=7200)
     q.run(*medtl, "curve", "report")
     curve = json.loads((q.path / "reports/curve/summary.json").read_text())
     return {"part": "ham", "settings": {**settings, "per_site_cap": {"nv": args.ham_nv, "mel": args.ham_mel},

@@ -15,7 +15,13 @@ CURVE = Path("reports/curve/summary.json")
 def transfer_evidence(root: Path, weights: dict | None) -> dict | None:
     """What the audit records about transfer: the source model's lineage and the curve summary, when present."""
     out: dict = {}
-    source = (weights or {}).get("source_model") if isinstance(weights, dict) else None
+    source = None
+    checkpoint = (weights or {}).get("checkpoint") if isinstance(weights, dict) else None
+    if checkpoint and (root / checkpoint).is_file():  # the backbone's own record of its source model
+        from medtl.io import load_torch
+
+        ckpt = load_torch(root / checkpoint)
+        source = ((ckpt.get("weights") or {}) if isinstance(ckpt, dict) else {}).get("source_model")
     if isinstance(source, dict):
         out["source_model"] = source
     path = root / CURVE
