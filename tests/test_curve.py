@@ -77,3 +77,22 @@ def test_curve_run_and_report_on_tiny_settings(tiny_run, tmp_path):
                   "-y", "roc_auc", "-o", "curve-plots")
     assert (p.path / "curve-plots/index.html").is_file(), shown.stdout
     assert "<svg" in (p.path / "reports/curve/chart.html").read_text()
+
+
+def test_the_audit_transfer_block_carries_the_curve(tmp_path):
+    from medtl.provenance.transfer import html_context, markdown, transfer_evidence
+
+    point = lambda n, auc: {"size": n, "images": n, "patients": n // 2, "repeats": 2, "roc_auc": auc,  # noqa: E731
+                            "roc_auc_sd": 0.01, "roc_auc_ci_low": auc - 0.1, "roc_auc_ci_high": auc + 0.05, "runs": []}
+    summary = {"name": "curve", "metric": "roc_auc", "arms": {
+        "base": {"params": {}, "points": [point(25, 0.7), point(50, 0.8)]},
+        "compare": {"params": {"pretrain.weights": "none"}, "points": [point(25, 0.6), point(50, 0.75)]}}}
+    (tmp_path / "reports/curve").mkdir(parents=True)
+    (tmp_path / "reports/curve/summary.json").write_text(json.dumps(summary))
+    ev = {"transfer": transfer_evidence(tmp_path, None)}
+    assert "runs" not in ev["transfer"]["curve"]["arms"]["base"]["points"][0]  # the summary, not every run
+    md = "\n".join(markdown(ev))
+    assert "Label-efficiency curve" in md and '| compare {"pretrain.weights": "none"} | 50 | 50 | 25 | 2 | 0.750 |' in md
+    ctx = html_context(ev)
+    assert len(ctx["charts"]) == 2 and len(ctx["curve_rows"]) == 4
+    assert transfer_evidence(tmp_path / "elsewhere", {"name": "none"}) is None
