@@ -74,3 +74,20 @@ def test_cv_by_site_runs_one_experiment_per_site_and_reports_each(tmp_path):
         assert s["test"]["roc_auc_ci_low"] <= s["test"]["roc_auc"] <= s["test"]["roc_auc_ci_high"]
     assert "held out: b" in (p.path / "reports/cv-site/chart.html").read_text()
     assert "pooled out-of-site" in res.stdout
+
+
+def test_per_class_figures_for_a_multi_class_task():
+    import numpy as np
+
+    from medtl.cv_sites import _per_class
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    p = rng.dirichlet([1, 1, 1], size=60)
+    p[np.arange(60), y] += 1.0  # informative: each image's own class scores higher
+    p /= p.sum(1, keepdims=True)
+    out = _per_class(y, p, [f"g{i // 2}" for i in range(60)], ["a", "b", "c"], 100, 0, 0.05)
+    assert list(out) == ["a", "b", "c"]
+    for r in out.values():
+        assert 0.5 < r["roc_auc"] <= 1 and r["support"] == 20
+        assert r["sensitivity_ci_low"] <= r["sensitivity"] <= r["sensitivity_ci_high"]
