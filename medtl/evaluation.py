@@ -19,7 +19,7 @@ from medtl.errors import MedtlError
 from medtl.inference import predict_logits, prepare_model
 from medtl.io import atomic_dir, atomic_path, write_json
 from medtl.metrics import apply_temperature, fit_temperature, operating_point, predict_labels, threshold_rule_problem
-from medtl.metrics_report import curve_points, evaluate_split, subgroup_columns
+from medtl.metrics_report import curve_points, evaluate_split, site_summary, subgroup_columns
 from medtl.model import load_classifier, model_preprocessing
 from medtl.operating_point import data_profile, operating_point_record, write_operating_point
 from medtl.params import Device, Precision, require
@@ -153,6 +153,10 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
         n_bins=params.calibration_bins, min_subgroup_size=params.min_subgroup_size, temperature=temperature,
     )
     metrics, details = split_report(report, params, skipped)
+    site_metrics, site_detail = site_summary(report)  # per-site, from the `site` subgroup
+    if site_detail:
+        metrics.update(site_metrics)
+        details["sites"] = site_detail
     threshold = report["threshold"]
     # External sets are decoded and prepared by the model's own record, never by today's params.
     external = ext.run_external(params, model, hw, classes, model_preprocessing(ckpt, model_path), temperature, op,

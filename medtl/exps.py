@@ -2,8 +2,8 @@
 
 `dvc exp show` lists every param and metric (about 190 columns); this reads
 its `--json` output and shows, per experiment, the kept model's test metrics
-(ROC AUC with its interval, sensitivity and specificity at the operating
-threshold), the validation AUC, the key params, and the params that differ
+(ROC AUC with its interval, the worst site's ROC AUC when the data has
+several sites, sensitivity and specificity at the operating threshold), the validation AUC, the key params, and the params that differ
 between the rows, within a width (120 columns by default). Changed params
 that do not fit are listed under the table.
 """
@@ -96,6 +96,11 @@ def table(rows: list[dict], width: int = DEFAULT_WIDTH) -> tuple[list[str], list
         if t.get("roc_auc_ci_low") is not None and t.get("roc_auc_ci_high") is not None:
             auc += f" ({_num(t['roc_auc_ci_low'])}-{_num(t['roc_auc_ci_high'])})"
         cells.append([r["name"], auc, _num(t.get("sensitivity")), _num(t.get("specificity")), _num(r["train"].get("val_auc"))])
+    if any(r["test"].get("worst_site_roc_auc") is not None for r in rows):  # several sites: the worst beside the pooled
+        headers.insert(2, "worst site AUC")
+        for c, r in zip(cells, rows):
+            t = r["test"]
+            c.insert(2, f"{_num(t['worst_site_roc_auc'])} ({t.get('worst_site')})" if t.get("worst_site_roc_auc") is not None else "-")
 
     def varies(key: str) -> bool:
         return len({json.dumps(r["params"].get(key), sort_keys=True) for r in rows}) > 1

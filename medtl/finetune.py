@@ -62,7 +62,8 @@ class FinetuneParams:
     patience: int = 5
     monitor: Literal["val_auc", "val_loss", "val_accuracy"] = "val_auc"
     class_weighting: bool = True  # inverse-frequency weights in the loss
-    sampler: Literal["shuffle", "balanced"] = "shuffle"  # balanced: draw classes equally often
+    # balanced: draw classes equally often; site_balanced: sites equally often, classes balanced within each
+    sampler: Literal["shuffle", "balanced", "site_balanced"] = "shuffle"
     label_smoothing: float = 0.0
     dropout: float = 0.0
     augment: AugmentParams = field(default_factory=AugmentParams)
@@ -92,8 +93,8 @@ class FinetuneParams:
                 f"a multiple of nproc ({self.nproc}): it is the global batch, split evenly across processes")
         limit, why = hardware.max_processes(self.device)
         require(self.nproc <= max(1, limit), f"{key}.nproc", self.nproc, f"at most {max(1, limit)}, {why}")
-        require(not (self.class_weighting and self.sampler == "balanced"), f"{key}.class_weighting", self.class_weighting,
-                "false when sampler is 'balanced' (the balanced sampler already corrects the imbalance; "
+        require(not (self.class_weighting and self.sampler != "shuffle"), f"{key}.class_weighting", self.class_weighting,
+                f"false when sampler is {self.sampler!r} (the balanced sampler already corrects the imbalance; "
                 "weighting the loss as well would over-correct)")
 
 
@@ -115,6 +116,30 @@ def balanced_row_weights(labels: np.ndarray, k: int) -> np.ndarray:
     """Per-row sampling weights under which every present class is drawn equally often."""
     counts = np.bincount(labels, minlength=k).astype(np.float64)
     return 1.0 / counts[labels]
+
+
+def site_balanced_row_weights(labels: np.ndarray, sites: list[str], k: int) -> np.ndarray:
+    """Per-row sampling weights under which every site is drawn equally often, and within a site every class
+    it has (a site's missing class is not made up from other sites)."""
+    names, site = np.unique(np.asarray(sites, dtype=object).astype(str), return_inverse=True)
+    cell = site * k + labels
+    counts = np.bincount(cell, minlength=len(names) * k).astype(np.float64)
+    classes_at = (counts.reshape(len(names), k) > 0).sum(1)
+    return 1.0 / (len(names) * classes_at[site] * counts[cell])
+
+
+def sampling_weights(sampler: str, train: PreparedSplit, k: int) -> np.ndarray | None:
+    """The training rows' sampling weights for `finetune.sampler` (None: a plain shuffle)."""
+    if sampler == "balanced":
+        return balanced_row_weights(train.labels, k)
+    if sampler == "site_balanced":
+        sites = [r.get("site", "") for r in train.rows]
+        if not any(sites):
+            raise ParamsError("params key 'finetune.sampler' has value 'site_balanced', but the training images carry "
+                              "no site; expected several sites (ingest.sources, or the demo's ingest.demo.sites), or "
+                              "sampler shuffle or balanced")
+        return site_balanced_row_weights(train.labels, sites, k)
+    return None
 
 
 def make_optimizer(name: str, groups, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
@@ -277,7 +302,7 @@ def fit(params: FinetuneParams, model: Classifier, train: PreparedSplit, val: Pr
 
     loop, source = _build_loop(params, model, train, val, hw, world, cache_features)
     sampler = EpochBatches(len(train.labels), params.batch_size, params.seed, world,
-                           balanced_row_weights(train.labels, k) if params.sampler == "balanced" else None)
+                           sampling_weights(params.sampler, train, k))
     steps = len(sampler)
     optimizer = make_optimizer(params.optimizer, param_groups(model, params), params.lr, params.weight_decay, params.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, params, steps))

@@ -36,7 +36,8 @@ from medtl.manifest import ManifestRow, write_manifest
 from medtl.params import require
 from medtl.readers import ReadOptions, read
 from medtl.readers.dicom import BURNED_IN
-from medtl.sources import SOURCES, Source, SourceItem, check_source_paths, open_source, source_inputs
+from medtl.sites import SITE_COLUMN, SiteSource, check_sources, open_sources
+from medtl.sources import SOURCES, Source, SourceItem, check_source_paths, source_inputs
 from medtl.sources.csv import CsvParams
 from medtl.sources.demo import DemoParams
 from medtl.sources.dicom import DicomParams
@@ -107,6 +108,8 @@ class IngestParams:
     csv: CsvParams = field(default_factory=CsvParams)
     dicom: DicomParams = field(default_factory=DicomParams)
     medmnist: MedmnistParams = field(default_factory=MedmnistParams)
+    # Several labelled sources, each a named site (medtl.sites); when set, they replace the single source above.
+    sources: list[SiteSource] = field(default_factory=list)
 
     def check(self, key: str) -> None:
         r = self.split
@@ -122,17 +125,40 @@ class IngestParams:
                 f"{key}.classes", self.classes, "distinct, non-empty class names")
         require(self.source == "demo" or self.data != DEMO_DATA, f"{key}.data", self.data,
                 f"the folder or file holding your {self.source} data, so that dvc reruns ingest when it changes")
-        check_source_paths(self, key)
+        if self.sources:
+            check_sources(self.sources, self.data, DEMO_DATA, key)
+        else:
+            check_source_paths(self, key)
+
+    def each_source(self) -> list:
+        """The single source, or each of `sources` as ingest params of one source."""
+        return [s.as_ingest(self) for s in self.sources] if self.sources else [self]
+
+    def source_kinds(self) -> set[str]:
+        return {p.source for p in self.each_source()}
+
+    def csv_columns(self) -> tuple[list[str], list[str]]:
+        """The metadata columns the CSV source(s) copy, and those of them allowed although they look identifying."""
+        csvs = [p.csv for p in self.each_source() if p.source == "csv"]
+        return sorted({c for p in csvs for c in p.metadata}), sorted({c for p in csvs for c in p.allow_columns})
 
     def read_options(self) -> ReadOptions:
         return self.read.options()
 
     def source_inputs(self) -> list[str]:
-        """Files or folders the source reads; the demo reads none."""
-        return source_inputs(self)
+        """Files or folders the source(s) read; the demo reads none."""
+        return [path for p in self.each_source() for path in source_inputs(p)]
 
-    def source_root(self) -> str | None:
-        """The folder that source refs are relative paths of; None for generated data."""
+    def source_root(self, site: str | None = None) -> str | None:
+        """The folder that source refs are relative paths of; None for generated data.
+
+        With several sources: that of `site`, or without one the data folder that holds them all.
+        """
+        if self.sources:
+            named = {s.name: s.as_ingest(self) for s in self.sources}
+            if site is None:
+                return None if self.source_kinds() == {"demo"} else self.data
+            return named[site].source_root()
         return {
             "demo": None,
             "folder": self.folder.root,
@@ -142,6 +168,9 @@ class IngestParams:
         }[self.source]
 
     def group_rule(self) -> str | None:
+        if self.sources:
+            rules = [f"{s.name}: {s.as_ingest(self).group_rule()}" for s in self.sources if s.as_ingest(self).group_rule()]
+            return "; ".join(rules) or None
         return {"folder": self.folder.group_rule, "csv": self.csv.group_rule}.get(self.source)
 
 
@@ -240,7 +269,7 @@ def run_ingest(params: IngestParams, out_dir: Path) -> dict:
     # Workers fork before the source is enumerated, so they inherit none of it (fork copies the parent's memory).
     pool = multiprocessing.get_context("fork").Pool(params.workers) if params.workers > 1 else None
     try:
-        source = open_source(params, out_dir)
+        source = open_sources(params, out_dir)
         try:
             return _ingest(params, source, out_dir, pool)
         finally:
@@ -270,12 +299,13 @@ def steady_heap(size: int = 128 * 1024) -> None:
 
 def check_pseudonym_key(params: IngestParams) -> None:
     """Real DICOM ids and paths pseudonymised with the public key could be recomputed by anyone: refuse or warn."""
-    if params.source == "demo" or not phi.uses_default_key():
+    kinds = params.source_kinds()
+    if kinds == {"demo"} or not phi.uses_default_key():
         return
-    if params.source == "dicom":
+    if "dicom" in kinds:
         raise MedtlError(f"ingest.source is dicom and no pseudonym key is set, so patient ids and file paths would be "
                          f"pseudonymised with the public demo key, which anyone can use to reverse them; {phi.HOW_TO_SET_KEY}")
-    print(f"ingest: warning: no pseudonym key is set; file paths and groups of this {params.source} source are "
+    print(f"ingest: warning: no pseudonym key is set; file paths and groups of this {'/'.join(sorted(kinds - {'demo'}))} source are "
           f"pseudonymised with the public demo key, which anyone can use to recompute them. To prevent that, "
           f"{phi.HOW_TO_SET_KEY}", file=sys.stderr)
 
@@ -307,8 +337,8 @@ class _Run:
 def _ingest(params: IngestParams, source: Source, out_dir: Path, pool) -> dict:
     options = params.read_options()
     classes = list(params.classes) or list(source.classes)
-    extra_columns = sorted(set(params.csv.metadata)) if params.source == "csv" else []
-    allowed = phi.check_metadata_columns(extra_columns, params.csv.allow_columns)  # before any work
+    extra_columns, allow_columns = params.csv_columns()
+    allowed = phi.check_metadata_columns(extra_columns, allow_columns)  # before any work
 
     def jobs():
         for item in source.items:
@@ -416,7 +446,8 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
     label = np.array([sorted_labels.index(n) for n in label_names], dtype=np.int64)[images.label]
     keys = [images.file_key, images.pixel_key]
     split_groups = splitting.link_copies(group, keys, images.fixed)
-    split = splitting.assign_split_codes(split_groups, label, sorted_labels, asdict(params.split), params.seed,
+    strata, strata_names = _strata(table, images, split_groups, label, sorted_labels, params)
+    split = splitting.assign_split_codes(split_groups, strata, strata_names, asdict(params.split), params.seed,
                                          images.fixed)
     duplicates = _duplicates(images, split)
     cross = [d for d in duplicates if d.cross_split]
@@ -482,6 +513,41 @@ def _finish(params: IngestParams, source: Source, classes: list[str], run: _Run,
     }
     write_json(out_dir / "report.json", report)
     return report
+
+
+def _strata(table: ImageTable, images: Columns, groups: np.ndarray, label: np.ndarray, label_names: list[str],
+            params: IngestParams) -> tuple[np.ndarray, list[str]]:
+    """What the split is stratified by: the label, and the site where images carry one (several sources).
+
+    A class with too few patients at a site to reach every split is split
+    with that class's patients of the other sites (said on stderr).
+    """
+    if not any(SITE_COLUMN in table.keysets.values[c] for c in np.unique(images.keyset)):
+        return label, label_names
+    names = [r.metadata.get(SITE_COLUMN, "") for _, r in table.records(images.row)]
+    sites, site = np.unique(np.array(names, dtype=object).astype(str), return_inverse=True)
+    demo_sites = params.demo.site_list() if params.source == "demo" and not params.sources else []
+    expected = [s.name for s in params.sources or demo_sites]
+    missing = [s for s in expected if s not in set(sites.tolist())]
+    if missing:
+        raise MedtlError(f"site(s) {', '.join(missing)} have no usable image: every file of theirs was quarantined "
+                         "(unreadable, unlabelled or a label conflict); fix the source, or remove the site from ingest")
+    n_labels = len(label_names)
+    strata = site.astype(np.int64) * n_labels + label
+    names = [f"{name} at site {s}" for s in sites for name in label_names]
+    n_groups = int(groups.max()) + 1
+    present = np.zeros(n_groups, dtype=bool)
+    present[groups] = True
+    per_stratum = np.bincount(splitting._majority(groups, strata, n_groups, len(names))[present], minlength=len(names))
+    wanted = sum(1 for r in asdict(params.split).values() if r > 0)
+    small = (per_stratum > 0) & (per_stratum < wanted)
+    if small.any():
+        print("ingest: note: too few patients to stratify by site for " +
+              ", ".join(f"{names[k]} ({per_stratum[k]})" for k in np.flatnonzero(small)) +
+              "; they are split together with the other sites' patients of their class", file=sys.stderr)
+        strata = np.where(small[strata], len(names) + label, strata)
+        names += [f"{name} (sites pooled)" for name in label_names]
+    return strata, names
 
 
 def _duplicates(images: Columns, split: np.ndarray) -> list[splitting.Duplicate]:

@@ -264,3 +264,31 @@ def subgroup_columns(rows: list[dict], wanted: list[str]) -> tuple[dict[str, lis
         else:
             skipped.append(name)
     return out, skipped
+
+
+# ---------------------------------------------------------------- sites
+
+SITE_COLUMN = "site"
+SITE_METRICS = ("n", "n_groups", "roc_auc", "roc_auc_ci_low", "roc_auc_ci_high", "sensitivity", "specificity",
+                "too_small")
+
+
+def site_summary(report: dict) -> tuple[dict, dict | None]:
+    """Per-site metrics from the report's `site` subgroup: flat metrics.json keys and evaluation.json's detail.
+
+    metrics.json gets "site.<name>.<metric>" (ROC AUC with its patient-bootstrap
+    bounds, sensitivity, specificity, counts) and the worst site's ROC AUC
+    beside the pooled one, "worst_site_roc_auc" and "worst_site"; nothing when
+    the split has no site column.
+    """
+    sites = (report.get("subgroups") or {}).get(SITE_COLUMN)
+    if not sites:
+        return {}, None
+    flat = {f"site.{name}.{k}": entry[k] for name, entry in sites.items() for k in SITE_METRICS if k in entry}
+    scored = {name: entry["roc_auc"] for name, entry in sites.items() if entry.get("roc_auc") is not None}
+    worst = min(scored, key=lambda name: (scored[name], name)) if scored else None
+    flat["worst_site"] = worst
+    flat["worst_site_roc_auc"] = scored.get(worst)
+    detail = {"column": SITE_COLUMN, "pooled_roc_auc": report.get("roc_auc"), "worst_site": worst,
+              "worst_site_roc_auc": scored.get(worst), "sites": sites}
+    return flat, detail

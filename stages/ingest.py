@@ -14,8 +14,9 @@ OUT = Path("data/ingested")
 def run() -> str:
     params = load_section("ingest", IngestParams)
     steady_heap()  # this process only ingests
-    if params.source == "medmnist":  # download first, so the record hashes the file that is read
-        fetch(Path(params.medmnist.path), params.medmnist.url, params.medmnist.md5)
+    for one in params.each_source():
+        if one.source == "medmnist":  # download first, so the record hashes the file that is read
+            fetch(Path(one.medmnist.path), one.medmnist.url, one.medmnist.md5)
     # Source folders are not hashed file by file here: their file names may identify patients. The
     # manifest lists every decoded file by source_ref and sha256, and dvc.lock holds each folder's md5.
     files = [p for p in params.source_inputs() if Path(p).is_file()]

@@ -221,3 +221,19 @@ def test_prepared_arrays_unlike_their_record_or_the_model_are_refused(setup, tmp
     with pytest.raises(MedtlError, match=r"stats\.json has format None, this medtl reads 'medtl-prepared/2'"):
         load_split(other, "val")
     assert not (tmp_path / "out").exists()
+
+
+def test_site_summary_flattens_sites_and_names_the_worst():
+    from medtl.metrics_report import site_summary
+
+    entry = lambda auc, n: {"n": n, "n_groups": n // 2, "roc_auc": auc, "roc_auc_ci_low": None if auc is None else auc - 0.1,
+                            "roc_auc_ci_high": None if auc is None else min(auc + 0.1, 1.0), "too_small": auc is None}
+    report = {"roc_auc": 0.8, "subgroups": {"sex": {"F": entry(0.7, 10)},
+                                            "site": {"a": entry(0.9, 40), "b": entry(0.65, 30), "c": entry(None, 4)}}}
+    flat, detail = site_summary(report)
+    assert flat["site.b.roc_auc"] == 0.65 and flat["site.a.roc_auc_ci_low"] == pytest.approx(0.8)
+    assert flat["site.c.too_small"] is True and flat["site.c.n"] == 4
+    assert flat["worst_site"] == "b" and flat["worst_site_roc_auc"] == 0.65  # a site without an AUC is not the worst
+    assert detail["pooled_roc_auc"] == 0.8 and set(detail["sites"]) == {"a", "b", "c"}
+    assert not any(k.startswith("site.F") for k in flat)
+    assert site_summary({"roc_auc": 0.8, "subgroups": {"sex": {"F": entry(0.7, 10)}}}) == ({}, None)

@@ -76,3 +76,16 @@ def test_both_views_fit_120_columns_on_the_tiny_run(tiny_run, tmp_path):
     header = next(l for l in lines if "Experiment" in l)
     for column in ("roc_auc", "sensitivity", "specificity", "val_auc", "finetune.lr", "pretrain.adapt"):
         assert column in header, (column, header)
+
+
+def test_the_worst_site_is_shown_beside_the_pooled_auc():
+    one_site = _record("main", 0.001, {})
+    several = _record("exp-sites", 0.0003, {})
+    several["data"]["metrics"]["reports/metrics.json"]["data"].update(
+        {"worst_site": "b", "worst_site_roc_auc": 0.6125, "site.a.roc_auc": 0.9, "site.b.roc_auc": 0.6125})
+    one_site["experiments"] = [{"revs": [several]}]
+    headers, cells, _, _ = table(rows_from_dvc_json([one_site]), 120)
+    assert headers[1:3] == ["test ROC AUC (95% CI)", "worst site AUC"]
+    assert [c[2] for c in cells] == ["-", "0.613 (b)"]
+    # without sites the table is as before
+    assert "worst site AUC" not in table(rows_from_dvc_json([_record("main", 0.001, {})]), 120)[0]

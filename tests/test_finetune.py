@@ -190,3 +190,30 @@ def test_logits_stay_fp32_under_bf16_autocast():
     with torch.no_grad():
         expected = torch.nn.functional.linear(features.float(), linear.weight, linear.bias)
     assert logits.dtype == torch.float32 and torch.equal(logits, expected)
+
+
+def test_site_balanced_sampler_draws_sites_equally_often_and_classes_within():
+    from medtl.finetune import sampling_weights
+
+    # site a: 60 normal, 20 lesion; b: 18 / 2; c: 5 normal and no lesion
+    sites = ["a"] * 80 + ["b"] * 20 + ["c"] * 5
+    labels = np.array([0] * 60 + [1] * 20 + [0] * 18 + [1] * 2 + [0] * 5)
+    train = PreparedSplit(np.zeros((len(labels), 1, 4, 4), np.float16), labels, [{"site": s} for s in sites])
+    weights = sampling_weights("site_balanced", train, 2)
+    drawn = []
+    for epoch in range(40):
+        batches = EpochBatches(len(labels), 15, seed=0, world=World(), weights=weights)
+        batches.set_epoch(epoch)
+        drawn += [i for b in batches for i in b]
+    site = np.array(sites)[drawn]
+    for s in ("a", "b", "c"):
+        assert (site == s).mean() == pytest.approx(1 / 3, abs=0.03)
+    lesion = labels[drawn] == 1
+    assert lesion[site == "a"].mean() == pytest.approx(0.5, abs=0.05)
+    assert lesion[site == "b"].mean() == pytest.approx(0.5, abs=0.05)  # 2 lesions drawn as often as 18 normals
+    assert not lesion[site == "c"].any()  # a site's missing class is not made up
+    # without sites it stops with the key
+    with pytest.raises(ParamsError, match="finetune.sampler"):
+        sampling_weights("site_balanced", PreparedSplit(train.images, labels, [{} for _ in sites]), 2)
+    with pytest.raises(ParamsError, match="finetune.class_weighting"):
+        build(FinetuneParams, {"sampler": "site_balanced"}, "finetune")

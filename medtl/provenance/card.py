@@ -112,6 +112,12 @@ def _words(text) -> str:
 
 def data_source(ev: dict) -> str | None:
     """ingest.source from params.yaml (demo, folder, csv, dicom, medmnist), else from the ingest record."""
+    sources = ((ev.get("params") or {}).get("ingest") or {}).get("sources")
+    if sources and isinstance(sources, list):  # several sources replace the single one (docs/data.md)
+        named = [s for s in sources if isinstance(s, dict)]
+        if named and all(s.get("source") == "demo" for s in named):
+            return "demo"
+        return "sources: " + ", ".join(f"{s.get('name')} ({s.get('source')})" for s in named)
     src = ((ev.get("params") or {}).get("ingest") or {}).get("source")
     if src:
         return str(src)

@@ -38,11 +38,13 @@ class SourceItem:
     line: int | None = None  # line of the source's CSV that names this item; not identifying
     problem: str | None = None  # quarantine reason found while enumerating (missing file, no label)
     detail: str = ""  # what the problem is, for the report: fixed words and numbers, never a path or header value
+    site: str | None = None  # the named source of ingest.sources this item comes from (medtl.sites)
 
     @property
     def ref_key(self) -> str:
-        """What `source_ref` hashes: the relative path, plus the index inside an array container."""
-        return f"{self.relative}#{self.index}" if self.index is not None else self.relative
+        """What `source_ref` hashes: the relative path, plus the index inside an array container (and the site)."""
+        key = f"{self.relative}#{self.index}" if self.index is not None else self.relative
+        return key if self.site is None else f"{self.site}:{key}"
 
 
 @dataclass(frozen=True)
