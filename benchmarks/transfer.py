@@ -217,30 +217,43 @@ def ham(args) -> dict:
     t = time.perf_counter()
     p.dvc("repro", "ingest")  # the experiments run the rest
     p.commit("ingested")
-    p.run(*medtl, "cv", "run", "--by", "site", "-j", "1", timeout=7200)
+    p.run(*medtl, "cv", "run", "--by", "site", "-j", "2", timeout=7200)
     p.run(*medtl, "cv", "report", "--by", "site")
     loso = json.loads((p.path / "reports/cv-site/summary.json").read_text())
     loso_s = round(time.perf_counter() - t, 1)
 
     # The curve at one target site: its own labels only, from the other three sites' model or from scratch.
     target = args.ham_target
-    p.dvc("exp", "apply", f"loso-site-{target}")
-    source = work / "source-model.pt"
-    shutil.copy2(p.path / "models/model.pt", source)
+    import dvc.api
+
+    from medtl.cv_sites import site_experiments
     from medtl.io import sha256_file
+
+    cwd = Path.cwd()
+    os.chdir(p.path)
+    try:
+        _, revs = site_experiments("loso", "HEAD")
+    finally:
+        os.chdir(cwd)
+    source = work / "source-model.pt"
+    with dvc.api.open("models/model.pt", repo=str(p.path), rev=revs[target], mode="rb") as f:
+        source.write_bytes(f.read())
 
     q = ham_project(work / "curve", data, settings)
     only = q.path / "hamdata/images/labels.csv"
     lines = only.read_text().splitlines()
     only.write_text("\n".join([lines[0]] + [x for x in lines[1:] if x.rsplit(",", 1)[1] == target]) + "\n")
-    (q.path / "models").mkdir(exist_ok=True)
-    shutil.copy2(source, q.path / "models/source.pt")
-    q.update_params({"pretrain": {"weights": "models/source.pt", "sha256": sha256_file(source)}})
+    # Tracked by DVC (models/pretrained/ is where git sees .dvc files): queued experiments run in a copy of the
+    # repository, which holds only what git and DVC track.
+    (q.path / "models/pretrained").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, q.path / "models/pretrained/source-model.pt")
+    q.dvc("add", "models/pretrained/source-model.pt")
+    q.update_params({"pretrain": {"weights": "models/pretrained/source-model.pt", "sha256": sha256_file(source)}})
     q.commit("target site only, from the source model")
     t = time.perf_counter()
     q.dvc("repro", "ingest")
     q.commit("ingested")
-    q.run(*medtl, "curve", "run", "--sizes", args.curve_sizes, "--repeats", str(args.curve_repeats),
+    q.run(*medtl, "curve", "run", "--sizes", args.curve_sizes, "--repeats", str(args.curve_repeats), "-j", "2",
           "--compare", "pretrain.weights=none", "--compare", "pretrain.sha256=null", timeout=7200)
     q.run(*medtl, "curve", "report")
     curve = json.loads((q.path / "reports/curve/summary.json").read_text())
@@ -263,15 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/medtl-bench-transfer"))
     ap.add_argument("--out", type=Path, default=None, help="default: reports/bench_transfer_<part>.json")
     ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=6, help="demo: 6; the HAM run in docs/validation.md used 3")
     ap.add_argument("--patients", type=int, default=60, help="demo: patients per site")
     ap.add_argument("--target-labels", type=int, default=50, help="demo: labelled target training images")
     ap.add_argument("--ham", default="../shared/data/ham10000")
-    ap.add_argument("--ham-nv", type=int, default=200)
-    ap.add_argument("--ham-mel", type=int, default=100)
+    ap.add_argument("--ham-nv", type=int, default=60, help="naevus images per site (whole lesions)")
+    ap.add_argument("--ham-mel", type=int, default=30, help="melanoma images per site (whole lesions)")
     ap.add_argument("--ham-side", type=int, default=64, help="HAM images are downscaled to this side before ingest")
     ap.add_argument("--ham-target", default="rosendahl")
-    ap.add_argument("--curve-sizes", default="50,100,all")
+    ap.add_argument("--curve-sizes", default="25,all")
     ap.add_argument("--curve-repeats", type=int, default=2)
     args = ap.parse_args(argv)
     args.work = args.work.resolve()
