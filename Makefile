@@ -27,8 +27,11 @@ test: env
 bench: env
 	python -m benchmarks
 
-# Target-site AUC of source-only, target AdaBN, DANN and DANN + target AdaBN (docs/transfer.md); tens of minutes on a CPU.
+# Transfer to a new site (docs/transfer.md): the multi-site demo and HAM10000's sites, source-only vs multi-source vs
+# a previous model + few labels; then source-only vs target AdaBN vs DANN. Trains many small models: tens of minutes.
 bench-transfer: env
+	python -m benchmarks.transfer demo
+	python -m benchmarks.transfer ham
 	python -m benchmarks.domain_adaptation
 
 clean:

@@ -80,6 +80,12 @@ def run_pretrain(
     hw = hardware.select(params.device, params.precision, key="pretrain.device")
     backbone = build_backbone(params.arch, pre.channels, params.weights, params.sha256, params.grayscale)
     record: dict = {"method": params.adapt, "hardware": hw.describe()}
+    source = backbone.weights_info.get("source_model")
+    if source is not None:  # a previous medtl model: say where its preprocessing differs from this project's
+        from medtl.lineage import preprocessing_mismatch, warn_mismatch
+
+        source["preprocessing_mismatch"] = preprocessing_mismatch(source.get("preprocessing"), pre.to_dict())
+        warn_mismatch(source["preprocessing_mismatch"], params.weights)
     if params.adapt == "none":
         return backbone, record
     # The prepared training images only (memory-mapped): adaptation never opens labels or other splits.

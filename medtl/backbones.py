@@ -57,6 +57,12 @@ _MOBILENET_V3_LARGE = _features(
      "stage4": (13, 14, 15), "top": (16,)},
     top_extra=("classifier.0.",),  # the pretrained 960 -> 1280 Linear
 )
+# One group per resolution (the convolutions between max-pools), then the two pretrained 4096-wide layers.
+_VGG16_BN = (
+    *((name, tuple(f"features.{i}." for i in range(lo, hi)))
+      for name, lo, hi in (("stem", 0, 6), ("block2", 7, 13), ("block3", 14, 23), ("block4", 24, 33), ("block5", 34, 43))),
+    ("top", ("classifier.0.", "classifier.3.")),
+)
 _VIT = (
     ("stem", ("conv_proj.", "class_token", "encoder.pos_embedding")),
     *((f"layer{i}", (f"encoder.layers.encoder_layer_{i}.",)) for i in range(12)),
@@ -76,6 +82,8 @@ SUPPORTED: dict[str, ArchSpec] = {
     "convnext_tiny": ArchSpec("features.0.0", "classifier.2", _CONVNEXT),
     # The 960 -> 1280 Linear is pretrained and kept; only the 1280 -> 1000 layer goes.
     "mobilenet_v3_large": ArchSpec("features.0.0", "classifier.3", _MOBILENET_V3_LARGE),
+    # The classic transfer baseline; fc6 and fc7 (4096 wide, pretrained) stay as features, as is usual.
+    "vgg16_bn": ArchSpec("features.0", "classifier.6", _VGG16_BN),
     # torchvision fixes the ViT's position embeddings to a 14x14 grid of 16 px patches.
     "vit_b_16": ArchSpec("conv_proj", "heads.head", _VIT, input_size=224),
 }
@@ -185,6 +193,14 @@ def build_backbone(arch: str, in_channels: int = 1, weights: str = "none", sha25
 
     check_arch(arch)
     _check_channels(in_channels, grayscale)
+    if isinstance(weights, str) and weights.strip() and weights not in ("none", "imagenet"):
+        from medtl import lineage
+
+        loaded = weights_mod.load_pinned(weights, sha256)
+        if lineage.is_model_file(loaded):  # another project's models/model.pt
+            return lineage.backbone_from_model(arch, loaded, in_channels, grayscale, weights, weights_mod.check_sha256(sha256))
+        model, info = weights_mod.model_from_file(arch, loaded, weights, sha256)
+        return Backbone(arch, model, in_channels, grayscale, info)
     model, info = weights_mod.load_model(arch, weights, sha256)
     return Backbone(arch, model, in_channels, grayscale, info)
 

@@ -118,6 +118,35 @@ def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), pr
     return names
 
 
+def queue_experiments(runs: list[tuple[str, list[str]]], jobs: int, wait: bool = True, what: str = "medtl",
+                      poll_s: float = 5.0) -> list[str]:
+    """Queue each (name, `-S key=value` overrides) as a DVC experiment, start `jobs` workers, optionally wait."""
+    if jobs < 1:
+        raise MedtlError(f"-j/--jobs must be a positive integer, got {jobs}")
+    names = [n for n, _ in runs]
+    existing = set(_dvc("exp", "list", "--name-only", what="dvc exp list").split())
+    taken = [n for n in names if n in existing]
+    if taken:
+        raise MedtlError(f"experiment(s) {', '.join(taken)} already exist for this commit; pass --name to choose "
+                         f"another prefix, or remove them first (dvc exp remove {' '.join(taken)})")
+    before = set(_queue_tasks())  # older tasks may carry the same names (other commits)
+    for name, sets in runs:
+        _dvc("exp", "run", "--queue", "-n", name, *[a for s in sets for a in ("-S", s)], what=f"queueing {name}")
+    _dvc("queue", "start", "-j", str(jobs), what="dvc queue start")
+    print(f"{what}: queued {', '.join(names)}; {jobs} worker(s) started (dvc queue status)")
+    if not wait:
+        return names
+    while True:
+        status = {name: state for rev, (name, state) in _queue_tasks().items() if rev not in before and name in names}
+        if not any(status.get(n) in ("Queued", "Running") for n in names):
+            break
+        time.sleep(poll_s)
+    failed = [n for n in names if status.get(n) == "Failed"]
+    if failed:
+        raise MedtlError(f"experiment(s) {', '.join(failed)} failed; see `dvc queue logs {failed[0]}`")
+    return names
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -335,6 +364,12 @@ def chart_html(summary: dict, metric: str = "roc_auc") -> str:
     bars.append(("pooled out-of-fold", summary["pooled_out_of_fold"]))
     if summary["single_split"]:
         bars += [("single split val", summary["single_split"]["val"]), ("single split test", summary["single_split"]["test"])]
+    return interval_chart(bars, metric, f"{summary['name']}: {metric} with {100 * (1 - summary['bootstrap']['alpha']):.0f}% "
+                          "patient-bootstrap intervals")
+
+
+def interval_chart(bars: list[tuple[str, dict]], metric: str, title: str) -> str:
+    """A self-contained page with one interval per (label, result) row; rows labelled 'pooled...' in red."""
     values = [v for _, r in bars for v in (r.get(metric), r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high"))
               if v is not None]
     lo, hi = (min(values + [0.5]), max(values + [1.0])) if values else (0.0, 1.0)
@@ -357,8 +392,7 @@ def chart_html(summary: dict, metric: str = "roc_auc") -> str:
     height = 50 + len(bars) * row_h
     ticks = "".join(f'<text x="{x(t):.1f}" y="{height - 8}" text-anchor="middle" font-size="11">{t:.2f}</text>'
                     for t in (lo + (hi - lo) * i / 4 for i in range(5)))
-    title = html.escape(f"{summary['name']}: {metric} with {100 * (1 - summary['bootstrap']['alpha']):.0f}% "
-                        "patient-bootstrap intervals")
+    title = html.escape(title)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head><body>"
             f"<h3 style='font-family:sans-serif'>{title}</h3>"
             f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{height}' font-family='sans-serif'>"
@@ -394,16 +428,20 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("cv", help="cross-validation by patient as DVC experiments (docs/validation.md)",
                               description="Cross-validation by patient over train + val, the test split held out.")
     sub = p.add_subparsers(dest="cv_command", required=True)
-    r = sub.add_parser("run", help="queue one DVC experiment per fold and start the queue")
+    r = sub.add_parser("run", help="queue one DVC experiment per fold (or per held-out site) and start the queue")
+    r.add_argument("--by", choices=("patient", "site"), default="patient",
+                   help="patient: k folds by patient; site: leave one site out, one experiment per site")
     r.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
     r.add_argument("-j", "--jobs", type=int, default=1, help="experiments run at once (dvc queue start -j)")
     r.add_argument("--seed", type=int, default=0, help="the partition into folds (preprocess.cv.seed)")
     r.add_argument("-S", "--set-param", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="params override for every fold, as in dvc exp run -S")
-    r.add_argument("--name", default=None, help="experiment name prefix (default: cv<folds>)")
+    r.add_argument("--name", default=None, help="experiment name prefix (default: cv<folds>, or loso with --by site)")
     r.add_argument("--no-wait", dest="wait", action="store_false", help="return once the queue is started")
     r.set_defaults(func=_run_main)
     s = sub.add_parser("report", help="aggregate the fold experiments of a commit (default: this one)")
+    s.add_argument("--by", choices=("patient", "site"), default="patient",
+                   help="site: the leave-one-site-out experiments (medtl cv run --by site)")
     s.add_argument("--name", default=None, help="experiment name prefix (default: the only one found)")
     s.add_argument("--rev", default="HEAD",
                    help="the commit the folds were run on, when it is not the current one (default: %(default)s)")
@@ -414,6 +452,13 @@ def register(subparsers) -> None:
 
 
 def _run_main(args) -> int:
+    if args.by == "site":
+        from medtl.cv_sites import run_sites
+
+        names = run_sites(args.jobs, args.sets, args.name, args.wait)
+        if args.wait:
+            print(f"medtl cv: {len(names)} held-out site experiments done (dvc exp show); next: medtl cv report --by site")
+        return 0
     names = run_folds(args.folds, args.jobs, args.seed, args.sets, args.name, args.wait)
     if args.wait:
         print(f"medtl cv: {len(names)} fold experiments done (dvc exp show); next: medtl cv report")
@@ -421,6 +466,14 @@ def _run_main(args) -> int:
 
 
 def _report_main(args) -> int:
+    if args.by == "site":
+        from medtl.cv_sites import describe_sites, site_report
+
+        out = args.out if args.out != DEFAULT_OUT else DEFAULT_OUT.with_name("cv-site")
+        summary = site_report(args.name, out, args.n_resamples, args.seed, rev=args.rev)
+        print("\n".join(describe_sites(summary)))
+        print(f"medtl cv: wrote {out}/summary.json, out_of_site_predictions.csv, sites.json, chart.html")
+        return 0
     summary = cv_report(args.name, args.out, args.n_resamples, args.seed, rev=args.rev)
     print("\n".join(describe(summary)))
     print(f"medtl cv: wrote {args.out}/summary.json, oof_predictions.csv, folds.json, chart.html")

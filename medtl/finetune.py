@@ -36,6 +36,7 @@ from medtl.distributed import EpochBatches, World, derive_seed
 from medtl.domain import Adversary, DomainAdversarialParams, adabn_target, check_adabn_target
 from medtl.errors import ParamsError
 from medtl.inference import forward_batches
+from medtl.lineage import initial_head
 from medtl.metrics import predict_labels, roc_auc
 from medtl.model import Classifier, load_backbone, model_file
 from medtl.params import Device, Precision, require
@@ -459,6 +460,7 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
               f"channels_last {d['channels_last']}, {world.size} process(es)", file=sys.stderr)
     seed_everything(params.seed)
     model = Classifier(backbone, len(pre.classes), pre.mean, pre.std, params.dropout)
+    head_init = initial_head(model.head, bb_ckpt.get("source_head"), pre.classes)
     train, val = load_split(prepared, "train", stats), load_split(prepared, "val", stats)
     target = None
     if params.adapt == "adabn_target":
@@ -495,5 +497,6 @@ def run_finetune(params: FinetuneParams, backbone_path: Path, prepared: Path,
         validation=summary["best"],
         adaptation=bb_ckpt.get("adaptation", {}),
         **target_record,
+        head_init=head_init,
     )
     return ckpt, summary

@@ -36,8 +36,13 @@ class CvParams:
     folds: int = 0  # 0: ingest's own train/val split; k >= 2: k-fold cross-validation by patient
     fold: int = 0  # which fold is validation, 0 .. folds-1
     seed: int = 0  # the partition into folds
+    held_out_site: str | None = None  # leave-one-site-out: this site is the test set (see medtl.loso)
 
     def check(self, key: str) -> None:
+        require(self.held_out_site is None or self.folds == 0, f"{key}.held_out_site", self.held_out_site,
+                "null when folds is set (k-fold and leave-one-site-out are separate validations)")
+        require(self.held_out_site is None or bool(str(self.held_out_site).strip()), f"{key}.held_out_site",
+                self.held_out_site, "null or a site name")
         require(self.folds == 0 or 2 <= self.folds <= 50, f"{key}.folds", self.folds,
                 "0 (ingest's train/val split) or a number of folds between 2 and 50")
         require(self.folds == 0 and self.fold == 0 or 0 <= self.fold < self.folds, f"{key}.fold", self.fold,

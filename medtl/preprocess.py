@@ -20,6 +20,8 @@ from tqdm import tqdm
 from medtl.errors import MedtlError
 from medtl.folds import CvParams, fold_splits
 from medtl.imaging import Preprocessing, model_input, read_record
+from medtl.loso import site_splits
+from medtl.subsets import SubsetParams, apply_subset
 from medtl.io import write_json
 from medtl.manifest import iter_manifest
 from medtl.params import require
@@ -38,6 +40,7 @@ class PreprocessParams:
     channels: Literal[1, 3] = 1
     resize: Literal["pad", "stretch", "crop"] = "pad"
     cv: CvParams = field(default_factory=CvParams)  # cross-validation fold (see medtl.folds)
+    train_subset: SubsetParams = field(default_factory=SubsetParams)  # label-efficiency curve (medtl.subsets)
 
     def check(self, key: str) -> None:
         require(16 <= self.image_size <= 1024, f"{key}.image_size", self.image_size,
@@ -57,9 +60,17 @@ def run_preprocess(params: PreprocessParams, read: ReadOptions, ingested: Path, 
     if params.cv.folds:  # this fold's train/val over the development data; test untouched
         resplit, cv = fold_splits(iter_manifest(manifest), params.cv, ingested)
         write_json(out_dir / "cv.json", cv)
+    elif params.cv.held_out_site:  # one site is test, the others train and validate
+        resplit, cv = site_splits(iter_manifest(manifest), params.cv.held_out_site, str(manifest), params.cv.seed)
+        write_json(out_dir / "cv.json", cv)
+    if params.train_subset.images:  # a nested subset of the training images; val and test untouched
+        resplit, subset = _training_subset(manifest, resplit, params.train_subset)
+        write_json(out_dir / "subset.json", subset)
 
     def split_of(i: int, row: dict) -> str:
-        return row["split"] if resplit is None or resplit[i] < 0 else SPLITS[resplit[i]]
+        if resplit is None or resplit[i] == -1:
+            return row["split"]
+        return SPLITS[resplit[i]] if resplit[i] >= 0 else "left out"
 
     counts = dict.fromkeys(SPLITS, 0)
     meta_cols: list[str] = []
@@ -116,3 +127,14 @@ def run_preprocess(params: PreprocessParams, read: ReadOptions, ingested: Path, 
     pre = Preprocessing(**{**pre.to_dict(), "mean": [round(float(m), 6) for m in mean],
                            "std": [round(float(s), 6) for s in std]})
     return write_stats(out_dir, pre, counts)
+
+
+def _training_subset(manifest: Path, resplit: np.ndarray | None, params: SubsetParams) -> tuple[np.ndarray, dict]:
+    """Every row's split code after keeping `params.images` training images (see medtl.subsets)."""
+    codes, groups, labels = [], [], []
+    for i, r in enumerate(iter_manifest(manifest)):
+        own = SPLITS.index(r["split"]) if r["split"] in SPLITS else -2
+        codes.append(own if resplit is None or resplit[i] == -1 else int(resplit[i]))
+        groups.append(r["group"])
+        labels.append(r["label"])
+    return apply_subset(np.array(codes, dtype=np.int8), groups, labels, SPLITS.index("train"), params)

@@ -92,7 +92,8 @@ def _model_from_state(arch: str, state: Any, source: str) -> nn.Module:
     from torchvision.models import get_model
 
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-        raise MedtlError(f"{source} is not a state dict (a mapping of names to tensors) for {arch}")
+        raise MedtlError(f"{source} is not a state dict (a mapping of names to tensors) for {arch}, nor a medtl "
+                         "model file (another project's models/model.pt)")
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     with torch.device("meta"):
         model = get_model(arch, weights=None)
@@ -126,7 +127,11 @@ def load_pinned(path: str | Path, sha256: str | None) -> StateDict:
             f"weights file {path} has sha256 {actual}, but pretrain.sha256 pins {expected}; "
             f"the file changed or the wrong file is in place"
         )
-    return load_torch(path)
+    try:
+        return load_torch(path)
+    except MedtlError as e:
+        raise ParamsError(f"pretrain.weights: {e}; allowed: a state dict or a medtl model file (models/model.pt), "
+                          "saved without pickled objects") from e
 
 
 def load_model(arch: str, weights: str = "none", sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
@@ -150,7 +155,11 @@ def load_model(arch: str, weights: str = "none", sha256: str | None = None) -> t
             "origin": enum.url,
             "sha256": sha256_file(cached) if cached.is_file() else None,
         }
-    state = load_pinned(weights, sha256)
+    return model_from_file(arch, load_pinned(weights, sha256), weights, sha256)
+
+
+def model_from_file(arch: str, state: Any, weights: str, sha256: str | None) -> tuple[nn.Module, dict[str, Any]]:
+    """`arch` from a pinned file's state dict (a medtl model file is read by medtl.lineage instead)."""
     model = _model_from_state(arch, state, f"weights file {weights}")
     return model, {"name": "file", "origin": str(weights), "sha256": check_sha256(sha256)}
 

@@ -34,7 +34,9 @@ def run() -> str:
             # The declared plot folder exists for every method (git keeps it through a placeholder that
             # .dvcignore hides), but holds no loss file: `dvc plots show` draws no empty chart.
             write_text(Path(LIVE) / "plots" / "metrics" / PLACEHOLDER, "")
-        save_torch({**backbone_state(backbone), "adaptation": record}, OUT)
+        # A previous medtl model as the source: its head goes along, for fine-tune to reuse when the classes match.
+        head = {"source_head": backbone.source_head} if getattr(backbone, "source_head", None) else {}
+        save_torch({**backbone_state(backbone), "adaptation": record, **head}, OUT)
         rec.seeds["torch"] = params.seed
         if params.adapt == "ssl":
             rec.seeds["ssl"] = params.ssl.seed

@@ -27,6 +27,7 @@ EXPECTED_FEATURES = {
     "convnext_tiny": 768,
     "mobilenet_v3_large": 1280,
     "vit_b_16": 768,
+    "vgg16_bn": 4096,
 }
 
 
@@ -169,3 +170,23 @@ def test_mismatched_state_is_reported():
         backbone_from_state(state)
     with pytest.raises(MedtlError, match="missing or has a malformed field"):
         backbone_from_state({"arch": "resnet18"})
+
+
+def test_vgg16_bn_trains_by_stage_on_a_tiny_input():
+    """vgg16_bn's layer groups: each strategy's frozen/trained split, and real features of a 32 px image."""
+    from medtl.finetune import FinetuneParams, freeze, trained_stages
+    from medtl.model import Classifier
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vgg16_bn", in_channels=1)
+    names = [n for n, _ in backbone.stages()]
+    assert names == ["stem", "block2", "block3", "block4", "block5", "top"]
+    _check_stages(backbone)
+    model = Classifier(backbone, 2, [0.5], [0.2])
+    for strategy, trained in (("linear", []), ("partial", ["block5", "top"]), ("full", names)):
+        params = FinetuneParams(strategy=strategy, unfreeze_stages=2)
+        frozen = freeze(model, trained_stages(params, 0, len(names)))
+        assert [n for n, ps in backbone.stages() if id(ps[0]) not in frozen] == trained
+    assert trained_stages(FinetuneParams(strategy="gradual", unfreeze_every=1), 3, len(names)) == 3
+    out = _features(backbone, torch.rand(2, 1, 32, 32))
+    assert out.shape == (2, 4096) and torch.isfinite(out).all()

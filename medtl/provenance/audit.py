@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from medtl.errors import MedtlError
+from medtl.provenance.transfer import transfer_evidence
 from medtl.provenance import environment as env
 from medtl.provenance.hashing import describe
 from medtl.provenance.record import RECORD_SUFFIX, load_record, record_path_for, utc_now
@@ -485,6 +486,7 @@ def collect(root: Path, model: str) -> dict:
         "artifacts": list(artifacts.values()),
         "source_data": source,
         "weights": weights,
+        "transfer": transfer_evidence(root, weights),
         "environment": model_rec.get("environment") or env.environment(root),
         "hardware": model_rec.get("hardware"),
         "packages": uv_packages(root / "uv.lock"),

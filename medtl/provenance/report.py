@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from medtl.provenance import card, report_robustness
+from medtl.provenance import card, report_robustness, transfer
 
 MAX_TABLE_ROWS = 25
 
@@ -331,6 +331,7 @@ def render_markdown(ev: dict) -> str:
     out += _md_table(["stage", "command", "record"], [[s["name"], s["cmd"], "yes" if s.get("record") else "MISSING"] for s in ev["stages"]]).splitlines() + [""]
     out += ["## Parameters", "", "```yaml", yaml.safe_dump(ev.get("params") or {}, sort_keys=False).rstrip(), "```", ""]
     out += ["## Environment", "", _md_table(["", ""], _env_facts(ev)), ""]
+    out += transfer.markdown(ev)
     out += ["## Lineage", "", "Every artifact with its sha256 (folders: sha256 over the file manifest) and the md5 DVC locked.", ""]
     lin = []
     for a in ev["artifacts"]:
@@ -371,6 +372,7 @@ SECTIONS = [
     ("evaluation", "Evaluation", "evaluation.html"),
     ("figures", "Figures", "figures.html"),
     ("robustness", "Robustness", "robustness.html"),
+    ("transfer", "Transfer", "transfer.html"),
     ("checklist", "Regulatory checklist", "checklist.html"),
     ("appendix", "Appendix: model, pipeline, environment, lineage", "appendix.html"),
 ]
@@ -905,5 +907,6 @@ def render_html(ev: dict, root: Path) -> str:
         "checklist": checks, "claim": claim,
         "checklist_counts": Counter(c["status"] for c in checks + claim),
         "robustness": report_robustness.robustness_section(ev), "failures": report_robustness.failures_section(ev, root),
+        "transfer": transfer.html_context(ev),
     }
     return _environment().get_template("report.html").render(**context)
