@@ -1,5 +1,10 @@
 """evaluate: models/model.pt on validation and test -> reports/ (metrics, operating point, predictions, plots, saliency)."""
+import sys
 from pathlib import Path
+
+# The medtl beside this script, whatever the environment installs: a queued or --temp experiment runs in a copy
+# of the project, and dvc.lock records that copy's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medtl.evaluation import EvaluateParams, run_evaluate
 from medtl.external import set_columns

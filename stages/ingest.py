@@ -1,5 +1,10 @@
 """ingest: decode the source named in params.yaml into data/ingested/."""
+import sys
 from pathlib import Path
+
+# The medtl beside this script, whatever the environment installs: a queued or --temp experiment runs in a copy
+# of the project, and dvc.lock records that copy's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medtl.ingest import IngestParams, run_ingest, steady_heap
 from medtl.io import atomic_dir
