@@ -202,3 +202,36 @@ def test_report_opens_in_headless_chromium(run, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     dom = r.stdout
     assert '<table class="metrics">' in dom and 'id="plots"' in dom and 'aria-label="ROC curve"' in dom
+
+
+def evidence_of(root: Path) -> dict:
+    """What an audit asserts, without the time it was generated."""
+    stmt = json.loads((root / "reports/audit/provenance.json").read_text())
+    pred = stmt["predicate"]
+    return {"subject": stmt["subject"], "deps": pred["buildDefinition"]["resolvedDependencies"],
+            "params": pred["buildDefinition"]["externalParameters"], "byproducts": pred["runDetails"]["byproducts"],
+            "times": {k: v for k, v in pred["runDetails"]["metadata"].items() if k != "invocationId"}}
+
+
+def test_stage_records_return_with_the_audited_commit_after_an_experiment(run, tmp_path, capsys, monkeypatch):
+    """audit -> `dvc exp run` in the workspace -> back to the audited commit: verify passes, audit says the same."""
+    p = copy_project(run, tmp_path / "exp")
+    monkeypatch.chdir(p.path)
+    for rec in RECORDS:
+        hw = json.loads((p.path / rec).read_text())["hardware"]
+        assert hw["device"] and hw["precision"], rec  # evaluate's too: the precision behind the audited metrics
+    assert json.loads((p.path / RECORDS[-1]).read_text())["hardware"]["precision"] in ("fp32", "bf16", "fp16")
+    before = evidence_of(p.path)
+    assert before["times"].get("startedOn") and len(before["byproducts"]) == len(RECORDS)
+
+    p.dvc("exp", "run", "-S", "finetune.epochs=1")  # reruns fine-tune and evaluate, rewriting their records
+    assert (p.path / "models/model.pt.provenance.json").read_bytes() != (run.path / "models/model.pt.provenance.json").read_bytes()
+    p.git("checkout", "--", ".")
+    p.dvc("checkout", "-f")
+    assert p.dvc("status", "--json").stdout.strip() in ("{}", "")
+    rc, lines, out = verify(capsys)
+    assert (rc, lines) == (0, []), out
+    assert main(["audit"]) == 0
+    after = evidence_of(p.path)
+    differ = [a for a, b in zip(after["deps"], before["deps"]) if a != b]
+    assert not differ and after == before, differ[:2]

@@ -31,8 +31,9 @@ RESUME = "models/finetune.ckpt"  # fine-tune's state after each epoch (not a DVC
 
 def lock_outs(p: Project, stage: str | None = None) -> dict[str, str]:
     lock = yaml.safe_load((p.path / "dvc.lock").read_text())
+    # stage records name the git commit, which differs between two projects made apart
     return {o["path"]: o["md5"] for name, s in lock["stages"].items() if stage in (None, name)
-            for o in s.get("outs", [])}
+            for o in s.get("outs", []) if not o["path"].endswith(".provenance.json")}
 
 
 def declared(p: Project, stage: str) -> list[str]:

@@ -48,9 +48,19 @@ def git_state(cwd: str | Path = ".") -> dict:
     if branch and branch != "HEAD":
         state["branch"] = branch
     remote = _git(["remote", "get-url", "origin"], cwd)
-    if remote:
+    if remote and shareable_remote(remote):
         state["remote"] = _strip_credentials(remote)
     return state
+
+
+def shareable_remote(url: str) -> bool:
+    """A remote others can reach (https://, ssh://, git@host:path); a local folder's path (which may hold a user
+    name) is not: the code is then named by its commit alone."""
+    if "://" in url:
+        return not url.lower().startswith("file://")
+    # scp-like syntax, host:path; not a Windows drive (C:\...) nor a path
+    head = url.split("/", 1)[0]
+    return ":" in head and len(head.split(":", 1)[0]) > 1
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:

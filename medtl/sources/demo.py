@@ -20,7 +20,7 @@ from medtl.sources import Source, SourceItem
 
 @dataclass(frozen=True)
 class DemoParams:
-    patients: int = 120
+    patients: int = 200
     min_images_per_patient: int = 2
     max_images_per_patient: int = 4
     min_size: int = 96
