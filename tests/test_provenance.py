@@ -398,7 +398,7 @@ def test_private_key_is_protected_by_a_passphrase(ws, tmp_path, monkeypatch, cap
 def test_keygen_asks_twice_at_a_terminal(tmp_path, monkeypatch, capsys):
     from medtl.provenance import signing
 
-    answers = iter(["typed phrase", "typed phrase", "a", "b"])
+    answers = iter(["typed phrase", "typed phrase", "a first phrase", "another phrase", "short"])
     monkeypatch.setattr(signing, "_interactive", lambda: True)
     monkeypatch.setattr(signing.getpass, "getpass", lambda prompt="": next(answers))
     monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE", raising=False)
@@ -407,6 +407,8 @@ def test_keygen_asks_twice_at_a_terminal(tmp_path, monkeypatch, capsys):
     assert signing.keyid(loaded.public_key()) == signing.keyid(signing.load_public_key(tmp_path / "k/medtl-signing.pub"))
     assert main(["keygen", "--out", str(tmp_path / "k2")]) == 2
     assert "differ" in capsys.readouterr().err and not (tmp_path / "k2/medtl-signing.key").exists()
+    assert main(["keygen", "--out", str(tmp_path / "k3")]) == 2  # a typed passphrase is held to 12 characters too
+    assert "at least 12" in capsys.readouterr().err and not (tmp_path / "k3/medtl-signing.key").exists()
 
 
 def _edit_evidence(ws: Path, change) -> None:

@@ -150,8 +150,8 @@ def test_push_clone_pull_gives_a_clean_status_a_no_op_repro_and_verified_evidenc
     out = clone.dvc("repro").stdout
     assert "Running stage" not in out, out
     assert lock_outs(clone) == lock_outs(ref)
-    # The reviewer's check: the author's evidence against the pulled files. (An audit of the clone itself
-    # would say the stage records are missing: they hold wall-clock times and stay on the author's machine.)
+    # The reviewer's check: the author's evidence against the pulled files (the stage records are DVC
+    # outputs: pulled with the outputs they describe, and checked with them).
     res = clone.run(str(VENV_BIN / "medtl"), "verify", str(evidence), check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     # The check can fail: one pulled byte changed is caught.
