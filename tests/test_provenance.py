@@ -154,7 +154,7 @@ def project(tmp_path_factory) -> Path:
     try:
         _build_outputs(root)
         run([DVC, "commit", "-f", "-q"], root)
-        (root / ".gitignore").write_text("*.provenance.json\n/reports/audit/\n")
+        (root / ".gitignore").write_text("*.provenance.json\n*.provenance.json.log\n/reports/audit/\n")
         run(["git", "add", "-A"], root)
         run(["git", "commit", "-q", "-m", "pipeline"], root)
         assert audit() == 0  # once here; tests that need another audit run their own
@@ -656,3 +656,17 @@ def test_no_local_path_in_the_evidence_and_the_code_uri_is_a_reachable_remote(ws
         text = f.read_text()
         for local in (str(ws), str(ws.resolve()), "/home/someone"):
             assert local not in text, f"{local} in {f.relative_to(ws)}"
+
+
+def test_an_audit_without_the_local_run_times_still_writes_the_same_evidence(ws, capsys):
+    """Records carry no wall-clock times; on a machine without their local log (a clone), the audit only lacks them."""
+    before = json.loads((ws / "reports/audit/provenance.json").read_text())
+    for log in ws.rglob("*.provenance.json.log"):
+        log.unlink()
+    assert audit() == 0
+    after = json.loads((ws / "reports/audit/provenance.json").read_text())
+    assert "startedOn" in before["predicate"]["runDetails"]["metadata"]
+    assert "startedOn" not in after["predicate"]["runDetails"]["metadata"]
+    assert after["subject"] == before["subject"]
+    assert after["predicate"]["buildDefinition"]["resolvedDependencies"] == before["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert verify_lines(capsys) == (0, [])

@@ -42,7 +42,7 @@ def git_state(cwd: str | Path = ".") -> dict:
     # porcelain lines are "XY path": a stripped first line would lose a column
     status = _git(["status", "--porcelain"], cwd, strip=False) or ""
     # provenance records are written beside outputs during the run; they are not code
-    changed = [line[3:] for line in status.splitlines() if not line.endswith(".provenance.json")]
+    changed = [line[3:] for line in status.splitlines() if not line.endswith((".provenance.json", ".provenance.json.log"))]
     state = {"commit": commit, "dirty": bool(changed), "changed": changed[:50]}
     branch = _git(["rev-parse", "--abbrev-ref", "HEAD"], cwd)
     if branch and branch != "HEAD":

@@ -83,8 +83,9 @@ def build_statement(ev: dict) -> dict:
         deps.append(code)
     deps += [_artifact_descriptor(a) for a in ev["artifacts"] if a["path"] != m["path"]]
 
-    started = [s["record"]["started"] for s in ev["stages"] if s.get("record")]
-    ended = [s["record"]["ended"] for s in ev["stages"] if s.get("record")]
+    # run times come from each record's local log, absent on a machine that did not run the stage
+    started = [s["record"]["started"] for s in ev["stages"] if (s.get("record") or {}).get("started")]
+    ended = [s["record"]["ended"] for s in ev["stages"] if (s.get("record") or {}).get("ended")]
     metadata = {"invocationId": f"medtl-audit:{m['sha256'][:16]}:{ev['generated']}"}
     if started:
         metadata["startedOn"] = min(started)
