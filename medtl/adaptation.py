@@ -14,7 +14,7 @@ from medtl.backbones import Backbone, build_backbone, check_arch, check_input_si
 from medtl.data import iter_batches
 from medtl.model import Normalize
 from medtl.errors import MedtlError
-from medtl.params import Device, Precision, require
+from medtl.params import Device, Precision, require, require_batch_size
 from medtl.prepared import load_images, load_stats
 from medtl.ssl import ImagePool, SSLParams, extra_pool, temporary_workdir, train_ssl
 
@@ -36,7 +36,7 @@ class PretrainParams:
 
     def check(self, key: str) -> None:
         check_arch(self.arch)
-        require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "a positive integer")
+        require_batch_size(self.batch_size, f"{key}.batch_size")
         if self.weights not in ("none", "imagenet"):
             require(self.sha256 is not None, f"{key}.sha256", self.sha256,
                     f"the sha256 of the weights file {self.weights!r} (or weights: none / imagenet)")

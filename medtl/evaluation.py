@@ -24,7 +24,7 @@ from medtl.metrics import apply_temperature, fit_temperature, operating_point, p
 from medtl.metrics_report import curve_points, evaluate_split, site_summary, subgroup_columns
 from medtl.model import load_classifier, model_preprocessing
 from medtl.operating_point import data_profile, operating_point_record, write_operating_point
-from medtl.params import Device, Precision, require
+from medtl.params import Device, Precision, require, require_batch_size
 from medtl.prepared import PreparedSplit, load_split, load_stats
 
 
@@ -84,7 +84,7 @@ class EvaluateParams:
 
     def check(self, key: str) -> None:
         require(self.split in ("val", "test"), f"{key}.split", self.split, "'test' (or 'val' while developing)")
-        require(self.batch_size >= 1, f"{key}.batch_size", self.batch_size, "a positive integer")
+        require_batch_size(self.batch_size, f"{key}.batch_size")
         require(self.min_subgroup_size >= 1, f"{key}.min_subgroup_size", self.min_subgroup_size, "a positive integer")
         require(2 <= self.calibration_bins <= 100, f"{key}.calibration_bins", self.calibration_bins,
                 "an integer between 2 and 100")
@@ -173,6 +173,7 @@ def run_evaluate(params: EvaluateParams, model_path: Path, prepared: Path, out_d
     if site_detail:
         metrics.update(site_metrics)
         details["sites"] = site_detail
+    details["hardware"] = hw.describe()  # the precision behind every probability written below
     threshold = report["threshold"]
     # External sets are decoded and prepared by the model's own record, never by today's params.
     external = ext.run_external(params, model, hw, classes, model_preprocessing(ckpt, model_path), temperature, op,

@@ -33,8 +33,11 @@ INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "probabilities")
 # torch and numpy are imported inside the functions: `medtl --help` and `medtl verify` load this module to list the subcommand
 
 
-def exported_module(classifier, temperature: float | None):
-    """The classifier with its calibrated softmax attached: one graph from prepared pixels to probabilities."""
+def exported_module(classifier, temperature: float | None, precision: str = "fp32"):
+    """The classifier with its calibrated softmax attached: one graph from prepared pixels to probabilities.
+
+    bf16: the classifier runs under CPU bf16 autocast, as the evaluate stage runs it; traced, the casts are kept.
+    """
     import torch
     from torch import nn
 
@@ -45,13 +48,21 @@ def exported_module(classifier, temperature: float | None):
             self.temperature = float(temperature) if temperature else 1.0
 
         def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = self.classifier(image)
+            if precision == "bf16":
+                # channels_last too, as evaluate runs bf16: the kernels (and so the rounding) are those it used
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    logits = self.classifier(image.contiguous(memory_format=torch.channels_last)).float()
+            else:
+                logits = self.classifier(image)
             return logits, torch.softmax(logits / self.temperature, dim=1)
 
+    if precision == "bf16":
+        classifier.to(memory_format=torch.channels_last)
     return Exported().eval()
 
 
-def metadata(ckpt: dict, model_path: Path, operating_point: dict | None, fmt: str) -> dict[str, str]:
+def metadata(ckpt: dict, model_path: Path, operating_point: dict | None, fmt: str, precision: str = "fp32",
+             card: dict | None = None) -> dict[str, str]:
     """String key/value pairs (ONNX metadata_props accept nothing else); structured values as JSON."""
     pre = ckpt.get("preprocessing") or {}
     channels, size = _input_shape(ckpt)
@@ -70,6 +81,9 @@ def metadata(ckpt: dict, model_path: Path, operating_point: dict | None, fmt: st
                                    "range": [0.0, 1.0], "normalisation": "inside the graph"}),
         "medtl.outputs": json.dumps({"logits": "raw scores, one per class",
                                      "probabilities": "softmax(logits / temperature)", "temperature": temperature or 1.0}),
+        "medtl.precision": precision,
+        # intended use, classes, operating point, test metrics with CIs, training data, audit sha256, weights licence
+        "medtl.model_card": json.dumps(card, sort_keys=True, default=str) if card else "null",
     }
 
 
@@ -130,19 +144,27 @@ def to_torchscript(module, example, meta: dict[str, str]) -> bytes:
     return buf.getvalue()
 
 
-def export(model_path: Path, fmt: str, operating_point: Path | None = None) -> tuple[bytes, dict[str, str]]:
-    """The exported file's bytes and the metadata carried in it."""
+def export(model_path: Path, fmt: str, operating_point: Path | None = None, precision: str = "fp32",
+           reports: Path | None = None) -> tuple[bytes, dict[str, str]]:
+    """The exported file's bytes and the metadata carried in it (with the model card from `reports` when given)."""
+    from medtl.export_check import check_precision
     from medtl.model import load_classifier
 
     if fmt not in FORMATS:
         raise MedtlError(f"--format {fmt!r} is not supported; choose one of {', '.join(FORMATS)}")
+    check_precision(fmt, precision)
     classifier, ckpt = load_classifier(model_path)
     from medtl.operating_point import operating_point_for
 
     op = operating_point_for(operating_point, model_path, list(ckpt["classes"]), "export",
                              "rerun the evaluate stage for this model (dvc repro)", "exporting without an operating point")
-    meta = metadata(ckpt, model_path, op, fmt)
-    module = exported_module(classifier, (op or {}).get("temperature"))
+    card = None
+    if reports is not None:
+        from medtl.export_card import model_card
+
+        card = model_card(ckpt, model_path, op, reports=reports, audit_dir=reports / "audit")
+    meta = metadata(ckpt, model_path, op, fmt, precision, card)
+    module = exported_module(classifier, (op or {}).get("temperature"), precision)
     example = _example(ckpt)
     with _quiet_tracer():
         data = to_onnx(module, example, meta) if fmt == "onnx" else to_torchscript(module, example, meta)
@@ -168,8 +190,8 @@ def run_export(data: bytes, fmt: str, images):
     return logits.numpy(), probs.numpy()
 
 
-def parity(model_path: Path, data: bytes, fmt: str, images, temperature: float | None = None) -> float:
-    """Largest absolute difference between the export and the PyTorch model, over logits and probabilities."""
+def parity(model_path: Path, data: bytes, fmt: str, images, temperature: float | None = None, precision: str = "fp32") -> float:
+    """Largest absolute difference between the export and the PyTorch model at `precision`, over logits and probabilities."""
     import numpy as np
     import torch
 
@@ -177,7 +199,7 @@ def parity(model_path: Path, data: bytes, fmt: str, images, temperature: float |
 
     classifier, _ = load_classifier(model_path)
     with torch.no_grad():
-        ref_logits, ref_probs = exported_module(classifier, temperature)(torch.from_numpy(np.asarray(images, dtype=np.float32)))
+        ref_logits, ref_probs = exported_module(classifier, temperature, precision)(torch.from_numpy(np.asarray(images, dtype=np.float32)))
     logits, probs = run_export(data, fmt, images)
     return float(max(np.abs(logits - ref_logits.numpy()).max(), np.abs(probs - ref_probs.numpy()).max()))
 
@@ -230,6 +252,12 @@ def register(subparsers) -> None:
                         "nothing when its test ROC AUC moves by more than --int8-tolerance")
     p.add_argument("--int8-tolerance", type=float, default=0.01,
                    help="largest accepted |test ROC AUC change| of the INT8 model (default: %(default)s)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="numeric precision of the exported graph; bf16 (TorchScript only) runs it under CPU bf16 "
+                        "autocast as evaluate does on CPUs with native bf16 (default: %(default)s)")
+    p.add_argument("--reference", type=int, default=4, metavar="N",
+                   help="test images whose inputs and expected outputs are written beside the export as "
+                        "<out>.reference.npz, to check another runtime (default: %(default)s; 0: none)")
     p.set_defaults(func=cmd_export)
 
 
@@ -240,17 +268,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         return cmd_export_int8(args)
     if not args.model.is_file():
         raise MedtlError(f"model {args.model} not found; run the pipeline (dvc repro) or name the model file")
-    data, meta = export(args.model, args.format, args.operating_point)
-    images = _check_images(args.check, meta) if args.check and args.check.is_dir() else None
-    if images is not None and len(images):
-        op = json.loads(meta["medtl.operating_point"])
-        diff = parity(args.model, data, args.format, images, (op or {}).get("temperature"))
-        if diff > PARITY_TOLERANCE:
-            raise MedtlError(f"the {args.format} export differs from {args.model} by {diff:.2e} on {len(images)} prepared images "
-                             f"(tolerance {PARITY_TOLERANCE:g}); nothing was written")
-        checked = f"matches the PyTorch model on {len(images)} images from {args.check} (max abs difference {diff:.1e})"
-    else:
-        checked = "not compared with the PyTorch model (no prepared arrays; pass --check data/prepared)"
+    reports = (args.operating_point or DEFAULT_OPERATING_POINT).parent
+    data, meta = export(args.model, args.format, args.operating_point, args.precision, reports)
+    checked, reference = _check_against_audit(args, data, meta, reports)
     if args.out == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -260,5 +280,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_bytes(data)
-    print(f"{out}: {args.format}, classes {', '.join(json.loads(meta['medtl.classes']))}; {checked}")
+    if reference is not None:
+        from medtl.export_check import reference_pair, reference_path
+
+        reference_pair(reference_path(out), data, args.format, *reference)
+        checked += f"; reference inputs and outputs of {len(reference[0])} test images: {reference_path(out)}"
+    print(f"{out}: {args.format} {args.precision}, classes {', '.join(json.loads(meta['medtl.classes']))}; {checked}")
     return 0
+
+
+def _check_against_audit(args: argparse.Namespace, data: bytes, meta: dict[str, str], reports: Path):
+    """(the message, the reference pair's (images, ids, audited) or None); raises when the export is not the model."""
+    from medtl.export_card import evaluation_of
+    from medtl.export_check import audited_probabilities, compare, test_images
+
+    found = test_images(args.check, max(16, args.reference)) if args.check and args.check.is_dir() else None
+    if not found or not len(found[0]) or _check_images(args.check, meta, 1) is None:
+        return "not compared with the PyTorch model (no prepared arrays; pass --check data/prepared)", None
+    images, ids, split = found
+    op = json.loads(meta["medtl.operating_point"])
+    temperature = (op or {}).get("temperature")
+    same = parity(args.model, data, args.format, images[:16], temperature, args.precision)
+    if same > PARITY_TOLERANCE:
+        raise MedtlError(f"the {args.format} export differs from {args.model} at {args.precision} by {same:.2e} on "
+                         f"{len(images[:16])} prepared images (tolerance {PARITY_TOLERANCE:g}); nothing was written")
+    evaluated = evaluation_of(args.model, reports)
+    classes = json.loads(meta["medtl.classes"])
+    predictions = reports / "predictions.csv"
+    d = compare(args.model, data, args.format, images[:16], ids[:16] if ids is not None else None, classes, temperature,
+                evaluated, predictions)
+    msg = (f"matches the PyTorch model at {args.precision} on {d['images']} {split} images (max abs difference "
+           f"{same:.1e}); to PyTorch fp32: {d['to_pytorch_fp32']:.1e}")
+    if d["to_audited_predictions"] is not None:
+        msg += (f"; to the audited {predictions} (evaluated at {d['evaluate_precision']} on {d['evaluate_device']}): "
+                f"{d['to_audited_predictions']:.1e}")
+        if d.get("pytorch_at_evaluate_precision_to_audited") is not None:
+            msg += f" (PyTorch at {d['evaluate_precision']} reproduces them within {d['pytorch_at_evaluate_precision_to_audited']:.1e})"
+    else:
+        msg += f"; {d['note']}"
+    if args.reference <= 0 or args.out == "-":
+        return msg, None
+    k = min(args.reference, len(images))
+    ids = ids[:k] if ids is not None else None
+    audited = audited_probabilities(predictions, ids, classes) if evaluated and split == "test" else None
+    return msg, (images[:k], ids, audited)

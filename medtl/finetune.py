@@ -39,7 +39,7 @@ from medtl.inference import forward_batches
 from medtl.lineage import initial_head
 from medtl.metrics import predict_labels, roc_auc
 from medtl.model import Classifier, load_backbone, model_file
-from medtl.params import Device, Precision, require
+from medtl.params import Device, Precision, require, require_batch_size
 from medtl.prepared import PreparedSplit, load_split, load_stats
 from medtl.target import TargetParams, check_target, read_target
 
@@ -62,7 +62,7 @@ class FinetuneParams:
     step_gamma: float = 0.1
     epochs: int = 15
     batch_size: int = 32  # the global batch, split across processes under torchrun
-    patience: int = 5
+    patience: int = 6
     monitor: Literal["val_auc", "val_loss", "val_accuracy"] = "val_auc"
     class_weighting: bool = True  # inverse-frequency weights in the loss
     # balanced: draw classes equally often; site_balanced: sites equally often, classes balanced within each
@@ -93,7 +93,7 @@ class FinetuneParams:
                 f"a non-negative integer below epochs ({self.epochs})")
         require(self.step_epochs >= 1, f"{key}.step_epochs", self.step_epochs, "a positive integer")
         require(0 < self.step_gamma <= 1, f"{key}.step_gamma", self.step_gamma, "a number in (0, 1]")
-        require(self.batch_size >= 2, f"{key}.batch_size", self.batch_size, "an integer of at least 2")
+        require_batch_size(self.batch_size, f"{key}.batch_size", least=2)
         require(self.patience >= 1, f"{key}.patience", self.patience, "a positive integer")
         require(0 <= self.label_smoothing < 1, f"{key}.label_smoothing", self.label_smoothing, "a number in [0, 1)")
         require(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "a number in [0, 1)")

@@ -117,6 +117,15 @@ def build(cls: type[T], raw: dict, prefix: str) -> T:
     return obj
 
 
+# The largest batch any stage accepts (docs/training.md): a batch is held in memory whole, and a value beyond
+# this is a typo, not a plan. Training batches above the split's size are refused where the split is known.
+MAX_BATCH_SIZE = 4096
+
+
+def require_batch_size(value: int, key: str, least: int = 1) -> None:
+    require(least <= value <= MAX_BATCH_SIZE, key, value, f"an integer from {least} to {MAX_BATCH_SIZE}")
+
+
 def require(ok: bool, key: str, value: Any, expected: str) -> None:
     """Raise a ParamsError naming `key` unless `ok`; used by the sections' `check` methods."""
     if not ok:
@@ -160,9 +169,16 @@ def check_run_cache_keys(raw: Any, path: str | Path, prefix: str = "") -> None:
 def load_section(section: str, cls: type[T], path: str | Path = "params.yaml") -> T:
     raw = read_params_file(path)
     check_run_cache_keys(raw, path)
+    if section not in raw:
+        # built-in defaults would stand in silently for the section the pipeline ships
+        raise ParamsError(f"params section '{section}' is missing from {path}; the stage that reads it does not run on "
+                          f"built-in defaults. Sections present: {', '.join(map(str, raw)) or 'none'}. Copy the "
+                          f"'{section}' section of the shipped params.yaml (an empty mapping '{section}: {{}}' takes "
+                          "every default knowingly)")
     value = raw.get(section)
     if value is None:
-        value = {}
+        raise ParamsError(f"params section '{section}' in {path} is empty (null); write '{section}: {{}}' to take every "
+                          "default knowingly, or give its keys")
     if not isinstance(value, dict):
         raise ParamsError(f"params section '{section}' in {path} must be a mapping, got {value!r}")
     return build(cls, value, section)

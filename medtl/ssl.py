@@ -31,7 +31,7 @@ from medtl.backbones import Backbone
 from medtl.data import augment_batch
 from medtl.errors import MedtlError
 from medtl.imaging import Preprocessing
-from medtl.params import require
+from medtl.params import require, require_batch_size
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class SSLParams:
         require(self.epochs >= 1, f"{key}.epochs", self.epochs, "a positive integer")
         # Batch norm and the contrastive loss both need at least two images per batch.
         require(self.batch_size >= 2, f"{key}.batch_size", self.batch_size, "an integer >= 2 (batch norm and the contrastive loss need two images)")
+        require_batch_size(self.batch_size, f"{key}.batch_size", least=2)
         require(0 < self.lr <= 1, f"{key}.lr", self.lr, "a learning rate in (0, 1]")
         require(0 <= self.weight_decay <= 1, f"{key}.weight_decay", self.weight_decay, "a number in [0, 1]")
         require(0.01 <= self.temperature <= 10, f"{key}.temperature", self.temperature, "a temperature in [0.01, 10]")

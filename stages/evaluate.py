@@ -1,6 +1,12 @@
 """evaluate: models/model.pt on validation and test -> reports/ (metrics, operating point, predictions, plots, saliency)."""
-import json
+import sys
 from pathlib import Path
+
+# The medtl beside this script, whatever the environment installs: a queued or --temp experiment runs in a copy
+# of the project, and dvc.lock records that copy's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import json
 
 from medtl.evaluation import EvaluateParams, run_evaluate
 from medtl.external import set_columns
@@ -25,8 +31,9 @@ def _fmt(m: dict, name: str) -> str:
 def run() -> str:
     params = load_section("evaluate", EvaluateParams)
     external = [Path(x) for e in params.external for x in e.source_inputs()]
-    with stage_record("evaluate", params, inputs=[MODEL, PREPARED, MANIFEST, *external], outputs=OUTPUTS):
+    with stage_record("evaluate", params, inputs=[MODEL, PREPARED, MANIFEST, *external], outputs=OUTPUTS) as rec:
         m = run_evaluate(params, MODEL, PREPARED, OUT, manifest=MANIFEST)
+        rec.hardware = json.loads((OUT / "evaluation.json").read_text(encoding="utf-8"))["hardware"]
     line = f"{params.split} split, {m['n']} images / {m['n_groups']} patients: ROC AUC {_fmt(m, 'roc_auc')}, " \
            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
     if m.get("threshold") is not None:

@@ -4,9 +4,14 @@ Resumable: the state after each epoch goes to models/finetune.ckpt (not a DVC
 output, so DVC leaves it in place); a rerun after a crash continues from it.
 Distributed: run under `torchrun --nproc_per_node N`, or set finetune.nproc.
 """
-import os
 import sys
 from pathlib import Path
+
+# The medtl beside this script, whatever the environment installs: a queued or --temp experiment runs in a copy
+# of the project, and dvc.lock records that copy's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import os
 
 from dvclive import Live
 

@@ -1,10 +1,16 @@
 """ingest: decode the source named in params.yaml into data/ingested/."""
+import sys
 from pathlib import Path
+
+# The medtl beside this script, whatever the environment installs: a queued or --temp experiment runs in a copy
+# of the project, and dvc.lock records that copy's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medtl.ingest import IngestParams, run_ingest, steady_heap
 from medtl.io import atomic_dir
 from medtl.params import load_section
 from medtl.provenance import stage_record
+from medtl.provenance.record import project_path
 from medtl.sources.medmnist import fetch
 from medtl.stage import main
 
@@ -26,8 +32,9 @@ def run() -> str:
             report = run_ingest(params, tmp)
         rec.seeds["split"] = params.seed
         rec.extra["source"] = report["source"]
-        rec.extra["source_root"] = params.source_root()
-        rec.extra["source_folders"] = {"paths": folders, "files_listed_by": "source_ref and sha256 in data/ingested/manifest.csv"}
+        rec.extra["source_root"] = project_path(params.source_root()) if params.source_root() else None
+        rec.extra["source_folders"] = {"paths": [project_path(f) for f in folders],
+                                       "files_listed_by": "source_ref and sha256 in data/ingested/manifest.csv"}
         rec.extra["grouping"] = report["grouping"]
         rec.extra["pseudonym_key"] = report["pseudonym_key"]
     counts = ", ".join(f"{s} {c['images']} images / {c['groups']} groups" for s, c in report["counts"].items())

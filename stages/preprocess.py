@@ -1,5 +1,10 @@
 """preprocess: data/ingested/ -> fixed-size arrays per split and their preprocessing record in data/prepared/."""
+import sys
 from pathlib import Path
+
+# The medtl beside this script, whatever the environment installs: a queued or --temp experiment runs in a copy
+# of the project, and dvc.lock records that copy's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from medtl.imaging import read_options
 from medtl.io import atomic_dir

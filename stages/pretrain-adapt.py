@@ -1,5 +1,10 @@
 """pretrain-adapt: a pretrained backbone adapted to the target images -> models/backbone.pt."""
+import sys
 from pathlib import Path
+
+# The medtl beside this script, whatever the environment installs: a queued or --temp experiment runs in a copy
+# of the project, and dvc.lock records that copy's code.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dvclive import Live
 

@@ -250,3 +250,36 @@ def test_report_reads_in_order_for_a_clinician_and_prints_within_the_page(run, t
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and pdf.read_bytes().startswith(b"%PDF"), r.stderr[-2000:]
     assert pdf.stat().st_size > 50_000  # the pages with their charts and saliency images
+
+
+def evidence_of(root: Path) -> dict:
+    """What an audit asserts, without the time it was generated."""
+    stmt = json.loads((root / "reports/audit/provenance.json").read_text())
+    pred = stmt["predicate"]
+    return {"subject": stmt["subject"], "deps": pred["buildDefinition"]["resolvedDependencies"],
+            "params": pred["buildDefinition"]["externalParameters"], "byproducts": pred["runDetails"]["byproducts"],
+            "times": {k: v for k, v in pred["runDetails"]["metadata"].items() if k != "invocationId"}}
+
+
+def test_stage_records_return_with_the_audited_commit_after_an_experiment(run, tmp_path, capsys, monkeypatch):
+    """audit -> `dvc exp run` in the workspace -> back to the audited commit: verify passes, audit says the same."""
+    p = copy_project(run, tmp_path / "exp")
+    monkeypatch.chdir(p.path)
+    for rec in RECORDS:
+        hw = json.loads((p.path / rec).read_text())["hardware"]
+        assert hw["device"] and hw["precision"], rec  # evaluate's too: the precision behind the audited metrics
+    assert json.loads((p.path / RECORDS[-1]).read_text())["hardware"]["precision"] in ("fp32", "bf16", "fp16")
+    before = evidence_of(p.path)
+    assert before["times"].get("startedOn") and len(before["byproducts"]) == len(RECORDS)
+
+    p.dvc("exp", "run", "-S", "finetune.epochs=1")  # reruns fine-tune and evaluate, rewriting their records
+    assert (p.path / "models/model.pt.provenance.json").read_bytes() != (run.path / "models/model.pt.provenance.json").read_bytes()
+    p.git("checkout", "--", ".")
+    p.dvc("checkout", "-f")
+    assert p.dvc("status", "--json").stdout.strip() in ("{}", "")
+    rc, lines, out = verify(capsys)
+    assert (rc, lines) == (0, []), out
+    assert main(["audit"]) == 0
+    after = evidence_of(p.path)
+    differ = [a for a, b in zip(after["deps"], before["deps"]) if a != b]
+    assert not differ and after == before, differ[:2]

@@ -109,3 +109,64 @@ def test_input_shape_follows_either_spelling_of_the_image_size():
     assert _input_shape({"preprocessing": {"channels": 1, "size": 64}}) == (1, 64)
     with pytest.raises(MedtlError, match="lacks channels or image size"):
         _input_shape({"preprocessing": {"resize": "pad"}})
+
+
+def test_export_reports_both_differences_and_carries_a_model_card_and_a_reference_pair(tiny_run, tmp_path, capsys, monkeypatch):
+    import hashlib
+
+    from tests.project import copy_project
+
+    p = copy_project(tiny_run, tmp_path / "audited")
+    monkeypatch.chdir(p.path)
+    assert main(["audit"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "deploy/model.onnx"
+    assert main(["export", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    evaluated = json.loads((p.path / "reports/metrics.json.provenance.json").read_text())["hardware"]
+    # both numbers: to fp32 PyTorch, and to the audited predictions at the precision evaluate used
+    assert "to PyTorch fp32: " in said and f"to the audited reports/predictions.csv (evaluated at {evaluated['precision']}" in said
+
+    meta = {m.key: m.value for m in onnx.load(str(out)).metadata_props}
+    card = json.loads(meta["medtl.model_card"])
+    assert meta["medtl.precision"] == "fp32"
+    assert card["classes"] == ["normal", "lesion"] and card["intended_use"].startswith("Research and engineering")
+    assert card["operating_point"]["threshold"] == json.loads((p.path / "reports/operating_point.json").read_text())["threshold"]
+    auc = card["test_metrics"]["roc_auc"]
+    assert auc["value"] == json.loads((p.path / "reports/metrics.json").read_text())["roc_auc"] and len(auc["ci"]) == 2
+    assert card["evaluated_at"]["precision"] == evaluated["precision"]
+    assert set(card["training_data"]["per_split_class"]) == {"train", "val", "test"}
+    assert card["training_data"]["patients_per_split"]["train"] > 0
+    assert card["audit_provenance"]["sha256"] == hashlib.sha256((p.path / "reports/audit/provenance.json").read_bytes()).hexdigest()
+    assert card["weights_origin"]["name"] == "none" and "trained by this pipeline" in card["weights_origin"]["licence"]
+
+    # the reference pair: a deployer's runtime gives these probabilities for these inputs
+    ref = np.load(tmp_path / "deploy/model.onnx.reference.npz")
+    assert ref["image"].shape[0] == 4 and ref["image"].dtype == np.float32
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (probs,) = sess.run(["probabilities"], {"image": ref["image"]})
+    assert np.abs(probs - ref["probabilities"]).max() < 1e-6
+    # ... and how far they lie from the audited ones
+    assert ref["audited_probabilities"].shape == probs.shape and np.abs(probs - ref["audited_probabilities"]).max() < 0.05
+
+
+def test_a_bf16_torchscript_export_reproduces_the_audited_bf16_predictions(run, tmp_path, capsys):
+    out = tmp_path / "model.torchscript.pt"
+    assert main(["export", "--format", "torchscript", "--precision", "bf16", "--out", str(out)]) == 0
+    extra = {"medtl.json": ""}
+    module = torch.jit.load(str(out), map_location="cpu", _extra_files=extra)
+    assert json.loads(extra["medtl.json"])["medtl.precision"] == "bf16"
+    ref = np.load(tmp_path / "model.torchscript.pt.reference.npz")
+    with torch.no_grad():
+        _, probs = module(torch.from_numpy(ref["image"]))
+    assert np.abs(probs.numpy() - ref["probabilities"]).max() < 1e-6
+    evaluated = json.loads((run.path / "reports/metrics.json.provenance.json").read_text())["hardware"]
+    if evaluated["precision"] == "bf16" and evaluated["device"] == "cpu":
+        # the same kernels evaluate ran: equal to the csv's 6 decimals
+        assert np.abs(probs.numpy() - ref["audited_probabilities"]).max() < 1e-5
+
+
+def test_bf16_is_refused_for_onnx(run, tmp_path, capsys):
+    assert main(["export", "--precision", "bf16", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "not available for onnx" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()

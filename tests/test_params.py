@@ -130,3 +130,56 @@ def test_no_params_dataclass_has_a_field_the_run_cache_ignores():
     names = [n for section, cls in SECTIONS.items() for n in fields(cls, section)]
     assert len(names) > 80
     assert [n for n in names if n.rsplit(".", 1)[-1] in ("size", "nfiles")] == []
+
+
+@pytest.mark.parametrize("section", list(SECTIONS))
+def test_a_missing_or_empty_section_is_refused_naming_it(tmp_path, section):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    del raw[section]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=f"params section '{section}' is missing from {path}"):
+        load_section(section, SECTIONS[section], path)
+    raw[section] = None
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=f"params section '{section}' in {path} is empty"):
+        load_section(section, SECTIONS[section], path)
+    raw[section] = {}  # written on purpose: every default
+    path.write_text(yaml.safe_dump(raw))
+    load_section(section, SECTIONS[section], path)
+
+
+def test_built_in_defaults_equal_the_shipped_params_file():
+    """A key left out of params.yaml takes the value the shipped file gives it, never another one."""
+    from medtl.provenance.record import to_jsonable
+
+    def differ(default, shipped, key):
+        if isinstance(default, dict) and isinstance(shipped, dict):
+            for k in shipped.keys() & default.keys():
+                yield from differ(default[k], shipped[k], f"{key}.{k}")
+        elif default != shipped:
+            yield f"{key}: default {default!r}, params.yaml {shipped!r}"
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    found = [d for name, cls in SECTIONS.items()
+             for d in differ(to_jsonable(build(cls, {}, name)), to_jsonable(build(cls, raw[name], name)), name)]
+    assert found == []
+
+
+@pytest.mark.parametrize("key", ["finetune.batch_size", "evaluate.batch_size", "pretrain.batch_size", "pretrain.ssl.batch_size"])
+def test_batch_sizes_are_bounded(tmp_path, key):
+    from medtl.params import MAX_BATCH_SIZE
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    *path_keys, leaf = key.split(".")
+    node = raw
+    for k in path_keys:
+        node = node[k]
+    node[leaf] = 100_000_000
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=f"'{key}' has value 100000000; expected an integer from .* to {MAX_BATCH_SIZE}"):
+        load_section(path_keys[0], SECTIONS[path_keys[0]], path)
+    node[leaf] = MAX_BATCH_SIZE
+    path.write_text(yaml.safe_dump(raw))
+    load_section(path_keys[0], SECTIONS[path_keys[0]], path)

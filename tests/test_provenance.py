@@ -17,6 +17,7 @@ from medtl.cli import main
 from medtl.io import write_json
 from medtl.phi import pseudonymise
 from medtl.provenance import stage_record
+from medtl.provenance.record import run_times
 from medtl.provenance.bom import validate_bom
 
 DVC = str(Path(sys.executable).with_name("dvc"))
@@ -153,7 +154,7 @@ def project(tmp_path_factory) -> Path:
     try:
         _build_outputs(root)
         run([DVC, "commit", "-f", "-q"], root)
-        (root / ".gitignore").write_text("*.provenance.json\n/reports/audit/\n")
+        (root / ".gitignore").write_text("*.provenance.json\n*.provenance.json.log\n/reports/audit/\n")
         run(["git", "add", "-A"], root)
         run(["git", "commit", "-q", "-m", "pipeline"], root)
         assert audit() == 0  # once here; tests that need another audit run their own
@@ -183,7 +184,9 @@ def verify_lines(capsys, *args: str) -> tuple[int, list[str]]:
 
 def test_stage_records_hash_inputs_and_outputs(project):
     rec = json.loads((project / "data/prepared.provenance.json").read_text())
-    assert rec["stage"] == "preprocess" and rec["started"].endswith("Z") and rec["ended"] >= rec["started"]
+    assert rec["stage"] == "preprocess" and "started" not in rec  # the record is the same bytes run to run
+    times = run_times(project / "data/prepared.provenance.json")  # wall-clock times: a local log beside it
+    assert times["started"].endswith("Z") and times["ended"] >= times["started"]
     assert rec["inputs"][0]["path"] == "data/ingested" and rec["inputs"][0]["type"] == "dir"
     assert set(rec["outputs"][0]["files"]) >= {"train.npy", "test.npy", "stats.json"}
     assert rec["environment"]["packages"]["torch"] and rec["environment"]["uv_lock_sha256"]
@@ -395,7 +398,7 @@ def test_private_key_is_protected_by_a_passphrase(ws, tmp_path, monkeypatch, cap
 def test_keygen_asks_twice_at_a_terminal(tmp_path, monkeypatch, capsys):
     from medtl.provenance import signing
 
-    answers = iter(["typed phrase", "typed phrase", "a", "b"])
+    answers = iter(["typed phrase", "typed phrase", "a first phrase", "another phrase", "short"])
     monkeypatch.setattr(signing, "_interactive", lambda: True)
     monkeypatch.setattr(signing.getpass, "getpass", lambda prompt="": next(answers))
     monkeypatch.delenv("MEDTL_SIGNING_PASSPHRASE", raising=False)
@@ -404,6 +407,8 @@ def test_keygen_asks_twice_at_a_terminal(tmp_path, monkeypatch, capsys):
     assert signing.keyid(loaded.public_key()) == signing.keyid(signing.load_public_key(tmp_path / "k/medtl-signing.pub"))
     assert main(["keygen", "--out", str(tmp_path / "k2")]) == 2
     assert "differ" in capsys.readouterr().err and not (tmp_path / "k2/medtl-signing.key").exists()
+    assert main(["keygen", "--out", str(tmp_path / "k3")]) == 2  # a typed passphrase is held to 12 characters too
+    assert "at least 12" in capsys.readouterr().err and not (tmp_path / "k3/medtl-signing.key").exists()
 
 
 def _edit_evidence(ws: Path, change) -> None:
@@ -632,3 +637,55 @@ def test_verify_and_keygen_need_no_training_stack(ws, tmp_path):
     assert r.returncode == 0 and (tmp_path / "k/medtl-signing.key").read_text().startswith("-----BEGIN ENCRYPTED"), r.stderr
     r = medtl("export", "--help")
     assert r.returncode == 0 and "onnx" in r.stdout, r.stderr
+
+
+@pytest.mark.parametrize("name", ["ml-bom.json", "report.html", "report.md"])
+def test_what_a_reviewer_reads_is_covered_by_the_signature_and_by_verify(ws, capsys, tmp_path, monkeypatch, name):
+    monkeypatch.setenv("MEDTL_SIGNING_PASSPHRASE", "correct horse battery staple")
+    assert main(["keygen", "--out", str(tmp_path / "k")]) == 0
+    assert audit("--sign-key", str(tmp_path / "k/medtl-signing.key")) == 0
+    pub = str(tmp_path / "k/medtl-signing.pub")
+    signed = json.loads(base64_payload(ws / "reports/audit/provenance.dsse.json"))
+    covered = {d["name"] for d in signed["predicate"]["runDetails"]["byproducts"] if d["annotations"]["medtl.kind"] == "evidence"}
+    assert covered == {"ml-bom.json", "report.html", "report.md"}
+    assert verify_lines(capsys, "--pub-key", pub) == (0, [])
+    p = ws / "reports/audit" / name
+    p.write_text(p.read_text().replace("0.", "0.9", 1))  # a metric edited by hand
+    rc, lines = verify_lines(capsys, "--pub-key", pub)
+    assert rc == 1 and len(lines) == 1 and lines[0].startswith(f"MISMATCH {name}: expected sha256 "), lines
+
+
+def base64_payload(envelope: Path) -> bytes:
+    import base64
+
+    return base64.b64decode(json.loads(envelope.read_text())["payload"])
+
+
+@pytest.mark.parametrize("remote, uri", [(None, None), ("/home/someone/clones/medtl", None),
+                                         ("https://git.example.org/lab/medtl.git", "git+https://git.example.org/lab/medtl.git@")])
+def test_no_local_path_in_the_evidence_and_the_code_uri_is_a_reachable_remote(ws, capsys, remote, uri):
+    if remote:
+        subprocess.run(["git", "remote", "add", "origin", remote], cwd=ws, check=True)
+    assert audit() == 0
+    stmt = json.loads((ws / "reports/audit/provenance.json").read_text())
+    code = next(d for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"] if d["name"] == "code")
+    assert (code.get("uri") or None) == (uri and uri + code["digest"]["gitCommit"])
+    files = list((ws / "reports/audit").iterdir()) + list(ws.rglob("*.provenance.json"))
+    for f in files:
+        text = f.read_text()
+        for local in (str(ws), str(ws.resolve()), "/home/someone"):
+            assert local not in text, f"{local} in {f.relative_to(ws)}"
+
+
+def test_an_audit_without_the_local_run_times_still_writes_the_same_evidence(ws, capsys):
+    """Records carry no wall-clock times; on a machine without their local log (a clone), the audit only lacks them."""
+    before = json.loads((ws / "reports/audit/provenance.json").read_text())
+    for log in ws.rglob("*.provenance.json.log"):
+        log.unlink()
+    assert audit() == 0
+    after = json.loads((ws / "reports/audit/provenance.json").read_text())
+    assert "startedOn" in before["predicate"]["runDetails"]["metadata"]
+    assert "startedOn" not in after["predicate"]["runDetails"]["metadata"]
+    assert after["subject"] == before["subject"]
+    assert after["predicate"]["buildDefinition"]["resolvedDependencies"] == before["predicate"]["buildDefinition"]["resolvedDependencies"]
+    assert verify_lines(capsys) == (0, [])

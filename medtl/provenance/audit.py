@@ -24,7 +24,7 @@ from medtl.errors import MedtlError
 from medtl.provenance.transfer import transfer_evidence
 from medtl.provenance import environment as env
 from medtl.provenance.hashing import describe
-from medtl.provenance.record import RECORD_SUFFIX, load_record, record_path_for, utc_now
+from medtl.provenance.record import RECORD_SUFFIX, load_record, record_path_for, run_times, utc_now
 
 MANIFEST_CORE = {"image_id", "source_ref", "source_path", "sha256", "label", "group", "split", "height", "width", "channels", "offset"}
 # dependencies under these folders are code, whose file names may be listed; other folders a stage reads
@@ -273,14 +273,15 @@ def model_details(path: Path) -> dict:
     return details
 
 
-def backbone_weights(path: Path) -> dict | None:
+def backbone_weights(path: Path, name: str | None = None) -> dict | None:
+    """The pretrained weights behind a backbone checkpoint; `name` is its path relative to the project (no local path in evidence)."""
     from medtl.io import load_torch
 
     if not path.is_file():
         return None
     ckpt = load_torch(path)
     w = ckpt.get("weights") if isinstance(ckpt, dict) else None
-    out = {"checkpoint": path.as_posix()}
+    out = {"checkpoint": name or path.name}
     if isinstance(w, dict):
         out.update({k: w.get(k) for k in ("name", "origin", "sha256")})
     if isinstance(ckpt, dict) and isinstance(ckpt.get("adaptation"), dict):
@@ -377,7 +378,10 @@ def collect(root: Path, model: str) -> dict:
             rp = root / record_path_for(out)
             if rp.is_file():
                 records[name] = load_record(rp)
+                # wall-clock times are kept apart from the versioned record, in a local log keyed by its sha256
+                records[name].update(run_times(rp) or {})
                 records[name]["_path"] = record_path_for(out).as_posix()
+                records[name]["_dvc_md5"] = lock[name]["outs"].get(records[name]["_path"])
                 break
     for name in stage_names:
         if name not in records:
@@ -390,6 +394,8 @@ def collect(root: Path, model: str) -> dict:
     for name in stage_names:
         for role in ("deps", "outs"):
             for path, md5 in lock[name][role].items():
+                if path.endswith(RECORD_SUFFIX):
+                    continue  # stage records are listed once, as the statement's byproducts
                 p = root / path
                 if path in artifacts or not p.exists() or not p.resolve().is_relative_to(root):
                     if path in artifacts and role == "outs":
@@ -452,7 +458,7 @@ def collect(root: Path, model: str) -> dict:
     weights = None
     for path, d in artifacts.items():
         if d["type"] == "file" and path.endswith("backbone.pt"):
-            weights = backbone_weights(root / path)
+            weights = backbone_weights(root / path, path)
     if weights is None:
         weights = next(((r.get("extra") or {}).get("weights") for r in records.values() if (r.get("extra") or {}).get("weights")), None)
 
@@ -497,7 +503,8 @@ def collect(root: Path, model: str) -> dict:
         "plots": plots,
         "robustness": robustness if isinstance(robustness, dict) else None,
         "failures": failures if isinstance(failures, dict) else None,
-        "records": [{"path": r["_path"], "sha256": describe(root / r["_path"])["sha256"]} for r in sorted(records.values(), key=lambda r: r["_path"])],
+        "records": [{"path": r["_path"], "sha256": describe(root / r["_path"])["sha256"], "dvc_md5": r.get("_dvc_md5")}
+                    for r in sorted(records.values(), key=lambda r: r["_path"])],
     }
 
 
@@ -515,7 +522,15 @@ def write_evidence(ev: dict, root: Path, out_dir: Path, sign_key: Path | None = 
     errors = bom.validate_bom(doc)
     if errors:
         raise MedtlError("the ML-BOM does not validate against CycloneDX 1.6: " + "; ".join(errors[:5]))
+    # what a reviewer reads is written first, so that the statement (and its signature) covers it by sha256
+    readable = {"ml-bom.json": doc, "report.md": report.render_markdown(ev), "report.html": report.render_html(ev, root)}
+    for name, content in readable.items():
+        if isinstance(content, str):
+            write_text(out_dir / name, content)
+        else:
+            write_json(out_dir / name, content)
     stmt = statement.build_statement(ev)
+    stmt["predicate"]["runDetails"]["byproducts"] += [statement.evidence_descriptor(out_dir / name) for name in readable]
     payload = (json.dumps(stmt, indent=2, allow_nan=False) + "\n").encode("utf-8")
     written = []
     path = out_dir / "provenance.json"
@@ -528,7 +543,4 @@ def write_evidence(ev: dict, root: Path, out_dir: Path, sign_key: Path | None = 
         written.append(stale)
     elif stale.exists():
         stale.unlink()  # an envelope from an earlier audit would not match the new statement
-    write_json(out_dir / "ml-bom.json", doc)
-    write_text(out_dir / "report.md", report.render_markdown(ev))
-    write_text(out_dir / "report.html", report.render_html(ev, root))
     return written + [out_dir / "ml-bom.json", out_dir / "report.md", out_dir / "report.html"]

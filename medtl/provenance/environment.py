@@ -42,15 +42,25 @@ def git_state(cwd: str | Path = ".") -> dict:
     # porcelain lines are "XY path": a stripped first line would lose a column
     status = _git(["status", "--porcelain"], cwd, strip=False) or ""
     # provenance records are written beside outputs during the run; they are not code
-    changed = [line[3:] for line in status.splitlines() if not line.endswith(".provenance.json")]
+    changed = [line[3:] for line in status.splitlines() if not line.endswith((".provenance.json", ".provenance.json.log"))]
     state = {"commit": commit, "dirty": bool(changed), "changed": changed[:50]}
     branch = _git(["rev-parse", "--abbrev-ref", "HEAD"], cwd)
     if branch and branch != "HEAD":
         state["branch"] = branch
     remote = _git(["remote", "get-url", "origin"], cwd)
-    if remote:
+    if remote and shareable_remote(remote):
         state["remote"] = _strip_credentials(remote)
     return state
+
+
+def shareable_remote(url: str) -> bool:
+    """A remote others can reach (https://, ssh://, git@host:path); a local folder's path (which may hold a user
+    name) is not: the code is then named by its commit alone."""
+    if "://" in url:
+        return not url.lower().startswith("file://")
+    # scp-like syntax, host:path; not a Windows drive (C:\...) nor a path
+    head = url.split("/", 1)[0]
+    return ":" in head and len(head.split(":", 1)[0]) > 1
 
 
 def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:

@@ -29,6 +29,10 @@ PRIVATE_NAME = "medtl-signing.key"
 PUBLIC_NAME = "medtl-signing.pub"
 PASSPHRASE_ENV = "MEDTL_SIGNING_PASSPHRASE"
 KEY_TYPE = SCHEME = "ed25519"  # securesystemslib's names for the key type and signature scheme
+MIN_PASSPHRASE = 12
+# PKCS#8 PBES2 key derivation: PBKDF2-HMAC-SHA256 at OWASP's current work factor. cryptography's own
+# BestAvailableEncryption uses 2,048 iterations; keys written that way (older medtl) still open.
+KDF_ITERATIONS = 600_000
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -77,16 +81,72 @@ def new_passphrase(file: str | Path | None = None) -> bytes:
     """The passphrase for a new key: file, environment, or typed twice at a terminal."""
     given = _passphrase_from(file)
     if given is not None:
-        return given
+        return _long_enough(given, f"the passphrase in {file}" if file is not None else f"{PASSPHRASE_ENV}")
     if not _interactive():
         raise MedtlError(f"a passphrase is needed to protect the private key: set {PASSPHRASE_ENV}, pass --passphrase-file FILE, "
                          "run in a terminal to type it, or pass --no-passphrase to write the key unencrypted")
     first = getpass.getpass("passphrase for the new signing key: ")
     if not first:
         raise MedtlError("an empty passphrase does not protect the key; pass --no-passphrase to write it unencrypted")
+    _long_enough(first.encode("utf-8"), "the passphrase")
     if getpass.getpass("the same passphrase again: ") != first:
         raise MedtlError("the two passphrases differ; nothing was written")
     return first.encode("utf-8")
+
+
+def _long_enough(passphrase: bytes, what: str) -> bytes:
+    n = len(passphrase.decode("utf-8", errors="replace"))
+    if n < MIN_PASSPHRASE:
+        raise MedtlError(f"{what} has {n} characters; a signing key's passphrase needs at least {MIN_PASSPHRASE} "
+                         "(e.g. four random words); nothing was written")
+    return passphrase
+
+
+def _der(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    size = bytes([n]) if n < 0x80 else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + size + content
+
+
+def _oid(dotted: str) -> bytes:
+    parts = [int(x) for x in dotted.split(".")]
+    body = bytes([40 * parts[0] + parts[1]])
+    for v in parts[2:]:
+        chunk = [v & 0x7F]
+        while v > 0x7F:
+            v >>= 7
+            chunk.insert(0, 0x80 | (v & 0x7F))
+        body += bytes(chunk)
+    return _der(0x06, body)
+
+
+def _int(v: int) -> bytes:
+    return _der(0x02, v.to_bytes(v.bit_length() // 8 + 1, "big"))
+
+
+def encrypt_pkcs8(key: Ed25519PrivateKey, passphrase: bytes, iterations: int = KDF_ITERATIONS) -> bytes:
+    """PEM `ENCRYPTED PRIVATE KEY` (RFC 5958 / RFC 8018 PBES2): PBKDF2-HMAC-SHA256 at `iterations`, AES-256-CBC.
+
+    Written here because cryptography fixes the iteration count of its PKCS#8 encryption; OpenSSL
+    (`openssl pkey`) and cryptography read the result like any encrypted PKCS#8 key.
+    """
+    from cryptography.hazmat.primitives import padding
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    plain = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    salt, iv = os.urandom(16), os.urandom(16)
+    derived = hashlib.pbkdf2_hmac("sha256", passphrase, salt, iterations, dklen=32)
+    padder = padding.PKCS7(128).padder()
+    enc = Cipher(algorithms.AES(derived), modes.CBC(iv)).encryptor()
+    data = enc.update(padder.update(plain) + padder.finalize()) + enc.finalize()
+    seq = lambda *items: _der(0x30, b"".join(items))  # noqa: E731
+    kdf = seq(_oid("1.2.840.113549.1.5.12"),  # PBKDF2
+              seq(_der(0x04, salt), _int(iterations), seq(_oid("1.2.840.113549.2.9"), b"\x05\x00")))  # hmacWithSHA256
+    scheme = seq(_oid("2.16.840.1.101.3.4.1.42"), _der(0x04, iv))  # aes256-CBC
+    der = seq(seq(_oid("1.2.840.113549.1.5.13"), seq(kdf, scheme)), _der(0x04, data))  # PBES2
+    b64 = base64.encodebytes(der).decode("ascii").replace("\n", "")
+    lines = [b64[i:i + 64] for i in range(0, len(b64), 64)]
+    return ("-----BEGIN ENCRYPTED PRIVATE KEY-----\n" + "\n".join(lines) + "\n-----END ENCRYPTED PRIVATE KEY-----\n").encode("ascii")
 
 
 def keygen(out_dir: str | Path, force: bool = False, passphrase: bytes | None = None) -> tuple[Path, Path]:
@@ -96,8 +156,10 @@ def keygen(out_dir: str | Path, force: bool = False, passphrase: bytes | None = 
     if not force and (private.exists() or public.exists()):
         raise MedtlError(f"{private} or {public} already exists; choose another --out or pass --force to replace them")
     key = Ed25519PrivateKey.generate()
-    encryption = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    if passphrase:
+        pem = encrypt_pkcs8(key, _long_enough(passphrase, "the passphrase"))
+    else:
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     with atomic_path(private, mode=0o600) as tmp:  # the private key is never readable by others, even briefly
         tmp.write_bytes(pem)
     with atomic_path(public) as tmp:

@@ -34,6 +34,16 @@ def _artifact_descriptor(a: dict) -> dict:
     return {"name": a["path"], "digest": {"sha256": a["sha256"]}, "annotations": ann}
 
 
+def evidence_descriptor(path) -> dict:
+    """A file of the audit itself (ML-BOM, report), named relative to the statement's folder: verify re-hashes it
+    there, and a signature over the statement covers it."""
+    from medtl.provenance.hashing import file_digests
+
+    sha, _, size = file_digests(path)
+    return {"name": path.name, "digest": {"sha256": sha},
+            "annotations": {"medtl.kind": "evidence", "size": size, "location": "beside the statement"}}
+
+
 def build_statement(ev: dict) -> dict:
     m = ev["model"]
     deps = []
@@ -73,8 +83,9 @@ def build_statement(ev: dict) -> dict:
         deps.append(code)
     deps += [_artifact_descriptor(a) for a in ev["artifacts"] if a["path"] != m["path"]]
 
-    started = [s["record"]["started"] for s in ev["stages"] if s.get("record")]
-    ended = [s["record"]["ended"] for s in ev["stages"] if s.get("record")]
+    # run times come from each record's local log, absent on a machine that did not run the stage
+    started = [s["record"]["started"] for s in ev["stages"] if (s.get("record") or {}).get("started")]
+    ended = [s["record"]["ended"] for s in ev["stages"] if (s.get("record") or {}).get("ended")]
     metadata = {"invocationId": f"medtl-audit:{m['sha256'][:16]}:{ev['generated']}"}
     if started:
         metadata["startedOn"] = min(started)
@@ -112,7 +123,9 @@ def build_statement(ev: dict) -> dict:
             "runDetails": {
                 "builder": {"id": BUILDER_ID, "version": {"medtl": medtl_version, "dvc": ev["environment"].get("packages", {}).get("dvc") or "unknown"}},
                 "metadata": metadata,
-                "byproducts": [{"name": r["path"], "digest": {"sha256": r["sha256"]}, "annotations": {"medtl.kind": "stage-record"}} for r in ev["records"]],
+                "byproducts": [{"name": r["path"], "digest": {"sha256": r["sha256"]},
+                                "annotations": {"medtl.kind": "stage-record", **({"dvc_md5": r["dvc_md5"]} if r.get("dvc_md5") else {})}}
+                               for r in ev["records"]],
             },
         },
     }

@@ -345,6 +345,15 @@ def verify(evidence: str | Path, root: str | Path = ".", pub_key: str | Path | N
                 res.mismatch(f"{desc['name']} (dvc md5)", f"md5 {locked}", f"md5 {md5}")
         elif kind == "source-data":
             sources.append(desc)
+        elif kind == "evidence":
+            # the audit's own readable files (ML-BOM, report): beside the statement, wherever it was copied to
+            sha, name = (desc.get("digest") or {}).get("sha256"), desc.get("name")
+            if isinstance(name, str) and not outside(evidence.parent, name) and not (evidence.parent / name).exists():
+                res.skipped.append(f"{name} (not beside {evidence.name})")
+            elif isinstance(sha, str):
+                _check_file(res, evidence.parent, name, sha)
+            else:
+                res.mismatch(str(desc.get("name")), "a sha256 digest in the evidence", "none")
         elif kind == "code":
             expected = (desc.get("digest") or {}).get("gitCommit")
             actual = env._git(["rev-parse", "HEAD"], root)

@@ -65,7 +65,7 @@ def preset_sites(n: int) -> list[DemoSite]:
 
 @dataclass(frozen=True)
 class DemoParams:
-    patients: int = 120
+    patients: int = 200
     min_images_per_patient: int = 2
     max_images_per_patient: int = 4
     min_size: int = 96
