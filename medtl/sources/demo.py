@@ -73,7 +73,7 @@ class DemoParams:
     prevalence: float = 0.4
     seed: int = 7
     # Several sites: a number of preset sites (medtl.demo.PRESETS), or a list of DemoSite; 0: one site, no `site` column.
-    sites: list[DemoSite] | int = field(default_factory=list)
+    sites: list[DemoSite] | int = 0
 
     def check(self, key: str) -> None:
         require(self.patients >= 6, f"{key}.patients", self.patients, "at least 6")
