@@ -92,30 +92,9 @@ def run_folds(folds: int, jobs: int = 1, seed: int = 0, sets: list[str] = (), pr
     prefix = prefix or f"cv{folds}"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", prefix):
         raise MedtlError(f"--name {prefix!r}: expected letters, digits, '.', '_' or '-'")
-    names = [fold_name(prefix, i) for i in range(folds)]
-    existing = set(_dvc("exp", "list", "--name-only", what="dvc exp list").split())
-    taken = [n for n in names if n in existing]
-    if taken:
-        raise MedtlError(f"experiment(s) {', '.join(taken)} already exist for this commit; pass --name to choose "
-                         f"another prefix, or remove them first (dvc exp remove {' '.join(taken)})")
-    overrides = [a for s in sets for a in ("-S", s)]
-    before = set(_queue_tasks())  # older tasks may carry the same names (other commits)
-    for i, name in enumerate(names):
-        _dvc("exp", "run", "--queue", "-n", name, "-S", f"preprocess.cv.folds={folds}", "-S",
-             f"preprocess.cv.fold={i}", "-S", f"preprocess.cv.seed={seed}", *overrides, what=f"queueing {name}")
-    _dvc("queue", "start", "-j", str(jobs), what="dvc queue start")
-    print(f"medtl cv: queued {', '.join(names)}; {jobs} worker(s) started (dvc queue status)")
-    if not wait:
-        return names
-    while True:
-        status = {name: state for rev, (name, state) in _queue_tasks().items() if rev not in before and name in names}
-        if not any(status.get(n) in ("Queued", "Running") for n in names):
-            break
-        time.sleep(poll_s)
-    failed = [n for n in names if status.get(n) == "Failed"]
-    if failed:
-        raise MedtlError(f"fold experiment(s) {', '.join(failed)} failed; see `dvc queue logs {failed[0]}`")
-    return names
+    runs = [(fold_name(prefix, i), [f"preprocess.cv.folds={folds}", f"preprocess.cv.fold={i}",
+                                     f"preprocess.cv.seed={seed}", *sets]) for i in range(folds)]
+    return queue_experiments(runs, jobs, wait, "medtl cv", poll_s)
 
 
 def queue_experiments(runs: list[tuple[str, list[str]]], jobs: int, wait: bool = True, what: str = "medtl",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,9 @@ from typing import Literal
 import numpy as np
 
 from medtl import phi
-from medtl.errors import MedtlError, ParamsError, UnreadableImage
-from medtl.imaging import Preprocessing, decode, model_input
+from medtl.errors import MedtlError, ParamsError
+from medtl.imaging import Preprocessing, model_input
+from medtl.intake import decode_item, folder_items
 from medtl.params import require
 from medtl.sources import check_source_paths, open_source, source_inputs
 from medtl.sources.csv import CsvParams
@@ -118,20 +118,14 @@ class _Request:
     medmnist: MedmnistParams
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def _paths_or_pixels(target: TargetParams, key: str, classes: list[str], workdir: Path):
-    """(path, pixels, problem) per item of the target source; a source's labels are never looked at."""
+def _items(target: TargetParams, key: str, classes: list[str], workdir: Path, hidden: Counter):
+    """The target source's items, labels cleared: a source's labels are never looked at."""
     if target.source == "images":
         folder = Path(str(target.images))
         if not folder.is_dir():
             raise ParamsError(f"params key '{key}.images' is {target.images!r}, which is not a folder; expected a "
                               f"folder of unlabelled {IMAGE_SUFFIXES_HINT}")
-        for p in _image_files(folder):
-            yield p, None, None
+        yield from folder_items(folder, hidden)
         return
     if target.source == "dicom" and phi.uses_default_key():
         raise MedtlError(f"{key} is a dicom source and no pseudonym key is set; {phi.HOW_TO_SET_KEY}")
@@ -146,45 +140,36 @@ def _paths_or_pixels(target: TargetParams, key: str, classes: list[str], workdir
         for item in source.items:
             if target.split is not None and item.split != target.split:
                 continue
-            # A file without a label is as good as any: labels are not read.
-            usable = item.problem in (None, "no_label") and (item.path is not None or item.pixels is not None)
-            yield item.path, item.pixels, None if usable else (item.problem or "unusable")
+            if item.problem == "no_label":  # a file without a label is as good as any: labels are not read
+                item.problem, item.detail = None, ""
+            item.label = None
+            yield item
     finally:
         if source.cleanup:
             source.cleanup()
 
 
 def read_target(target: TargetParams, key: str, pre: Preprocessing, modalities: set[str]) -> TargetImages:
-    """Decode and prepare every target image by `pre`; refuse an empty target or one of another modality.
+    """Decode and prepare every target image by `pre` through the intake (its reasons and header checks);
+    refuse an empty target or one of another modality.
 
     `modalities` are the training images' (upper case; empty: unknown, not checked)."""
     workdir = Path(tempfile.mkdtemp(prefix="medtl-target-"))
-    images, skipped, found = [], Counter(), Counter()
+    options = pre.read_options()
+    images, skipped, found, hidden = [], Counter(), Counter(), Counter()
     files = 0
     try:
-        for path, pixels, problem in _paths_or_pixels(target, key, pre.classes, workdir):
+        for item in _items(target, key, pre.classes, workdir, hidden):
             files += 1
-            if problem:
-                skipped[problem] += 1
+            res = decode_item(item, options)
+            if res.problem:
+                skipped[res.problem] += 1
                 continue
-            if pixels is not None:
-                images.append(model_input(pixels, pre))
-                continue
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # decoder warnings may quote header values
-                try:
-                    decoded = decode(path, pre)
-                except UnreadableImage as e:
-                    skipped[e.reason] += 1
-                    continue
-                except Exception:  # a reader bug on one file is counted, as ingest counts it
-                    skipped["decode_error"] += 1
-                    continue
-            for d in decoded:
-                modality = str(d.metadata.get("modality") or "").upper()
+            for image in res.images:
+                modality = str(image.metadata.get("modality") or "").upper()
                 if modality:
                     found[modality] += 1
-                images.append(model_input(d.pixels, pre))
+                images.append(model_input(image.pixels, pre))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if not images:
@@ -198,7 +183,8 @@ def read_target(target: TargetParams, key: str, pre: Preprocessing, modalities: 
     arr = np.stack(images)
     digests = [pixel_digest(img) for img in arr]
     record = {"source": target.source, "files": files, "images": len(arr), "distinct_images": len(set(digests)),
-              "skipped": dict(sorted(skipped.items())), "modalities": dict(sorted(found.items())),
+              "skipped": dict(sorted(skipped.items())), "hidden_files": hidden["hidden_file"],
+              "modalities": dict(sorted(found.items())),
               "pixels_sha256": set_digest(digests)}
     return TargetImages(arr, digests, record)
 

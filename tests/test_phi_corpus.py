@@ -271,13 +271,17 @@ def _ssl(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
 def _target(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
     import json
 
-    from medtl.intake.unlabelled import read_unlabelled
+    import numpy as np
+
+    from medtl.target import TargetParams, read_target
     from tests.project import preprocessing_record
 
-    got = read_unlabelled(root, preprocessing_record(24), "target", out / "target.npy")
-    assert len(got.refs) == len(got.images) == len(got.sha256) and all(r.startswith("f-") for r in got.refs)
-    (out / "counts.json").write_text(json.dumps({"refs": got.refs, "sha256": got.sha256, **got.counts}))
-    return [out / "target.npy", out / "counts.json"], got.counts["skipped"], got.counts
+    # what the fine-tune stage reads for finetune.target
+    got = read_target(TargetParams(source="images", images=str(root)), "finetune.target", preprocessing_record(24), set())
+    assert len(got.digests) == len(got.images)
+    np.save(out / "target.npy", got.images)
+    (out / "counts.json").write_text(json.dumps(got.record))
+    return [out / "target.npy", out / "counts.json"], got.record["skipped"], got.record
 
 
 RUNNERS = {"ingest": _ingest, "external": _external, "predict": _predict, "ssl": _ssl, "target": _target}
