@@ -33,6 +33,58 @@ def test_fused_matches_eager_on_the_demo_test_split(tiny_run):
     assert record["mode"] == "eager" and "no fused form repays its build" in record["why"], record
 
 
+def test_the_forward_work_is_counted_on_the_meta_device_as_on_the_cpu():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from medtl.backbones import build_backbone
+    from medtl.fused import forward_tflop
+    from medtl.model import Classifier
+
+    model = Classifier(build_backbone("resnet18", 1, "none"), 2, [0.5], [0.25]).eval()
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x[:1])
+    assert forward_tflop(model, x, 10) == counter.get_total_flops() * 10 / 1e12 > 0
+    # a model that cannot run on the meta device is counted on the CPU
+    assert forward_tflop(_MetaRefusing(), torch.rand(2, 4), 5) == 2 * 4 * 3 * 5 / 1e12
+
+
+class _MetaRefusing(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3, bias=False)
+
+    def forward(self, x):
+        if x.device.type == "meta":
+            raise RuntimeError("no meta")
+        return self.linear(x)
+
+
+def test_the_first_batch_is_inferred_once_and_checked_on_its_first_images():
+    from medtl.fused import CHECK_IMAGES, FusedForward
+
+    seen = []  # batch sizes the eager forward ran on (outside the module: freeze keeps tensors only)
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            seen.append(len(x))
+            return self.linear(x)
+
+    model = Counting().eval()
+    fused = FusedForward(model, hardware.Hardware(torch.device("cpu"), "fp32"), mode="trace-freeze")
+    x = torch.rand(CHECK_IMAGES * 4, 4)
+    with torch.no_grad():
+        out = fused(x)
+        assert torch.allclose(out, model(x), atol=1e-6)  # the last entry of `seen`
+    # traced on the first images, run eagerly on them for the check; the whole batch only by the fused graph
+    assert fused.record["mode"] == "trace-freeze", fused.record
+    assert seen == [CHECK_IMAGES, CHECK_IMAGES, len(x)], seen
+
+
 def test_the_fused_form_follows_the_size_of_the_run():
     from medtl.fused import choose_mode, COMPILE_MIN_TFLOP, FUSE_MIN_TFLOP, c_compiler
 
