@@ -127,7 +127,7 @@ def fused_inference(arch: str, size: int, hw, batch_size: int, steps: int, mode:
     fused = FusedForward(model, hw, "auto", None, mode=mode)
     with torch.no_grad(), hw.autocast():
         start = time.perf_counter()
-        fused(batches[0][0])  # the build, and its check against eager on this batch
+        fused(batches[0][0])  # the build, and its check against eager on the first images of this batch
         built = time.perf_counter() - start
         fused(batches[0][0])  # warm-up
         start = time.perf_counter()
