@@ -63,7 +63,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--speed-sizes", type=_ints, default=[28, 64, 128, 224], help="model_speed: image sides")
     p.add_argument("--fused-sizes", type=_ints, default=[224], help="model_speed: image sides of the fused rows")
     p.add_argument("--fused-modes", type=lambda t: t.split(","), default=["trace-freeze", "compile"],
-                   help="model_speed: fused inference forms (medtl.fused) measured against eager")
+                   help="model_speed: fused inference forms (medtl.model.fused) measured against eager")
     p.add_argument("--speed-batch", type=int, default=8, help="model_speed/threads: batch at >= 128 px (4x below)")
     p.add_argument("--speed-steps", type=int, default=2, help="model_speed/threads: timed steps per measurement")
     p.add_argument("--speed-repeats", type=int, default=2,

@@ -125,9 +125,10 @@ def machine() -> dict:
 
 def demo_prepared(work: Path, patients: int, size: int, min_size: int = 96, max_size: int = 160) -> Path:
     """The pipeline's own demo, ingested and preprocessed by medtl into `work`; returns the prepared folder."""
-    from medtl.ingest import DemoParams, IngestParams, run_ingest
-    from medtl.preprocess import PreprocessParams, run_preprocess
-    from medtl.readers import ReadOptions
+    from medtl.ingest.ingest import IngestParams, run_ingest
+    from medtl.intake.readers.base import ReadOptions
+    from medtl.intake.sources.demo import DemoParams
+    from medtl.prepare.preprocess import PreprocessParams, run_preprocess
 
     ingested, prepared = work / "ingested", work / "prepared"
     if (prepared / "stats.json").is_file():
@@ -142,7 +143,7 @@ def demo_prepared(work: Path, patients: int, size: int, min_size: int = 96, max_
 
 def load_stats(prepared: Path) -> dict:
     """data/prepared/stats.json's record as a flat dict (size = the image side)."""
-    from medtl.prepared import load_stats as load
+    from medtl.prepare.prepared import load_stats as load
 
     stats = load(prepared)
     return {**stats.preprocessing.to_dict(), "size": stats.preprocessing.image_size, "counts": stats.counts}

@@ -39,7 +39,8 @@ def steps_per_second(model, batches, hw, opt) -> float:
 
 def main() -> None:
     from benchmarks.model_speed import build, random_batches
-    from medtl import distributed, hardware
+    from medtl import hardware
+    from medtl.train import distributed
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.ddp_speed")
     p.add_argument("--arch", default="resnet50")

@@ -5,7 +5,7 @@ uses the same seed, architecture, epochs and batches; a model trained on the
 target's own labels is the reference that bounds what adaptation can recover.
 Two problems:
 
-- demo: the multi-site demo's sites (`medtl.demo.PRESETS`, as `ingest.demo.sites`
+- demo: the multi-site demo's sites (`medtl.intake.demo.PRESETS`, as `ingest.demo.sites`
   makes them): source site a (the original demo's scanner), target site b,
   whose scanner differs in transfer curve, noise, resolution, blur and
   collimation, and whose prevalence differs;
@@ -62,7 +62,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def _split(images, labels, groups):
-    from medtl.prepared import PreparedSplit
+    from medtl.prepare.prepared import PreparedSplit
 
     return PreparedSplit(np.asarray(images, dtype=np.float16), np.asarray(labels, dtype=np.int64),
                          [{"group": str(g)} for g in groups])
@@ -97,7 +97,7 @@ def demo_sites(patients: int, size: int, seed: int, target_site: str = "b") -> t
     """Source: the demo's site a; target: `target_site`, both as the multi-site demo renders them (in memory)."""
     import cv2
 
-    from medtl import demo
+    from medtl.intake import demo
 
     presets = {name: (prevalence, scanner) for name, prevalence, scanner in demo.PRESETS}
     sites = []
@@ -118,8 +118,9 @@ def demo_sites(patients: int, size: int, seed: int, target_site: str = "b") -> t
 
 def ham_sites(root: Path, size: int, nv_sample: int, seed: int) -> tuple[dict, dict]:
     """Melanoma (1) vs naevus (0); source: the Austrian sources, target: Rosendahl (Australia); groups are lesions."""
-    from medtl.imaging import Preprocessing, model_input, read_record
-    from medtl.readers import ReadOptions, read
+    from medtl.intake.readers import read
+    from medtl.intake.readers.base import ReadOptions
+    from medtl.prepare.imaging import Preprocessing, model_input, read_record
 
     pre = Preprocessing(read=read_record(ReadOptions()), image_size=size, channels=3, resize="pad", mean=[0.5] * 3,
                         std=[0.25] * 3, classes=["nv", "mel"])
@@ -142,9 +143,9 @@ def ham_sites(root: Path, size: int, nv_sample: int, seed: int) -> tuple[dict, d
 
 
 def _auc(model, split, hw, n_resamples: int, seed: int) -> dict:
-    from medtl.inference import predict_logits
+    from medtl.evaluate.metrics_report import evaluate_split
     from medtl.metrics import apply_temperature
-    from medtl.metrics_report import evaluate_split
+    from medtl.model.inference import predict_logits
 
     probs = apply_temperature(predict_logits(model, split.images, 128, hw, "bench"), 1.0)
     r = evaluate_split(split.labels, probs, ["0", "1"], groups=[x["group"] for x in split.rows], n_resamples=n_resamples,
@@ -156,12 +157,12 @@ def run_problem(name: str, source: dict, target: dict, a) -> dict:
     import torch
 
     from medtl import hardware
-    from medtl.backbones import build_backbone
-    from medtl.data import AugmentParams
-    from medtl.domain import DomainAdversarialParams, adabn_target
-    from medtl.finetune import FinetuneParams, fit
-    from medtl.model import Classifier
-    from medtl.target import TargetParams
+    from medtl.model.classifier import Classifier
+    from medtl.model.start import build_backbone
+    from medtl.train.data import AugmentParams
+    from medtl.train.domain import DomainAdversarialParams, adabn_target
+    from medtl.train.finetune import FinetuneParams, fit
+    from medtl.train.target import TargetParams
 
     hw = hardware.Hardware(torch.device("cpu"), "fp32")
     channels = source["train"].images.shape[1]

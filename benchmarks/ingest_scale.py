@@ -29,7 +29,7 @@ NAME = "ingest_scale"
 def write_sources(root: Path, fmt: str, n: int, min_size: int, max_size: int) -> Path:
     """n images as DICOM (+ labels.csv), PNG class folders, or PNG class folders + manifest.csv under root;
     returns the source folder."""
-    from medtl import demo
+    from medtl.intake import demo
 
     src = root / f"{fmt}-{n}"
     done = src / ".complete"
@@ -76,9 +76,12 @@ def write_sources(root: Path, fmt: str, n: int, min_size: int, max_size: int) ->
 
 def _worker(stage: str, fmt: str, src: Path, out: Path) -> dict:
     """Run one stage in this (fresh) process; print its time and memory."""
-    from medtl.ingest import CsvParams, DicomParams, FolderParams, IngestParams, run_ingest, steady_heap
-    from medtl.preprocess import PreprocessParams, run_preprocess
-    from medtl.readers import ReadOptions
+    from medtl.ingest.ingest import IngestParams, run_ingest, steady_heap
+    from medtl.intake.readers.base import ReadOptions
+    from medtl.intake.sources.csv import CsvParams
+    from medtl.intake.sources.dicom import DicomParams
+    from medtl.intake.sources.folder import FolderParams
+    from medtl.prepare.preprocess import PreprocessParams, run_preprocess
 
     with MemorySampler() as mem, Timer() as t:
         if stage == "ingest":

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import Result, Timer, auc, cpu_fp32, load_stats
-from medtl.prepared import load_split
+from medtl.prepare.prepared import load_split
 
 NAME = "linear_probe"
 
@@ -76,11 +76,11 @@ def classic(backbone, k: int, root: Path, stats: dict, epochs: int, batch_size: 
 
 def medtl_probe(backbone, k: int, prepared: Path, stats: dict, epochs: int, batch_size: int, lr: float,
                 seed: int) -> tuple[float, float]:
-    """medtl.finetune.fit with strategy linear; returns (seconds, test AUC)."""
-    from medtl.data import AugmentParams
-    from medtl.finetune import FinetuneParams, fit
-    from medtl.inference import forward_batches
-    from medtl.model import Classifier
+    """medtl.train.finetune.fit with strategy linear; returns (seconds, test AUC)."""
+    from medtl.model.classifier import Classifier
+    from medtl.model.inference import forward_batches
+    from medtl.train.data import AugmentParams
+    from medtl.train.finetune import FinetuneParams, fit
 
     params = FinetuneParams(strategy="linear", epochs=epochs, batch_size=batch_size, lr=lr, schedule="constant",
                             patience=epochs, class_weighting=False, augment=AugmentParams(enabled=False), seed=seed,
@@ -97,7 +97,7 @@ def medtl_probe(backbone, k: int, prepared: Path, stats: dict, epochs: int, batc
 
 def run(work: Path, prepared: Path, epochs: list[int], batch_size: int, workers: int, auc_tolerance: float,
         arch: str = "resnet18") -> Result:
-    from medtl.backbones import build_backbone
+    from medtl.model.start import build_backbone
 
     stats = load_stats(prepared)
     classes, k = stats["classes"], len(stats["classes"])

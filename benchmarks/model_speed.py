@@ -68,8 +68,8 @@ def conv_gflops(dtype: torch.dtype, device: torch.device, channels: int = 256, s
 
 
 def build(arch: str, channels: int, hw, num_classes: int = 2):
-    from medtl.backbones import build_backbone
-    from medtl.model import Classifier
+    from medtl.model.classifier import Classifier
+    from medtl.model.start import build_backbone
 
     torch.manual_seed(0)
     model = Classifier(build_backbone(arch, channels, "none"), num_classes, [0.5] * channels, [0.25] * channels)
@@ -117,8 +117,8 @@ def images_per_second(arch: str, size: int, hw, batch_size: int, steps: int, cha
 
 def fused_inference(arch: str, size: int, hw, batch_size: int, steps: int, mode: str,
                     channels: int = 1) -> tuple[float, float, str]:
-    """(images/s, build seconds, mode that ran) of medtl's fused inference (medtl.fused) forced to `mode`."""
-    from medtl.fused import FusedForward
+    """(images/s, build seconds, mode that ran) of medtl's fused inference (medtl.model.fused) forced to `mode`."""
+    from medtl.model.fused import FusedForward
 
     batches = random_batches(batch_size, steps, channels, size, hw)
     model = build(arch, channels, hw).eval()

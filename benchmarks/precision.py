@@ -2,7 +2,7 @@
 
 Throughput is forward (+ backward + step) on batches already in memory. The
 accuracy of each is the demo's test AUC after the same full fine-tuning run
-(`medtl.finetune.fit`, same seed and epochs) in that precision.
+(`medtl.train.finetune.fit`, same seed and epochs) in that precision.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.common import Result, Timer, auc, load_stats
 from benchmarks.train_path import memory_batches, raw_train
-from medtl.prepared import load_split
+from medtl.prepare.prepared import load_split
 
 NAME = "precision"
 
@@ -30,8 +30,8 @@ def infer_seconds(model, batches, hw, warmup: int = 1) -> float:
 
 
 def build(arch: str, stats: dict, hw):
-    from medtl.backbones import build_backbone
-    from medtl.model import Classifier
+    from medtl.model.classifier import Classifier
+    from medtl.model.start import build_backbone
 
     torch.manual_seed(0)
     model = Classifier(build_backbone(arch, stats["channels"], "none"), len(stats["classes"]), stats["mean"], stats["std"])
@@ -42,8 +42,8 @@ def build(arch: str, stats: dict, hw):
 
 def run(prepared: Path, epochs: int, batch_size: int, steps: int, auc_tolerance: float, arch: str = "resnet18") -> Result:
     from medtl import hardware
-    from medtl.finetune import FinetuneParams, fit
-    from medtl.inference import forward_batches
+    from medtl.model.inference import forward_batches
+    from medtl.train.finetune import FinetuneParams, fit
 
     stats = load_stats(prepared)
     train, val, test = (load_split(prepared, s) for s in ("train", "val", "test"))
@@ -89,15 +89,16 @@ def int8_rows(res: Result, model, prepared: Path, test, speed: dict, scores: dic
 
     import numpy as np
 
-    from medtl import model as medtl_model
-    from medtl.export import export
-    from medtl.int8 import export_int8
-    from medtl.prepared import load_stats as load_prepared_stats
+    from medtl.deploy.export import export
+    from medtl.deploy.int8 import export_int8
+    from medtl.model import classifier as medtl_model
+    from medtl.model.model_file import save_model
+    from medtl.prepare.prepared import load_stats as load_prepared_stats
 
     with tempfile.TemporaryDirectory(prefix="medtl-bench-int8-") as tmp:
         path = Path(tmp) / "model.pt"
         pre = load_prepared_stats(prepared).preprocessing
-        medtl_model.save_model(medtl_model.model_file(model.float().to(memory_format=torch.contiguous_format), pre,
+        save_model(medtl_model.model_file(model.float().to(memory_format=torch.contiguous_format), pre,
                                                       strategy="full"), path)
         int8, record = export_int8(path, prepared, None, 0.99)  # measured here, never refused
         fp32, _ = export(path, "onnx", None)

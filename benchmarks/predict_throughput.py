@@ -1,7 +1,7 @@
 """6. `medtl predict` on DICOM files vs the model's raw inference on tensors already in memory, and at 224 px
 on colour PNGs and DICOMs vs a plain bf16 loop over the same files (deploy_rows).
 
-`medtl.predict.predict` does what the command does after parsing its
+`medtl.deploy.predict.predict` does what the command does after parsing its
 arguments: walk the folder, decode each file, prepare it as the pipeline
 does, batch, infer and write the CSV. The reference is the same model, batch
 size and precision on the same images, prepared beforehand.
@@ -19,7 +19,7 @@ NAME = "predict"
 
 
 def write_inputs(folder: Path, n: int, min_size: int, max_size: int) -> list[Path]:
-    from medtl import demo
+    from medtl.intake import demo
 
     done = folder / ".complete"
     if done.is_file():
@@ -35,21 +35,23 @@ def write_inputs(folder: Path, n: int, min_size: int, max_size: int) -> list[Pat
 
 def save_model(path: Path, prepared: Path, arch: str) -> None:
     """A model file in fine-tune's format (weights untrained: throughput does not depend on them)."""
-    from medtl import model as medtl_model
-    from medtl.backbones import build_backbone
-    from medtl.prepared import load_stats
+    from medtl.model import classifier as medtl_model
+    from medtl.model.model_file import save_model
+    from medtl.model.start import build_backbone
+    from medtl.prepare.prepared import load_stats
 
     pre = load_stats(prepared).preprocessing
     torch.manual_seed(0)
     classifier = medtl_model.Classifier(build_backbone(arch, pre.channels, "none"), len(pre.classes), pre.mean, pre.std)
-    medtl_model.save_model(medtl_model.model_file(classifier, pre, strategy="full"), path)
+    save_model(medtl_model.model_file(classifier, pre, strategy="full"), path)
 
 
 def run(work: Path, prepared: Path, n: int, batch_size: int, arch: str = "resnet18", deploy_images: int = 0,
         deploy_archs: tuple[str, ...] = ("resnet18", "resnet50"), repeats: int = 2) -> Result:
-    from medtl.imaging import decode, model_input
-    from medtl.model import load_classifier, model_preprocessing
-    from medtl.predict import predict
+    from medtl.deploy.predict import predict
+    from medtl.intake.readers import read
+    from medtl.model.classifier import load_classifier, model_preprocessing
+    from medtl.prepare.imaging import model_input
 
     hw = cpu_fp32()
     model_path = work / "predict-model.pt"
@@ -67,7 +69,7 @@ def run(work: Path, prepared: Path, n: int, batch_size: int, arch: str = "resnet
     model, ckpt = load_classifier(model_path)
     with Timer() as dec:
         pre = model_preprocessing(ckpt, model_path)
-        images = np.stack([model_input(decode(f, pre)[0].pixels, pre) for f in files])
+        images = np.stack([model_input(read(f, pre.read_options())[0].pixels, pre) for f in files])
     batches = [torch.from_numpy(images[i:i + batch_size].astype(np.float32)) for i in range(0, len(images), batch_size)]
     with torch.no_grad():
         model(batches[0])  # warm-up
@@ -105,23 +107,24 @@ def write_colour_pngs(folder: Path, n: int, side: int = 224) -> list[Path]:
 
 
 def save_deploy_model(path: Path, arch: str, channels: int, side: int) -> None:
-    from medtl import model as medtl_model
-    from medtl.backbones import build_backbone
-    from medtl.imaging import Preprocessing, read_record
-    from medtl.readers import ReadOptions
+    from medtl.intake.readers.base import ReadOptions
+    from medtl.model import classifier as medtl_model
+    from medtl.model.model_file import save_model
+    from medtl.model.start import build_backbone
+    from medtl.prepare.imaging import Preprocessing, read_record
 
     pre = Preprocessing(read=read_record(ReadOptions()), image_size=side, channels=channels, resize="pad",
                         mean=[0.5] * channels, std=[0.25] * channels, classes=["normal", "lesion"])
     torch.manual_seed(0)
     classifier = medtl_model.Classifier(build_backbone(arch, channels, "none"), 2, pre.mean, pre.std)
-    medtl_model.save_model(medtl_model.model_file(classifier, pre, strategy="full"), path)
+    save_model(medtl_model.model_file(classifier, pre, strategy="full"), path)
 
 
 def plain_loop(model_path: Path, files: list[Path], batch_size: int, side: int, channels: int) -> float:
     """Seconds of the plain bf16 loop over `files` (decode, resize, infer), model loading included."""
     import torch.nn.functional as F
 
-    from medtl.model import load_classifier
+    from medtl.model.classifier import load_classifier
 
     def load(path: Path) -> torch.Tensor:
         if path.suffix == ".dcm":
@@ -152,7 +155,7 @@ def plain_loop(model_path: Path, files: list[Path], batch_size: int, side: int, 
 def deploy_rows(res: Result, work: Path, n: int, batch_size: int, archs: list[str], repeats: int = 2) -> None:
     """predict / plain loop on n 224 px colour PNGs and n DICOMs (96-160 px, resized to 224), per arch."""
     from medtl import hardware
-    from medtl.predict import decode_workers, predict
+    from medtl.deploy.predict import decode_workers, predict
 
     side = 224
     inputs = {"224 px colour PNG": (work / "png224", write_colour_pngs(work / "png224", n, side), 3),

@@ -1,7 +1,7 @@
 """2. Full fine-tuning: medtl's training loop vs the model's own forward + backward on tensors in memory.
 
 Same model, batch size, precision (`auto`), threads, optimiser and number of steps. The
-loop is `medtl.finetune.fit` (strategy full, augmentation as in params.yaml,
+loop is `medtl.train.finetune.fit` (strategy full, augmentation as in params.yaml,
 batches gathered from the memory-mapped prepared array), timed as a whole with
 a small validation split; the reference is forward + backward + AdamW step on
 batches already in memory as float32 tensors, after a short warm-up.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from benchmarks.common import Result, Timer, load_stats
-from medtl.prepared import PreparedSplit, load_split
+from medtl.prepare.prepared import PreparedSplit, load_split
 
 NAME = "train_path"
 
@@ -62,9 +62,9 @@ def memory_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, step
 
 def run(prepared: Path, epochs: int, batch_size: int, arch: str = "resnet18", cpu_epochs: int = 0) -> Result:
     from medtl import hardware
-    from medtl.backbones import build_backbone
-    from medtl.finetune import FinetuneParams, fit
-    from medtl.model import Classifier
+    from medtl.model.classifier import Classifier
+    from medtl.model.start import build_backbone
+    from medtl.train.finetune import FinetuneParams, fit
 
     stats = load_stats(prepared)
     k = len(stats["classes"])
@@ -106,10 +106,11 @@ _CPU_WORKER = """
 import sys
 import medtl
 import torch
-from medtl import finetune, hardware
-from medtl.backbones import build_backbone
-from medtl.model import Classifier
-from medtl.prepared import load_split
+from medtl.train import finetune
+from medtl import hardware
+from medtl.model.start import build_backbone
+from medtl.model.classifier import Classifier
+from medtl.prepare.prepared import load_split
 from benchmarks.common import load_stats
 from benchmarks.train_path import small_val
 variant, prepared, epochs, batch, arch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]

@@ -226,7 +226,7 @@ def ham(args) -> dict:
     target = args.ham_target
     import dvc.api
 
-    from medtl.cv_sites import site_experiments
+    from medtl.experiments.cv_sites import site_experiments
     from medtl.io import sha256_file
 
     cwd = Path.cwd()

@@ -26,8 +26,8 @@ from medtl.io import folder_argument  # noqa: F401  (command modules take it fro
 
 # Each module defines `register(subparsers)`, adding a subparser whose
 # defaults carry `func(args) -> int`.
-COMMAND_MODULES: list[str] = ["medtl.weights", "medtl.provenance.commands", "medtl.predict", "medtl.export", "medtl.locate",
-                              "medtl.exps", "medtl.cv", "medtl.curve", "medtl.phi"]
+COMMAND_MODULES: list[str] = ["medtl.model.weights", "medtl.provenance.commands", "medtl.deploy.predict", "medtl.deploy.export_command", "medtl.deploy.locate",
+                              "medtl.experiments.exps", "medtl.experiments.cv_command", "medtl.experiments.curve", "medtl.intake.phi"]
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_MISSING_EXTRA, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Top-level packages of the `train` extra: a handler that needs one of them in the base install exits 3.

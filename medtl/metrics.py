@@ -1,6 +1,6 @@
 """Classification metrics on predicted probabilities: the engine (metrics, bootstrap, operating points, calibration).
 
-The report built from them (per class, subgroups, curves) is `medtl.metrics_report`.
+The report built from them (per class, subgroups, curves) is `medtl.evaluate.metrics_report`.
 
 Everything here is a pure function of numpy arrays: labels `y_true` (N,) as
 integers 0..K-1 and class probabilities `probs` (N, K) (a 1-D `probs` is read
@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 
 import numpy as np
-from scipy import optimize, sparse
+from scipy import sparse
 from scipy.special import log_softmax, softmax
 
 from medtl.errors import MedtlError
@@ -438,6 +438,8 @@ def fit_temperature(logits_val, y_val, *, bounds: tuple[float, float] = (0.05, 2
 
     def nll(log_t: float) -> float:
         return float(-log_softmax(z / math.exp(log_t), axis=1)[rows, labels].mean())
+
+    from scipy import optimize  # only here: importing it costs every `medtl predict` a third of a second
 
     res = optimize.minimize_scalar(nll, bounds=(math.log(lo), math.log(hi)), method="bounded",
                                    options={"xatol": 1e-6})

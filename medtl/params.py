@@ -185,6 +185,6 @@ def load_section(section: str, cls: type[T], path: str | Path = "params.yaml") -
 
 
 # Shared value types for the sections, which live beside the code that reads them
-# (IngestParams in medtl.ingest, FinetuneParams in medtl.finetune, ...).
+# (IngestParams in medtl.ingest.ingest, FinetuneParams in medtl.train.finetune, ...).
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]

@@ -8,8 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import json
 
-from medtl.evaluation import EvaluateParams, run_evaluate
-from medtl.external import set_columns
+from medtl.evaluate.evaluation import EvaluateParams, run_evaluate
+from medtl.evaluate.external import set_columns
+from medtl.evaluate.reports import load_evaluation, load_robustness
 from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.stage import main
@@ -33,7 +34,7 @@ def run() -> str:
     external = [Path(x) for e in params.external for x in e.source_inputs()]
     with stage_record("evaluate", params, inputs=[MODEL, PREPARED, MANIFEST, *external], outputs=OUTPUTS) as rec:
         m = run_evaluate(params, MODEL, PREPARED, OUT, manifest=MANIFEST)
-        rec.hardware = json.loads((OUT / "evaluation.json").read_text(encoding="utf-8"))["hardware"]
+        rec.hardware = load_evaluation(OUT)["hardware"]
     line = f"{params.split} split, {m['n']} images / {m['n_groups']} patients: ROC AUC {_fmt(m, 'roc_auc')}, " \
            f"accuracy {m['accuracy']:.3f}, balanced accuracy {m['balanced_accuracy']:.3f}"
     if m.get("threshold") is not None:
@@ -44,7 +45,7 @@ def run() -> str:
         flags = [f for f in ("intensity_shift", "operating_point_shift", "transductive") if e.get(f)]
         line += f"; external {name}, {e['n']} images: ROC AUC {_fmt(e, 'roc_auc')}" + \
                 (f" [{', '.join(flags)}]" if flags else "")
-    worst = json.loads((OUT / "robustness.json").read_text(encoding="utf-8")).get("worst")
+    worst = (load_robustness(OUT) or {}).get("worst")
     if worst:
         line += f"; robustness: largest ROC AUC drop {worst['roc_auc_drop']:.3f} ({worst['perturbation']} " \
                 f"severity {worst['severity']}, {worst['flipped']:.0%} of decisions flipped)"

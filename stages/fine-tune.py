@@ -15,14 +15,14 @@ import os
 
 from dvclive import Live
 
-from medtl import distributed
 from medtl.errors import MedtlError
-from medtl.finetune import FinetuneParams, run_finetune
-from medtl.model import save_model
+from medtl.model.model_file import save_model
 from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.stage import main
-from medtl.target import require_present
+from medtl.train import distributed
+from medtl.train.finetune import FinetuneParams, run_finetune
+from medtl.train.target import require_present
 
 BACKBONE, PREPARED, OUT, LIVE = Path("models/backbone.pt"), Path("data/prepared"), Path("models/model.pt"), "dvclive"
 RESUME = Path("models/finetune.ckpt")
@@ -79,7 +79,7 @@ def run() -> str:
             rec.seeds["torch"] = params.seed
             rec.hardware = ckpt["hardware"]
             rec.extra["training"] = {k: summary[k] for k in ("best_epoch", "epochs_run", "best", "resumed_from")}
-            for k in ("target", "target_adaptation", "domain_adversarial"):  # the target images by count and pixel sha256 (medtl.target)
+            for k in ("target", "target_adaptation", "domain_adversarial"):  # the target images by count and pixel sha256 (medtl.train.target)
                 if k in ckpt:
                     rec.extra[k] = {n: v for n, v in ckpt[k].items() if n != "pixel_digests"}
     finally:

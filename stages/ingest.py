@@ -6,12 +6,12 @@ from pathlib import Path
 # of the project, and dvc.lock records that copy's code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medtl.ingest import IngestParams, run_ingest, steady_heap
+from medtl.ingest.ingest import IngestParams, run_ingest, steady_heap
+from medtl.intake.sources.medmnist import fetch
 from medtl.io import atomic_dir
 from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.provenance.record import project_path
-from medtl.sources.medmnist import fetch
 from medtl.stage import main
 
 OUT = Path("data/ingested")

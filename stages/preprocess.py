@@ -6,10 +6,10 @@ from pathlib import Path
 # of the project, and dvc.lock records that copy's code.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from medtl.imaging import read_options
 from medtl.io import atomic_dir
 from medtl.params import load_section, read_params_file
-from medtl.preprocess import PreprocessParams, run_preprocess
+from medtl.prepare.imaging import read_options
+from medtl.prepare.preprocess import PreprocessParams, run_preprocess
 from medtl.provenance import stage_record
 from medtl.stage import main
 

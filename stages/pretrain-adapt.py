@@ -8,13 +8,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dvclive import Live
 
-from medtl.adaptation import PretrainParams, run_pretrain
-from medtl.backbones import backbone_state
-from medtl.io import save_torch, write_text
+from medtl.io import write_text
+from medtl.model.backbone_file import save_backbone_file
+from medtl.model.backbones import backbone_state
 from medtl.params import load_section
 from medtl.provenance import stage_record
 from medtl.provenance.hashing import PLACEHOLDER, describe
 from medtl.stage import main
+from medtl.train.adaptation import PretrainParams, run_pretrain
 
 PREPARED, OUT, LIVE = Path("data/prepared"), Path("models/backbone.pt"), "dvclive_pretrain"
 # Adaptation reads only these; labels, val and test stay unopened.
@@ -40,8 +41,7 @@ def run() -> str:
             # .dvcignore hides), but holds no loss file: `dvc plots show` draws no empty chart.
             write_text(Path(LIVE) / "plots" / "metrics" / PLACEHOLDER, "")
         # A previous medtl model as the source: its head goes along, for fine-tune to reuse when the classes match.
-        head = {"source_head": backbone.source_head} if getattr(backbone, "source_head", None) else {}
-        save_torch({**backbone_state(backbone), "adaptation": record, **head}, OUT)
+        save_backbone_file(OUT, backbone_state(backbone), record, getattr(backbone, "source_head", None))
         rec.seeds["torch"] = params.seed
         if params.adapt == "ssl":
             rec.seeds["ssl"] = params.ssl.seed

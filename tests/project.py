@@ -92,8 +92,8 @@ def copy_project(src: Project, dest: Path) -> Project:
 def preprocessing_record(image_size: int, channels: int = 1, classes=("normal", "lesion"), mean=None, std=None,
                          resize: str = "pad", read: dict | None = None):
     """A preprocessing record as preprocess writes it, for tests that make prepared arrays or models by hand."""
-    from medtl.imaging import Preprocessing, read_record
-    from medtl.readers import ReadOptions
+    from medtl.intake.readers.base import ReadOptions
+    from medtl.prepare.imaging import Preprocessing, read_record
 
     return Preprocessing(read=read if read is not None else read_record(ReadOptions()), image_size=image_size,
                          channels=channels, resize=resize, mean=list(mean or [0.3] * channels),

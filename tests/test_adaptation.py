@@ -8,13 +8,15 @@ from torch import nn
 
 from torchvision.models import get_model
 
-from medtl import hardware, weights
-from medtl.adaptation import PretrainParams, adabn, run_pretrain
-from medtl.backbones import build_backbone
+from medtl import hardware
 from medtl.errors import ParamsError
 from medtl.io import load_torch
-from medtl.model import Normalize
+from medtl.model import weights
+from medtl.model.classifier import Normalize
+from medtl.model.start import build_backbone
 from medtl.params import build
+from medtl.train.adaptation import PretrainParams, run_pretrain
+from medtl.train.domain import adabn
 from tests.test_ssl import write_prepared
 
 

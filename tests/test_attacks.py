@@ -9,14 +9,14 @@ import torch
 from torch.nn import functional as F
 
 from medtl import hardware
-from medtl.attacks import AdversarialParams, attack, fgsm, pgd
-from medtl.backbones import build_backbone
-from medtl.data import AugmentParams
 from medtl.errors import ParamsError
-from medtl.finetune import FinetuneParams, fit
-from medtl.model import Classifier
+from medtl.model.classifier import Classifier
+from medtl.model.start import build_backbone
 from medtl.params import build
-from medtl.prepared import PreparedSplit
+from medtl.prepare.prepared import PreparedSplit
+from medtl.train.attacks import AdversarialParams, attack, fgsm, pgd
+from medtl.train.data import AugmentParams
+from medtl.train.finetune import FinetuneParams, fit
 
 CPU = hardware.Hardware(torch.device("cpu"), "fp32")
 

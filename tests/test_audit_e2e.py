@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medtl import demo
 from medtl.cli import main
+from medtl.intake import demo
 from medtl.provenance.bom import validate_bom
 from tests.project import Project, copy_project
 

@@ -2,18 +2,18 @@ import pytest
 import torch
 from torchvision.models import get_model
 
-from medtl.backbones import (
+from medtl.errors import MedtlError, ParamsError
+from medtl.io import load_torch, save_torch, sha256_file
+from medtl.model.backbones import (
     SUPPORTED,
     _gray_conv,
     Backbone,
     backbone_from_state,
     backbone_state,
-    build_backbone,
     check_input_size,
     input_size_rule,
 )
-from medtl.errors import MedtlError, ParamsError
-from medtl.io import load_torch, save_torch, sha256_file
+from medtl.model.start import build_backbone
 
 EXPECTED_FEATURES = {
     "resnet18": 512,
@@ -174,8 +174,8 @@ def test_mismatched_state_is_reported():
 
 def test_vgg16_bn_trains_by_stage_on_a_tiny_input():
     """vgg16_bn's layer groups: each strategy's frozen/trained split, and real features of a 32 px image."""
-    from medtl.finetune import FinetuneParams, freeze, trained_stages
-    from medtl.model import Classifier
+    from medtl.model.classifier import Classifier
+    from medtl.train.finetune import FinetuneParams, freeze, trained_stages
 
     torch.manual_seed(0)
     backbone = build_backbone("vgg16_bn", in_channels=1)

@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import JPEGLSLossless, RLELossless
 
 from medtl.errors import UnreadableImage
-from medtl.readers import read
+from medtl.intake.readers import read
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 MR_SMALL = TEST_FILES / "MR_small.dcm"

@@ -3,9 +3,9 @@ import json
 import sys
 import pytest
 
-from medtl.curve import parse_sizes
 from medtl.errors import MedtlError
-from medtl.subsets import patient_order, subset_rows
+from medtl.experiments.curve import parse_sizes
+from medtl.prepare.subsets import patient_order, subset_rows
 from tests.project import copy_project
 
 

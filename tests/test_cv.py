@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from medtl.errors import MedtlError, ParamsError
-from medtl.folds import CvParams, assign_fold
-from medtl.manifest import read_manifest
+from medtl.ingest.manifest import read_manifest
 from medtl.params import build
-from medtl.preprocess import PreprocessParams
+from medtl.prepare.folds import CvParams, assign_fold
+from medtl.prepare.preprocess import PreprocessParams
 from tests.project import TINY_PARAMS, deep_update, make_project
 
 
@@ -111,7 +111,7 @@ def test_cv_run_queues_fold_experiments_and_report_pools_them(tmp_path):
 
 
 def test_pooled_calls_use_each_folds_own_threshold():
-    from medtl.cv import interval_report
+    from medtl.experiments.cv import interval_report
 
     rng = np.random.default_rng(3)
     n = 40

@@ -5,9 +5,9 @@ import sys
 import pytest
 
 from medtl.errors import MedtlError, ParamsError
-from medtl.folds import CvParams
-from medtl.loso import DROPPED, KEEP, site_splits
-from medtl.splits import SPLITS
+from medtl.ingest.splits import SPLITS
+from medtl.prepare.folds import CvParams
+from medtl.prepare.loso import DROPPED, KEEP, site_splits
 from tests.project import TINY_PARAMS, copy_project, deep_update, make_project
 
 TRAIN, VAL, TEST = (SPLITS.index(s) for s in SPLITS)
@@ -79,7 +79,7 @@ def test_cv_by_site_runs_one_experiment_per_site_and_reports_each(tmp_path):
 def test_per_class_figures_for_a_multi_class_task():
     import numpy as np
 
-    from medtl.cv_sites import _per_class
+    from medtl.experiments.cv_sites import _per_class
 
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2], 20)

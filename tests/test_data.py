@@ -2,7 +2,8 @@
 import numpy as np
 import torch
 
-from medtl.data import AugmentParams, TrainBatches, build_augment, iter_batches
+from medtl.model.inference import iter_batches
+from medtl.train.data import AugmentParams, TrainBatches, build_augment
 
 IMAGES = np.random.default_rng(0).uniform(0, 1, (12, 1, 16, 16)).astype(np.float16)
 LABELS = np.arange(12) % 2

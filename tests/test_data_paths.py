@@ -8,7 +8,7 @@ import time
 import pytest
 
 from medtl.errors import ParamsError
-from medtl.ingest import IngestParams
+from medtl.ingest.ingest import IngestParams
 from medtl.params import build
 from tests.project import make_project
 from tests.test_ingest_dvc import ingest_params, write_images

@@ -8,12 +8,13 @@ import numpy as np
 import pydicom
 import pytest
 
-from medtl import demo
 from medtl.errors import ParamsError
-from medtl.ingest import IngestParams
+from medtl.ingest.ingest import IngestParams
+from medtl.intake import demo
+from medtl.intake.readers import read
+from medtl.intake.readers.base import ReadOptions
+from medtl.intake.sources import open_source
 from medtl.params import build
-from medtl.readers import ReadOptions, read
-from medtl.sources import open_source
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 SMALL = {"patients": 8, "min_size": 40, "max_size": 48, "min_images_per_patient": 1, "max_images_per_patient": 2}

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.distributed import EpochBatches, World, derive_seed, shard
 from medtl.errors import MedtlError
 from medtl.io import load_torch
+from medtl.train.distributed import EpochBatches, World, derive_seed, shard
 from tests.project import Project, copy_project
 
 
@@ -63,11 +63,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 SMALL_SPLIT_WORKER = """
 import json, sys
 import numpy as np, torch
-from medtl import distributed, hardware
-from medtl.backbones import build_backbone
-from medtl.finetune import FinetuneParams, fit
-from medtl.model import Classifier
-from medtl.prepared import PreparedSplit
+from medtl.train import distributed
+from medtl import hardware
+from medtl.model.start import build_backbone
+from medtl.train.finetune import FinetuneParams, fit
+from medtl.model.classifier import Classifier
+from medtl.prepare.prepared import PreparedSplit
 
 torch.set_num_threads(1)
 def split(n, seed):

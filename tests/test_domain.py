@@ -14,16 +14,16 @@ import torch
 from PIL import Image
 
 from medtl import hardware
-from medtl.backbones import build_backbone
-from medtl.checkpoint import ResumeFile
-from medtl.data import AugmentParams
-from medtl.domain import DomainAdversarialParams, adabn_target, check_adabn_target, grad_reverse, ramp
 from medtl.errors import ParamsError
-from medtl.finetune import FinetuneParams, fit
-from medtl.model import Classifier
+from medtl.model.classifier import Classifier
+from medtl.model.start import build_backbone
 from medtl.params import build
-from medtl.prepared import PreparedSplit
-from medtl.target import TargetParams, pixel_digest, read_target, shared_images
+from medtl.prepare.prepared import PreparedSplit
+from medtl.train.checkpoint import ResumeFile
+from medtl.train.data import AugmentParams
+from medtl.train.domain import DomainAdversarialParams, adabn_target, check_adabn_target, grad_reverse, ramp
+from medtl.train.finetune import FinetuneParams, fit
+from medtl.train.target import TargetParams, pixel_digest, read_target, shared_images
 from tests.project import preprocessing_record
 
 CPU = hardware.Hardware(torch.device("cpu"), "fp32")
@@ -181,14 +181,15 @@ def test_target_folder_is_read_without_labels_and_identified_by_pixels(tmp_path)
 DANN_WORKER = """
 import json, sys
 import numpy as np, torch
-from medtl import distributed, hardware
-from medtl.backbones import build_backbone
-from medtl.data import AugmentParams
-from medtl.domain import DomainAdversarialParams
-from medtl.finetune import FinetuneParams, fit
-from medtl.model import Classifier
-from medtl.prepared import PreparedSplit
-from medtl.target import TargetParams
+from medtl.train import distributed
+from medtl import hardware
+from medtl.model.start import build_backbone
+from medtl.train.data import AugmentParams
+from medtl.train.domain import DomainAdversarialParams
+from medtl.train.finetune import FinetuneParams, fit
+from medtl.model.classifier import Classifier
+from medtl.prepare.prepared import PreparedSplit
+from medtl.train.target import TargetParams
 
 torch.set_num_threads(1)
 def split(n, seed, shift=0.0):
@@ -229,8 +230,8 @@ def test_dann_under_two_processes(tmp_path):
 @pytest.mark.e2e
 def test_target_through_the_pipeline_is_recorded_and_an_overlap_is_flagged_transductive(tiny_run, tmp_path):
     """Target AdaBN + DANN through dvc; the external set that shares an image with the target is flagged, the other not."""
+    from medtl.evaluate.external import set_columns
     from medtl.io import load_torch
-    from medtl.external import set_columns
     from tests.project import copy_project
     from tests.test_external import write_shifted_site
 

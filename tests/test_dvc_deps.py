@@ -2,7 +2,7 @@
 
 The import closure of each stage script is derived from the source (imports at
 any depth, including those inside functions, and module names held in strings
-for registries such as `medtl.sources.SOURCES`). A module missing from a
+for registries such as `medtl.intake.sources.SOURCES`). A module missing from a
 stage's deps would let an edit to it leave stale outputs that `dvc status`
 calls up to date; a listed module outside the closure reruns a stage for
 nothing.
@@ -101,5 +101,5 @@ def test_stage_deps_cover_the_code_it_runs(name):
 def test_closure_follows_lazy_and_registry_imports():
     """The derivation itself: a function-level import and a registry string both count."""
     ingest = closure(ROOT / "stages" / "ingest.py")
-    assert ROOT / "medtl" / "sources" / "dicom.py" in ingest  # only named in SOURCES
-    assert ROOT / "medtl" / "readers" / "dicom.py" in ingest
+    assert ROOT / "medtl" / "intake" / "sources" / "dicom.py" in ingest  # only named in SOURCES
+    assert ROOT / "medtl" / "intake" / "readers" / "dicom.py" in ingest

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.backbones import build_backbone
 from medtl.errors import ParamsError
-from medtl.evaluation import EvaluateParams, run_evaluate
-from medtl.metrics_report import age_band, subgroup_columns
-from medtl.model import Classifier, model_file, save_model
+from medtl.evaluate.evaluation import EvaluateParams, run_evaluate
+from medtl.evaluate.metrics_report import age_band, subgroup_columns
+from medtl.evaluate.saliency import NoTargetLayer, grad_cam, pick_cases, target_layer
+from medtl.model.classifier import Classifier, model_file
+from medtl.model.model_file import save_model
+from medtl.model.start import build_backbone
 from medtl.params import build
-from medtl.prepared import write_stats
-from medtl.saliency import NoTargetLayer, grad_cam, pick_cases, target_layer
+from medtl.prepare.prepared import write_stats
 from tests.project import preprocessing_record
 
 CLASSES = ["normal", "lesion"]
@@ -196,7 +197,7 @@ def test_pick_cases_takes_the_surest_of_each_kind():
 
 def test_prepared_arrays_unlike_their_record_or_the_model_are_refused(setup, tmp_path):
     from medtl.errors import MedtlError
-    from medtl.prepared import load_split
+    from medtl.prepare.prepared import load_split
 
     model, prepared, _ = setup
     # arrays of another size than stats.json records (the run cache restoring old outputs looked like this)
@@ -207,9 +208,9 @@ def test_prepared_arrays_unlike_their_record_or_the_model_are_refused(setup, tmp
     # a record the model was not trained with
     other = tmp_path / "other"
     write_prepared(other)
-    from medtl.imaging import read_record
-    from medtl.prepared import load_stats, write_stats
-    from medtl.readers import ReadOptions
+    from medtl.intake.readers.base import ReadOptions
+    from medtl.prepare.imaging import read_record
+    from medtl.prepare.prepared import load_stats, write_stats
 
     stats = load_stats(other)
     write_stats(other, preprocessing_record(SIZE, classes=CLASSES, read=read_record(ReadOptions(window="lung"))),
@@ -224,7 +225,7 @@ def test_prepared_arrays_unlike_their_record_or_the_model_are_refused(setup, tmp
 
 
 def test_site_summary_flattens_sites_and_names_the_worst():
-    from medtl.metrics_report import site_summary
+    from medtl.evaluate.metrics_report import site_summary
 
     entry = lambda auc, n: {"n": n, "n_groups": n // 2, "roc_auc": auc, "roc_auc_ci_low": None if auc is None else auc - 0.1,
                             "roc_auc_ci_high": None if auc is None else min(auc + 0.1, 1.0), "too_small": auc is None}
@@ -242,7 +243,7 @@ def test_site_summary_flattens_sites_and_names_the_worst():
 def test_saliency_caption_stays_inside_the_picture():
     import cv2
 
-    from medtl.saliency import CAPTION_FONT, caption_lines, overlay
+    from medtl.evaluate.saliency import CAPTION_FONT, caption_lines, overlay
 
     caption = "FN  p(lesion)=0.123  t=0.456  map: normal"
     for size in (64, 96, 160, 512):

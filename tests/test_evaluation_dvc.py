@@ -19,9 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from medtl import demo
-from medtl.phi import source_ref
-from medtl.readers import read
+from medtl.intake import demo
+from medtl.intake.phi import source_ref
+from medtl.intake.readers import read
 from tests.project import TINY_PARAMS, deep_update, make_project
 
 # The demo files carry a window of about (300, 1400); this one differs, so a predict that ignored it would differ.
@@ -106,10 +106,10 @@ def test_the_threshold_is_the_rule_applied_to_the_validation_split(ran):
     import torch
 
     from medtl import hardware
-    from medtl.inference import predict_logits
     from medtl.metrics import apply_temperature, choose_threshold
-    from medtl.model import load_classifier
-    from medtl.prepared import load_split
+    from medtl.model.classifier import load_classifier
+    from medtl.model.inference import predict_logits
+    from medtl.prepare.prepared import load_split
 
     op = json.loads((ran.path / "reports/operating_point.json").read_text())
     val = load_split(ran.path / "data/prepared", "val")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from medtl.cli import main
-from medtl.model import load_classifier
+from medtl.model.classifier import load_classifier
 
 TOL = 1e-4
 
@@ -102,8 +102,8 @@ def test_model_is_a_dvc_registry_artifact(tiny_run):
 
 
 def test_input_shape_follows_either_spelling_of_the_image_size():
+    from medtl.deploy.export import _input_shape
     from medtl.errors import MedtlError
-    from medtl.export import _input_shape
 
     assert _input_shape({"preprocessing": {"channels": 3, "image_size": 224, "resize": "pad"}}) == (3, 224)
     assert _input_shape({"preprocessing": {"channels": 1, "size": 64}}) == (1, 64)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from medtl.exps import records, render, render_csv, rows_from_dvc_json, table
+from medtl.experiments.exps import records, render, render_csv, rows_from_dvc_json, table
 from tests.project import VENV_BIN, copy_project
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medtl import demo
 from medtl.errors import ParamsError
-from medtl.evaluation import EvaluateParams
-from medtl.external import ExternalSet, distribution_distance, intensity_histogram, load_external, set_columns
-from medtl.imaging import model_input
+from medtl.evaluate.evaluation import EvaluateParams
+from medtl.evaluate.external import ExternalSet, distribution_distance, intensity_histogram, load_external, set_columns
+from medtl.intake import demo
+from medtl.intake.readers import read
 from medtl.params import build
-from medtl.readers import read
+from medtl.prepare.imaging import model_input
 from tests.project import copy_project, preprocessing_record
 
 
@@ -65,7 +65,7 @@ def test_external_images_are_traceable_by_ref_and_sha256_and_located_in_the_sets
     import hashlib
 
     from medtl import cli
-    from medtl.external import ExternalResults, write_predictions
+    from medtl.evaluate.predictions import external_header, write_table
 
     monkeypatch.setenv("MEDTL_PSEUDONYM_KEY", "external sets' own key, long")
     root = tmp_path / "nih"
@@ -75,7 +75,7 @@ def test_external_images_are_traceable_by_ref_and_sha256_and_located_in_the_sets
     rows = [[spec.name, r["image_id"], r["group"], "normal", "normal", "", "0.5", "0.5", r["source_ref"], r["sha256"],
              r["index"]] for r in data.rows]
     out = tmp_path / "external_predictions.csv"
-    write_predictions(out, ExternalResults({}, {}, rows, []), ["normal", "lesion"])
+    write_table(out, external_header(["normal", "lesion"]), rows)
     first = next(csv.DictReader(open(out, newline="")))
     assert first["source_ref"].startswith("f-") and len(first["sha256"]) == 64
     assert cli.main(["locate", "--folder", str(root), "--predictions", str(out), first["image_id"]]) == 0

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from medtl.errors import ParamsError
-from medtl.evaluation import EvaluateParams, run_evaluate
-from medtl.manifest import ManifestRow, write_manifest
+from medtl.evaluate.evaluation import EvaluateParams, run_evaluate
+from medtl.ingest.manifest import ManifestRow, write_manifest
 from medtl.params import build
 from tests.test_evaluation import params, write_model, write_prepared
 

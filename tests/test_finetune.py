@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from medtl import hardware
-from medtl.backbones import build_backbone
-from medtl.checkpoint import ResumeFile
-from medtl.data import AugmentParams
 from medtl.errors import ParamsError
-from medtl.distributed import EpochBatches, World
-from medtl.finetune import FinetuneParams, balanced_row_weights, fit, lr_factor, param_groups
-from medtl.model import Classifier
+from medtl.model.classifier import Classifier
+from medtl.model.start import build_backbone
 from medtl.params import build
-from medtl.prepared import PreparedSplit
+from medtl.prepare.prepared import PreparedSplit
+from medtl.train.checkpoint import ResumeFile
+from medtl.train.data import AugmentParams
+from medtl.train.distributed import EpochBatches, World
+from medtl.train.finetune import FinetuneParams, balanced_row_weights, fit, lr_factor, param_groups
 
 CPU = hardware.Hardware(torch.device("cpu"), "fp32")
 NO_AUG = AugmentParams(enabled=False)
@@ -193,7 +193,7 @@ def test_logits_stay_fp32_under_bf16_autocast():
 
 
 def test_site_balanced_sampler_draws_sites_equally_often_and_classes_within():
-    from medtl.finetune import sampling_weights
+    from medtl.train.finetune import sampling_weights
 
     # site a: 60 normal, 20 lesion; b: 18 / 2; c: 5 normal and no lesion
     sites = ["a"] * 80 + ["b"] * 20 + ["c"] * 5

@@ -70,7 +70,7 @@ def test_resume_checkpoint_from_other_params_is_not_used(prepared: Project):
     prepared.update_params({"finetune": {"seed": 5}})
     stage(prepared)
     other = load_torch(prepared.path / "models/model.pt")
-    from medtl.checkpoint import ResumeFile
+    from medtl.train.checkpoint import ResumeFile
 
     ResumeFile(prepared.path / "models/finetune.ckpt", "not this run").save(
         {"epoch": 0, "stopped": True, "module": {}, "optimizer": {}, "scheduler": {}, "scaler": {},

@@ -1,14 +1,14 @@
-"""Fused inference (medtl.fused) gives the eager model's probabilities and the same operating-point calls."""
+"""Fused inference (medtl.model.fused) gives the eager model's probabilities and the same operating-point calls."""
 import json
 
 import numpy as np
 import torch
 
 from medtl import hardware
-from medtl.inference import predict_logits, prepare_model, use_fused
 from medtl.metrics import apply_temperature, predict_labels
-from medtl.model import load_classifier
-from medtl.prepared import load_split
+from medtl.model.classifier import load_classifier
+from medtl.model.inference import predict_logits, prepare_model, use_fused
+from medtl.prepare.prepared import load_split
 
 
 def test_fused_matches_eager_on_the_demo_test_split(tiny_run):
@@ -36,9 +36,9 @@ def test_fused_matches_eager_on_the_demo_test_split(tiny_run):
 def test_the_forward_work_is_counted_on_the_meta_device_as_on_the_cpu():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from medtl.backbones import build_backbone
-    from medtl.fused import forward_tflop
-    from medtl.model import Classifier
+    from medtl.model.classifier import Classifier
+    from medtl.model.fused import forward_tflop
+    from medtl.model.start import build_backbone
 
     model = Classifier(build_backbone("resnet18", 1, "none"), 2, [0.5], [0.25]).eval()
     x = torch.rand(3, 1, 32, 32)
@@ -61,7 +61,7 @@ class _MetaRefusing(torch.nn.Module):
 
 
 def test_the_first_batch_is_inferred_once_and_checked_on_its_first_images():
-    from medtl.fused import CHECK_IMAGES, FusedForward
+    from medtl.model.fused import CHECK_IMAGES, FusedForward
 
     seen = []  # batch sizes the eager forward ran on (outside the module: freeze keeps tensors only)
 
@@ -86,7 +86,7 @@ def test_the_first_batch_is_inferred_once_and_checked_on_its_first_images():
 
 
 def test_the_fused_form_follows_the_size_of_the_run():
-    from medtl.fused import choose_mode, COMPILE_MIN_TFLOP, FUSE_MIN_TFLOP, c_compiler
+    from medtl.model.fused import choose_mode, COMPILE_MIN_TFLOP, FUSE_MIN_TFLOP, c_compiler
 
     cpu = torch.device("cpu")
     assert choose_mode("auto", cpu, FUSE_MIN_TFLOP / 2)[0] == "eager"

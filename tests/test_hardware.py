@@ -6,8 +6,8 @@ import torch
 
 from medtl import hardware
 from medtl.errors import ParamsError
-from medtl.finetune import FinetuneParams
 from medtl.params import build
+from medtl.train.finetune import FinetuneParams
 
 
 def test_auto_on_the_cpu_uses_bf16_only_with_native_bf16():

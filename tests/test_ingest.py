@@ -13,16 +13,16 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-import medtl.ingest
-import medtl.intake
-from medtl import demo
 from medtl.errors import MedtlError
-from medtl.ingest import IngestParams, run_ingest
-from medtl.manifest import CORE_COLUMNS as MANIFEST_COLUMNS
-from medtl.manifest import read_manifest
+import medtl.ingest.ingest
+from medtl.ingest.ingest import IngestParams, run_ingest
+from medtl.ingest.manifest import CORE_COLUMNS as MANIFEST_COLUMNS
+from medtl.ingest.manifest import read_manifest
+from medtl.ingest.store import PixelStore
+from medtl.intake import demo
+import medtl.intake.decode
+from medtl.intake.phi import KEY_ENV, WHITELIST, source_ref
 from medtl.params import build
-from medtl.phi import KEY_ENV, WHITELIST, source_ref
-from medtl.store import PixelStore
 
 from tests.project import distinct_seed
 
@@ -132,14 +132,14 @@ def test_quarantine_limit_and_nothing_usable(tmp_path):
 
 def test_unexpected_reader_error_is_quarantined(tmp_path, monkeypatch):
     root = class_folders(tmp_path / "data", per_class=8)
-    real = medtl.intake.read
+    real = medtl.intake.decode.read
 
     def flaky(path, options):  # a reader bug on one file
         if path.name == "benign_3.png":
             raise RuntimeError("reader bug")
         return real(path, options)
 
-    monkeypatch.setattr(medtl.intake, "read", flaky)
+    monkeypatch.setattr(medtl.intake.decode, "read", flaky)
     report, _ = ingest(tmp_path, source="folder", folder={"root": str(root)}, max_quarantine_fraction=0.1)
     assert reasons(report) == {"decode_error": 1}
     assert report["quarantine"][0]["detail"] == "unexpected RuntimeError while decoding"  # the message may quote values
@@ -224,7 +224,7 @@ def test_nifti_volume_slices_share_a_group(tmp_path):
 
 
 def test_demo_phi_never_reaches_the_artifacts(tmp_path):
-    report, rows = ingest(tmp_path, source="demo", data="medtl/demo.py",
+    report, rows = ingest(tmp_path, source="demo", data="medtl/intake/demo.py",
                           demo={"patients": 12, "min_size": 32, "max_size": 40, "max_images_per_patient": 2})
     accounted(report)
     assert set(rows[0]) <= set(MANIFEST_COLUMNS) | set(WHITELIST)
@@ -234,7 +234,7 @@ def test_demo_phi_never_reaches_the_artifacts(tmp_path):
         for value in vars(p).values():
             if isinstance(value, str) and len(value) > 3:
                 assert value not in text
-    again, _ = ingest(tmp_path, source="demo", data="medtl/demo.py", workers=2,
+    again, _ = ingest(tmp_path, source="demo", data="medtl/intake/demo.py", workers=2,
                       demo={"patients": 12, "min_size": 32, "max_size": 40, "max_images_per_patient": 2})
     assert again == report  # deterministic, whatever the number of workers
 

@@ -14,12 +14,12 @@ import pydicom
 import pytest
 from PIL import Image
 
-from medtl import demo
+from medtl.deploy.locate import locate
 from medtl.errors import MedtlError, ParamsError
-from medtl.ingest import available_cores, run_ingest
-from medtl.locate import locate
-from medtl.manifest import read_manifest
-from medtl.phi import KEY_ENV, KEY_FILE_ENV, source_ref
+from medtl.ingest.ingest import available_cores, run_ingest
+from medtl.ingest.manifest import read_manifest
+from medtl.intake import demo
+from medtl.intake.phi import KEY_ENV, KEY_FILE_ENV, source_ref
 
 from tests.project import distinct_seed
 from tests.test_ingest import ingest, params

@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 
 from medtl.cli import main
-from medtl.int8 import export_int8
+from medtl.deploy.int8 import export_int8
 
 
 def test_int8_refused_beyond_the_tolerance_writes_nothing(tiny_run, tmp_path, monkeypatch, capsys):
@@ -21,7 +21,7 @@ def test_int8_refused_beyond_the_tolerance_writes_nothing(tiny_run, tmp_path, mo
         assert "refused, nothing written" in err and not out.exists()
     else:  # INT8 left the test AUC exactly unchanged on this model: accepted, and says so
         assert code == 0 and json.loads(dict((p.key, p.value) for p in onnx.load(str(out)).metadata_props)
-                                        ["medtl.int8"])["auc_change"] == 0
+                                        ["medtl.deploy.int8"])["auc_change"] == 0
 
 
 def test_int8_accepted_carries_its_measurement_and_runs_in_onnxruntime(tiny_run, tmp_path, monkeypatch):
@@ -29,7 +29,7 @@ def test_int8_accepted_carries_its_measurement_and_runs_in_onnxruntime(tiny_run,
     out = tmp_path / "model.int8.onnx"
     assert main(["export", "--int8", "--int8-tolerance", "0.99", "--out", str(out)]) == 0
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
-    record = json.loads(meta["medtl.int8"])
+    record = json.loads(meta["medtl.deploy.int8"])
     n_val, n_test = (len(np.load(f"data/prepared/{s}.npy", mmap_mode="r")) for s in ("val", "test"))
     assert record["calibration"] == {"split": "val", "images": min(n_val, 256)}
     assert record["measured_on"] == {"split": "test", "images": n_test}

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.backbones import build_backbone
 from medtl.errors import MedtlError, ParamsError
 from medtl.io import load_torch, save_torch, sha256_file
-from medtl.lineage import initial_head, preprocessing_mismatch
-from medtl.model import Classifier, load_backbone, load_classifier
-from medtl.prepared import load_split, load_stats
+from medtl.model.backbone_file import load_backbone
+from medtl.model.classifier import Classifier, load_classifier
+from medtl.model.lineage import initial_head, preprocessing_mismatch
+from medtl.model.start import build_backbone
+from medtl.prepare.prepared import load_split, load_stats
 from tests.project import copy_project
 
 

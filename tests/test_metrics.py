@@ -5,8 +5,8 @@ import pytest
 from sklearn import metrics as skm
 
 from medtl import metrics as M
-from medtl import metrics_report as R
 from medtl.errors import MedtlError
+from medtl.evaluate import metrics_report as R
 
 # A 10-image binary case small enough to check by hand.
 # Negatives score 0.1 0.2 0.3 0.4 0.6 0.15, positives 0.35 0.7 0.8 0.9.

@@ -9,13 +9,13 @@ from typing import Literal
 import pytest
 import yaml
 
-from medtl.adaptation import PretrainParams
 from medtl.errors import ParamsError
-from medtl.evaluation import EvaluateParams
-from medtl.finetune import FinetuneParams
-from medtl.ingest import IngestParams
+from medtl.evaluate.evaluation import EvaluateParams
+from medtl.ingest.ingest import IngestParams
 from medtl.params import build, load_section
-from medtl.preprocess import PreprocessParams
+from medtl.prepare.preprocess import PreprocessParams
+from medtl.train.adaptation import PretrainParams
+from medtl.train.finetune import FinetuneParams
 from tests.project import ROOT
 
 SECTIONS = {

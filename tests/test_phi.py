@@ -6,7 +6,7 @@ import re
 import pytest
 
 from medtl.errors import MedtlError, ParamsError
-from medtl.phi import (
+from medtl.intake.phi import (
     DEFAULT_PSEUDONYM_KEY,
     KEY_ENV,
     KEY_FILE_ENV,
@@ -137,7 +137,7 @@ def test_header_metadata_values_must_have_their_standard_form():
 
 def test_short_keys_and_the_demo_key_given_as_a_secret_are_refused(monkeypatch, tmp_path, capsys):
     from medtl import cli
-    from medtl.phi import MIN_KEY_BYTES, refuse_demo_key
+    from medtl.intake.phi import MIN_KEY_BYTES, refuse_demo_key
 
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
     monkeypatch.setenv(KEY_ENV, "x")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from medtl import demo
+from medtl.intake import demo
 from tests.project import TINY_PARAMS, deep_update, make_project
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -216,7 +216,7 @@ def entry_corpus(tmp_path_factory):
 
 
 def _ingest(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
-    from medtl.ingest import IngestParams, run_ingest
+    from medtl.ingest.ingest import IngestParams, run_ingest
     from medtl.params import build
 
     params = build(IngestParams, {"source": "folder", "data": str(root), "folder": {"root": str(root)}, "workers": 1,
@@ -230,7 +230,7 @@ def _ingest(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]
 def _external(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
     import json
 
-    from medtl.external import ExternalSet, load_external
+    from medtl.evaluate.external import ExternalSet, load_external
     from medtl.params import build
     from tests.project import preprocessing_record
 
@@ -260,7 +260,7 @@ def _predict(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict
 def _ssl(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]:
     import json
 
-    from medtl.ssl import read_image_folder
+    from medtl.train.ssl import read_image_folder
     from tests.project import preprocessing_record
 
     _, info = read_image_folder(root, preprocessing_record(24), out / "extra.npy")
@@ -273,7 +273,7 @@ def _target(root: Path, out: Path, model: Path) -> tuple[list[Path], dict, dict]
 
     import numpy as np
 
-    from medtl.target import TargetParams, read_target
+    from medtl.train.target import TargetParams, read_target
     from tests.project import preprocessing_record
 
     # what the fine-tune stage reads for finetune.target

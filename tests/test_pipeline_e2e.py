@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from medtl import demo
+from medtl.intake import demo
 from tests.project import copy_project
 
 DECLARED_OUTPUTS = [

@@ -11,13 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from medtl import cli, demo, phi
-from medtl.imaging import model_input
-from medtl.model import load_classifier, model_preprocessing
-from medtl.operating_point import data_profile, operating_point_record
-from medtl.prepared import load_split
-from medtl.readers import colour_of, read
-from medtl.store import PixelStore, PixelStoreWriter, quantize
+from medtl import cli
+from medtl.evaluate.operating_point import data_profile, operating_point_record
+from medtl.ingest.store import PixelStore, PixelStoreWriter, quantize
+from medtl.intake import demo, phi
+from medtl.intake.readers import read
+from medtl.intake.readers.base import colour_of
+from medtl.model.classifier import load_classifier, model_preprocessing
+from medtl.prepare.imaging import model_input
+from medtl.prepare.prepared import load_split
 from tests.project import preprocessing_record
 from tests.test_evaluation import write_model, write_prepared
 

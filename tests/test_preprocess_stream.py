@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from medtl.errors import MedtlError
-from medtl.imaging import model_input
-from medtl.manifest import read_manifest
-from medtl.prepared import load_split, load_stats
-from medtl.preprocess import PreprocessParams, run_preprocess
-from medtl.readers import ReadOptions
-from medtl.splits import SPLITS
-from medtl.store import PixelStore
+from medtl.ingest.manifest import read_manifest
+from medtl.ingest.splits import SPLITS
+from medtl.ingest.store import PixelStore
+from medtl.intake.readers.base import ReadOptions
+from medtl.prepare.imaging import model_input
+from medtl.prepare.prepared import load_split, load_stats
+from medtl.prepare.preprocess import PreprocessParams, run_preprocess
 
 
 def test_each_split_keeps_manifest_order_and_row_array_alignment(tiny_run, tmp_path):

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from medtl.cli import main
+from medtl.intake.phi import pseudonymise
 from medtl.io import write_json
-from medtl.phi import pseudonymise
 from medtl.provenance import stage_record
-from medtl.provenance.record import run_times
 from medtl.provenance.bom import validate_bom
+from medtl.provenance.record import run_times
 
 DVC = str(Path(sys.executable).with_name("dvc"))
 FAKE_NAMES = ["Fakename^Patient0001^Demo", "Fakename^Patient0002^Demo", "FAKEMRN04200001", "FAKEMRN04200002"]
@@ -92,17 +92,16 @@ def _source_files(root: Path) -> list[dict]:
 
 def _build_outputs(root: Path) -> None:
     """What the five stages would write, each wrapped in its stage record."""
+    from medtl.ingest.manifest import ManifestRow, write_manifest
     from medtl.io import sha256_file
 
     rows = _source_files(root)
     with stage_record("ingest", params={"source": "folder", "seed": 42}, inputs=["data/raw"], outputs=["data/ingested"]) as rec:
         out = root / "data/ingested"
         out.mkdir(parents=True)
-        with open(out / "manifest.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, extrasaction="ignore", fieldnames=["image_id", "source_ref", "sha256", "label", "group", "split", "modality", "height", "width", "channels", "offset"])
-            w.writeheader()
-            for k, r in enumerate(rows):
-                w.writerow({**r, "sha256": sha256_file(root / "data/raw" / r["rel"]), "modality": "CT", "height": 8, "width": 8, "channels": 1, "offset": k * 64})
+        write_manifest([ManifestRow(image_id=r["image_id"], source_ref=r["source_ref"], sha256=sha256_file(root / "data/raw" / r["rel"]),
+                                    label=r["label"], group=r["group"], split=r["split"], height=8, width=8, channels=1,
+                                    offset=k * 64, modality="CT") for k, r in enumerate(rows)], out / "manifest.csv")
         np.arange(6 * 64, dtype=np.uint16).tofile(out / "pixels.u16")
         write_json(out / "report.json", {"images": 6, "quarantined": [], "duplicates": [], "counts": {"train": {"normal": 2, "lesion": 1}}})
         rec.seeds["split"] = 42
@@ -614,7 +613,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is not installed here")
 sys.meta_path.insert(0, Block())
 import argparse
-from medtl import export
+from medtl.deploy import export_command as export
 from medtl.provenance import commands
 parser = argparse.ArgumentParser(prog="medtl")
 sub = parser.add_subparsers(dest="command", required=True)

@@ -11,8 +11,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medtl.errors import ParamsError, UnreadableImage
-from medtl.phi import WHITELIST
-from medtl.readers import WINDOW_PRESETS, ReadOptions, read
+from medtl.intake.phi import WHITELIST
+from medtl.intake.readers import read
+from medtl.intake.readers.base import WINDOW_PRESETS, ReadOptions
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

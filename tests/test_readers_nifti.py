@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from medtl.errors import UnreadableImage
-from medtl.phi import WHITELIST
-from medtl.readers import ReadOptions, read
+from medtl.intake.phi import WHITELIST
+from medtl.intake.readers import read
+from medtl.intake.readers.base import ReadOptions
 
 
 def save(tmp_path, data, name="volume.nii.gz", affine=None, zooms=None) -> str:

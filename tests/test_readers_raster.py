@@ -9,8 +9,9 @@ import pytest
 from PIL import Image
 
 from medtl.errors import UnreadableImage
-from medtl.phi import WHITELIST
-from medtl.readers import ReadOptions, read
+from medtl.intake.phi import WHITELIST
+from medtl.intake.readers import read
+from medtl.intake.readers.base import ReadOptions
 
 rng = np.random.default_rng(0)
 

@@ -24,9 +24,9 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medtl.errors import MedtlError
-from medtl.ingest import IngestParams, run_ingest
-from medtl.manifest import read_manifest
-from medtl.phi import source_ref
+from medtl.ingest.ingest import IngestParams, run_ingest
+from medtl.ingest.manifest import read_manifest
+from medtl.intake.phi import source_ref
 from medtl.io import load_torch
 from medtl.params import build
 from tests.project import ROOT
@@ -169,7 +169,8 @@ def _malicious(path: Path, marker: Path, inner: dict | None = None) -> Path:
 @pytest.fixture
 def evil(tmp_path) -> tuple[Path, Path]:
     marker = tmp_path / "pwned.txt"
-    from medtl.backbones import backbone_state, build_backbone
+    from medtl.model.backbones import backbone_state
+    from medtl.model.start import build_backbone
 
     state = backbone_state(build_backbone("resnet18", in_channels=1))
     return _malicious(tmp_path / "evil.pt", marker, state), marker
@@ -191,7 +192,8 @@ def test_medtl_io_refuses_a_checkpoint_with_pickled_code(evil):
 
 
 def test_model_loaders_refuse_a_checkpoint_with_pickled_code(evil):
-    from medtl.model import load_backbone, load_classifier
+    from medtl.model.backbone_file import load_backbone
+    from medtl.model.classifier import load_classifier
 
     path, marker = evil
     for loader in (load_backbone, load_classifier):
@@ -201,8 +203,8 @@ def test_model_loaders_refuse_a_checkpoint_with_pickled_code(evil):
 
 
 def test_pinned_weights_file_with_pickled_code_is_refused(evil):
-    from medtl import weights
     from medtl.io import sha256_file
+    from medtl.model import weights
 
     path, marker = evil
     with pytest.raises(MedtlError):

@@ -21,13 +21,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medtl.adaptation import PretrainParams
 from medtl.errors import ParamsError
-from medtl.evaluation import EvaluateParams
-from medtl.finetune import FinetuneParams
-from medtl.ingest import IngestParams
+from medtl.evaluate.evaluation import EvaluateParams
+from medtl.ingest.ingest import IngestParams
 from medtl.params import load_section
-from medtl.preprocess import PreprocessParams
+from medtl.prepare.preprocess import PreprocessParams
+from medtl.train.adaptation import PretrainParams
+from medtl.train.finetune import FinetuneParams
 from tests.project import ROOT, TINY_PARAMS, deep_update
 
 SECTIONS = {"ingest": IngestParams, "preprocess": PreprocessParams, "pretrain": PretrainParams,
@@ -95,7 +95,9 @@ def _wrong(tp: Any, value: Any) -> bool:
 def _leaves(cls: type, prefix: str) -> list[tuple[str, Any]]:
     """Every key of a section with its type hint, nested sections included."""
     out = []
-    for name, tp in typing.get_type_hints(cls).items():
+    hints = typing.get_type_hints(cls)
+    for name in (f.name for f in dataclasses.fields(cls)):  # keys, not class constants
+        tp = hints[name]
         key = f"{prefix}.{name}"
         out.append((key, tp))
         if dataclasses.is_dataclass(tp):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from medtl.errors import ParamsError
-from medtl.evaluation import EvaluateParams, run_evaluate
+from medtl.evaluate.evaluation import EvaluateParams, run_evaluate
+from medtl.evaluate.robustness import ALL, PERTURBATIONS, perturb
 from medtl.params import build
-from medtl.robustness import ALL, PERTURBATIONS, perturb
 from tests.test_evaluation import params, write_model, write_prepared
 
 

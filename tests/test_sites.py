@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medtl.deploy.locate import locate
 from medtl.errors import MedtlError, ParamsError
-from medtl.ingest import IngestParams, run_ingest
-from medtl.locate import locate
-from medtl.manifest import read_manifest
+from medtl.ingest.ingest import IngestParams, run_ingest
+from medtl.ingest.manifest import read_manifest
+from medtl.intake.phi import KEY_ENV, pseudonymise
 from medtl.params import build
-from medtl.phi import KEY_ENV, pseudonymise
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -16,9 +16,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from medtl.errors import MedtlError, ParamsError
-from medtl.ingest import IngestParams
+from medtl.ingest.ingest import IngestParams
+from medtl.intake.sources import Resolved, open_source
 from medtl.params import build
-from medtl.sources import Resolved, open_source
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from medtl.errors import MedtlError
-from medtl.ingest_table import digest_ids
-from medtl.splits import SPLITS, Duplicate, assign_split_codes, find_copies, link_duplicates, split_codes
+from medtl.ingest.splits import SPLITS, Duplicate, assign_split_codes, find_copies, link_duplicates, split_codes
+from medtl.ingest.table import digest_ids
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
 

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from medtl.adaptation import PretrainParams, run_pretrain
 from medtl.errors import ParamsError
 from medtl.params import build
-from medtl.prepared import write_stats
-from medtl.ssl import SSLAugment, SSLParams, make_views, nt_xent
+from medtl.prepare.prepared import write_stats
+from medtl.train.adaptation import PretrainParams, run_pretrain
+from medtl.train.ssl import SSLAugment, SSLParams, make_views, nt_xent
 from tests.project import preprocessing_record
 
 
@@ -49,7 +49,7 @@ def ssl_params(**ssl):
 def test_ssl_learns_on_a_learnable_toy_and_changes_the_backbone(tmp_path):
     prepared = write_prepared(tmp_path / "prepared", n=8, size=24)
     params = ssl_params(epochs=5, batch_size=8, lr=0.002)
-    from medtl.backbones import build_backbone
+    from medtl.model.start import build_backbone
 
     torch.manual_seed(params.seed)
     before = build_backbone("resnet18", 1).state_dict()
@@ -150,10 +150,11 @@ def test_extra_images_must_be_a_folder_with_images(tmp_path):
 
 def test_extra_images_are_decoded_with_the_training_images_record(tmp_path):
     """A CT window and the 16-bit quantisation apply to the extra images as to the prepared ones."""
-    from medtl import demo
-    from medtl.imaging import decode, model_input, read_record
-    from medtl.readers import ReadOptions
-    from medtl.ssl import read_image_folder
+    from medtl.intake import demo
+    from medtl.intake.readers import read
+    from medtl.intake.readers.base import ReadOptions
+    from medtl.prepare.imaging import model_input, read_record
+    from medtl.train.ssl import read_image_folder
 
     folder = tmp_path / "extra"
     patient = demo.fake_patients(1, 0.5, 3)[0]
@@ -161,7 +162,7 @@ def test_extra_images_are_decoded_with_the_training_images_record(tmp_path):
     windowed = preprocessing_record(24, read=read_record(ReadOptions(window=(300.0, 600.0))))
     arr, info = read_image_folder(folder, windowed, tmp_path / "extra.npy")
     assert info["images"] == 2 and arr.shape == (2, 1, 24, 24)
-    expected = np.stack([model_input(decode(f, windowed)[0].pixels, windowed) for f in sorted(files)])
+    expected = np.stack([model_input(read(f, windowed.read_options())[0].pixels, windowed) for f in sorted(files)])
     assert np.array_equal(np.asarray(arr), expected)
     # the file's own window gives other pixels: the record's window was applied
     plain = preprocessing_record(24)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.data import AugmentParams, TrainBatches, build_augment, prefetch
-from medtl.finetune import make_optimizer
+from medtl.train.data import AugmentParams, TrainBatches, build_augment, prefetch
+from medtl.train.finetune import make_optimizer
 
 
 def test_prefetched_batches_are_the_same_batches_with_the_same_augmentations():

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torchvision.models import get_model
 
-from medtl import cli, weights
-from medtl.backbones import build_backbone
+from medtl import cli
 from medtl.errors import MedtlError, ParamsError
 from medtl.io import save_torch, sha256_file
+from medtl.model import weights
+from medtl.model.start import build_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -137,7 +138,7 @@ def test_imagenet_offline_stage_params_fail_before_any_output(tmp_path, monkeypa
     prepared = tmp_path / "data" / "prepared"
     prepared.mkdir(parents=True)
     np.save(prepared / "train.npy", np.zeros((2, 1, 32, 32), np.float16))
-    from medtl.prepared import write_stats
+    from medtl.prepare.prepared import write_stats
     from tests.project import preprocessing_record
 
     write_stats(prepared, preprocessing_record(32, classes=["a", "b"], mean=[0.5]), {"train": 2})

@@ -21,10 +21,15 @@ from pathlib import Path
 import yaml
 
 from medtl.errors import MedtlError
-from medtl.provenance.transfer import transfer_evidence
+from medtl.evaluate.reports import (FAILURES_DIR, METRICS, ROBUSTNESS, load_evaluation, load_failures, load_metrics,
+                                     load_robustness)
+from medtl.ingest.manifest import MANIFEST, read_manifest
+from medtl.ingest.report import load_report
+from medtl.model.backbone_file import PROJECT_BACKBONE
 from medtl.provenance import environment as env
 from medtl.provenance.hashing import describe
 from medtl.provenance.record import RECORD_SUFFIX, load_record, record_path_for, run_times, utc_now
+from medtl.provenance.transfer import transfer_evidence
 
 MANIFEST_CORE = {"image_id", "source_ref", "source_path", "sha256", "label", "group", "split", "height", "width", "channels", "offset"}
 # dependencies under these folders are code, whose file names may be listed; other folders a stage reads
@@ -155,12 +160,8 @@ INGEST_STAGE = "ingest"  # the dvc.yaml stage whose output folder holds manifest
 
 def manifest_summary(path: Path) -> dict:
     """Counts from the ingest manifest: per split and class, patients per split, overlap, subgroups."""
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-            columns = list(rows[0].keys()) if rows else []
-    except (OSError, csv.Error, UnicodeDecodeError) as e:
-        raise MedtlError(f"source manifest {path} cannot be read: {e}") from e
+    rows = read_manifest(path)  # checked against its format record
+    columns = list(rows[0].keys()) if rows else []
     if rows and ("sha256" not in columns or not {"source_ref", "source_path"} & set(columns)):
         raise MedtlError(f"source manifest {path} lacks the columns sha256 and source_ref: it does not say which source file each image came from")
     by_split_class: dict[str, Counter] = defaultdict(Counter)
@@ -250,11 +251,9 @@ def _count_parameters(obj) -> int:
 
 
 def model_details(path: Path) -> dict:
-    from medtl.io import load_torch
+    from medtl.model.model_file import read_model_file
 
-    ckpt = load_torch(path)
-    if not isinstance(ckpt, dict):
-        raise MedtlError(f"{path} is not a medtl model checkpoint (expected a dict with arch, classes, state_dict)")
+    ckpt = read_model_file(path, check_format=False)
     keys = ("format", "arch", "in_channels", "num_features", "classes", "preprocessing", "hardware", "strategy", "best_epoch", "validation")
     details = {k: ckpt[k] for k in keys if k in ckpt}
     for k in ("target", "target_adaptation", "domain_adversarial"):  # unlabelled target images: counts and set digest, not per-image digests
@@ -275,11 +274,11 @@ def model_details(path: Path) -> dict:
 
 def backbone_weights(path: Path, name: str | None = None) -> dict | None:
     """The pretrained weights behind a backbone checkpoint; `name` is its path relative to the project (no local path in evidence)."""
-    from medtl.io import load_torch
+    from medtl.model.backbone_file import read_backbone_file
 
     if not path.is_file():
         return None
-    ckpt = load_torch(path)
+    ckpt = read_backbone_file(path)
     w = ckpt.get("weights") if isinstance(ckpt, dict) else None
     out = {"checkpoint": name or path.name}
     if isinstance(w, dict):
@@ -321,8 +320,8 @@ def find_experiment(root: Path, model: str, model_md5: str | None, records: dict
 
 def evaluation_metrics(artifacts: dict[str, dict], lock: dict[str, dict], stage_names: list[str], model: str) -> str | None:
     """The metrics.json of the stage that evaluates the model (it reads the model); training curves' metrics otherwise."""
-    candidates = [p for p, d in artifacts.items() if d["type"] == "file" and p.endswith("metrics.json") and d.get("role") == "output"]
-    candidates += [f"{p}/metrics.json" for p, d in artifacts.items() if d["type"] == "dir" and "metrics.json" in d.get("files", {})]
+    candidates = [p for p, d in artifacts.items() if d["type"] == "file" and Path(p).name == METRICS and d.get("role") == "output"]
+    candidates += [f"{p}/{METRICS}" for p, d in artifacts.items() if d["type"] == "dir" and METRICS in d.get("files", {})]
     evaluators = {n for n in stage_names if model in lock.get(n, {}).get("deps", {})}
     for p in candidates:
         stage = artifacts.get(p, {}).get("stage")
@@ -343,10 +342,10 @@ def evaluation_plots(root: Path, artifacts: dict[str, dict], metrics_path: str |
     base = Path(metrics_path).parent
     folders |= {(base / name).as_posix() for name in ("plots", "saliency") if (root / base / name).is_dir()}
     out = []
-    for folder in sorted(f for f in folders if Path(f).name != "failures"):  # failure cases have their own section
+    for folder in sorted(f for f in folders if Path(f).name != FAILURES_DIR):  # failure cases have their own section
         for p in sorted((root / folder).rglob("*")):
             # plots/robustness.json is drawn by the report's robustness section
-            if p.is_file() and p.suffix.lower() in PLOT_SUFFIXES and p.relative_to(root / folder).as_posix() != "robustness.json":
+            if p.is_file() and p.suffix.lower() in PLOT_SUFFIXES and p.relative_to(root / folder).as_posix() != ROBUSTNESS:
                 out.append(p.relative_to(root).as_posix())
     return out
 
@@ -438,7 +437,7 @@ def collect(root: Path, model: str) -> dict:
     source = None
     # Only the ingest stage's own output (dvc.yaml outs, as locked) is its manifest: never a folder that merely holds a
     # file of that name, such as a source folder whose CSV is called manifest.csv.
-    manifest = next((p for p in (f"{a}/manifest.csv" for a, d in artifacts.items()
+    manifest = next((p for p in (f"{a}/{MANIFEST}" for a, d in artifacts.items()
                                  if d["type"] == "dir" and d.get("stage") == INGEST_STAGE and d.get("role") == "output")
                      if (root / p).is_file()), None)
     if manifest:
@@ -452,30 +451,27 @@ def collect(root: Path, model: str) -> dict:
             **summary,
         }
     else:
-        problems.append(f"no source manifest: the {INGEST_STAGE} stage's output holds no manifest.csv, so source files "
+        problems.append(f"no source manifest: the {INGEST_STAGE} stage's output holds no {MANIFEST}, so source files "
                         "cannot be traced")
 
     weights = None
     for path, d in artifacts.items():
-        if d["type"] == "file" and path.endswith("backbone.pt"):
+        if d["type"] == "file" and Path(path).name == PROJECT_BACKBONE.name:
             weights = backbone_weights(root / path, path)
     if weights is None:
         weights = next(((r.get("extra") or {}).get("weights") for r in records.values() if (r.get("extra") or {}).get("weights")), None)
 
     metrics_path = evaluation_metrics(artifacts, lock, stage_names, model)
-    metrics = load_json(root / metrics_path) if metrics_path else None
-    details = None
-    if metrics_path and (root / metrics_path).with_name("evaluation.json").is_file():
-        details = load_json((root / metrics_path).with_name("evaluation.json"))
-    elif isinstance(metrics, dict) and isinstance(metrics.get("detail"), dict):
+    reports_dir = (root / metrics_path).parent if metrics_path else None
+    metrics = load_metrics(reports_dir) if reports_dir else None
+    details = load_evaluation(reports_dir, required=False) if reports_dir else None
+    if details is None and isinstance(metrics, dict) and isinstance(metrics.get("detail"), dict):
         details = metrics["detail"]  # older evaluate: detail nested in metrics.json
     plots = evaluation_plots(root, artifacts, metrics_path)
     # The robustness report and failure cases, written beside metrics.json by evaluate (None for an older evaluate).
-    robustness = load_json((root / metrics_path).with_name("robustness.json")) if metrics_path else None
-    failures = load_json((root / metrics_path).parent / "failures" / "failures.json") if metrics_path else None
-    ingest_report = None
-    if manifest and (root / manifest).with_name("report.json").is_file():
-        ingest_report = load_json((root / manifest).with_name("report.json"))
+    robustness = load_robustness(reports_dir) if reports_dir else None
+    failures = load_failures(reports_dir) if reports_dir else None
+    ingest_report = load_report((root / manifest).parent, required=False) if manifest else None
 
     model_rec = records.get(artifacts[model]["stage"]) or {}
     exp = find_experiment(root, model, artifacts[model].get("dvc_md5"), records)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medtl.cli import EXIT_CHECK_FAILED, EXIT_OK, folder_argument
 from medtl.errors import MedtlError
+from medtl.model.model_file import PROJECT_MODEL
 
 # `medtl verify --json`: one object on stdout; the format is versioned so scripts can rely on it.
 # /2: each mismatch is an object {path, expected, actual, message} (in /1 it was the message string).
@@ -20,7 +21,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("audit", help="write provenance, ML-BOM and a model card for a model",
                               description="Walk from a model back through dvc.lock and the stage records to the source files, and write "
                                           "provenance.json (in-toto/SLSA), ml-bom.json (CycloneDX 1.6), report.md and report.html.")
-    p.add_argument("--model", default="models/model.pt", help="model file written by the pipeline (default: %(default)s)")
+    p.add_argument("--model", default=str(PROJECT_MODEL), help="model file written by the pipeline (default: %(default)s)")
     p.add_argument("--out", type=folder_argument, default="reports/audit", help="output folder (default: %(default)s)")
     p.add_argument("--allow-dirty", action="store_true", help="exit 0 even if the workspace does not match dvc.lock or git (the outputs still say so)")
     p.add_argument("--sign-key", type=Path, help="Ed25519 PEM private key: also write provenance.dsse.json, a DSSE envelope signing provenance.json")
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("verify", help="check audit evidence against the files, offline",
                               description="Re-hash every artifact listed in the evidence that is present, check the signature, "
                                           "compare with dvc.lock and the git commit. Exit 0 only when everything matches.")
-    p.add_argument("evidence", type=Path, help="provenance.json (a sibling provenance.dsse.json is checked too) or a DSSE envelope")
+    p.add_argument("evidence", type=Path, help="provenance.json or the audit folder holding it (a sibling provenance.dsse.json is checked too), or a DSSE envelope")
     p.add_argument("--pub-key", type=Path, help="Ed25519 PEM public key of the signer")
     p.add_argument("--root", type=Path, default=Path("."), help="project root the artifact paths are relative to (default: current folder)")
     p.add_argument("--source-root", type=Path, help="folder of the source files ingest read (default: as recorded by ingest)")
@@ -66,6 +67,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from medtl.provenance.verify import verify
 
+    if args.evidence.is_dir():  # the audit's folder: its provenance.json
+        args.evidence = args.evidence / "provenance.json"
     if not args.evidence.is_file():
         raise MedtlError(f"evidence {args.evidence} not found (write it with `medtl audit`)")
     res = verify(args.evidence, args.root, args.pub_key, args.source_root)

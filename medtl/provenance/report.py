@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from medtl.provenance import card, report_robustness, transfer
+from medtl.provenance.charts import line_chart, md_table
 
 MAX_TABLE_ROWS = 25
 
@@ -242,13 +243,6 @@ def _banner(ev: dict) -> list[str]:
 
 # ---- markdown ----------------------------------------------------------------------------
 
-def _md_table(header: list[str], rows: list[list]) -> str:
-    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    out = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def render_markdown(ev: dict) -> str:
     m, src = ev["model"], ev.get("source_data") or {}
     out = []
@@ -272,30 +266,30 @@ def render_markdown(ev: dict) -> str:
         unit = "patients" if group["patient_level"] else "groups (images)"
         out += [f"{src['images']} images, {src['patients_total']} {unit} (pseudonymous). Manifest `{src['manifest']}` sha256 `{src['manifest_sha256']}`.", ""]
         rows = [[s] + [c.get(k, 0) for k in classes] + [sum(c.values()), src["patients_per_split"].get(s, 0)] for s, c in src["per_split_class"].items()]
-        out += [_md_table(["split"] + classes + ["images", unit], rows), ""]
+        out += [md_table(["split"] + classes + ["images", unit], rows), ""]
         if group["patient_level"]:
             out += [f"Patients in more than one split: **{src['patients_in_several_splits']}** ({group['text']}).", ""]
         else:
             out += [f"**{group['text'][0].upper()}{group['text'][1:]}.**", ""]
         for col, table in src["subgroups"].items():
             values = sorted({v for c in table.values() for v in c})
-            out += [f"Subgroup `{col}`:", "", _md_table(["split"] + values, [[s] + [c.get(v, 0) for v in values] for s, c in table.items()]), ""]
+            out += [f"Subgroup `{col}`:", "", md_table(["split"] + values, [[s] + [c.get(v, 0) for v in values] for s, c in table.items()]), ""]
     demo = demographics(ev)
     if demo:
-        out += ["Demographics by split:", "", _md_table(demo["header"], demo["rows"]), ""]
+        out += ["Demographics by split:", "", md_table(demo["header"], demo["rows"]), ""]
     out += ["Preprocessing:", ""] + [f"- {line}" for line in card.preprocessing_words(m.get("preprocessing"))] + [""]
-    out += ["De-identification and grouping:", "", _md_table(["", ""], data_facts(ev)), ""]
+    out += ["De-identification and grouping:", "", md_table(["", ""], data_facts(ev)), ""]
     facts = _safe_report_facts(ev.get("ingest_report"))
     if facts:
-        out += ["Ingest report:", "", _md_table(["item", "value"], facts), ""]
+        out += ["Ingest report:", "", md_table(["item", "value"], facts), ""]
     out += ["## Evaluation metrics", ""]
     with_ci, facts_m = card.headline(ev.get("metrics") or {})
     if with_ci or facts_m:
         out += [f"From `{ev.get('metrics_path')}`.", ""]
     if with_ci:
-        out += [_md_table(["metric", "key", "value", "95% CI"], [[card.metric_name(r["name"]), r["name"], card.fmt(r["value"]), card.ci_text(r)] for r in with_ci]), ""]
+        out += [md_table(["metric", "key", "value", "95% CI"], [[card.metric_name(r["name"]), r["name"], card.fmt(r["value"]), card.ci_text(r)] for r in with_ci]), ""]
     if facts_m:
-        out += [_md_table(["fact", "value"], [[card.metric_name(r["name"]), card.fmt(r["value"])] for r in facts_m]), ""]
+        out += [md_table(["fact", "value"], [[card.metric_name(r["name"]), card.fmt(r["value"])] for r in facts_m]), ""]
     glossary = _glossary([r["name"] for r in with_ci + facts_m])
     if glossary:
         out += ["What each metric means:", ""] + [f"- **{name}**: {meaning}" for name, meaning in glossary] + [""]
@@ -304,33 +298,33 @@ def render_markdown(ev: dict) -> str:
     details = ev.get("evaluation") or {}
     header, rows = card.per_class(details)
     if rows:
-        out += ["Per class:", "", _md_table(header, rows), ""]
+        out += ["Per class:", "", md_table(header, rows), ""]
     cm = card.confusion(ev)
     if cm:
         labels, mat = cm
-        out += ["Confusion matrix (rows: true, columns: predicted):", "", _md_table([""] + labels, [[labels[i]] + list(row) for i, row in enumerate(mat)]), ""]
+        out += ["Confusion matrix (rows: true, columns: predicted):", "", md_table([""] + labels, [[labels[i]] + list(row) for i, row in enumerate(mat)]), ""]
     vheader, vrows = card.validation_table(details)
     if vrows:
         out += ["Test split and external sets (operating point fitted on validation, never refitted):", "",
-                _md_table(vheader, vrows), ""]
+                md_table(vheader, vrows), ""]
     subs = card.subgroups(details)
     if subs:
-        out += ["Subgroups:", "", _md_table(["subgroup", "value", "images", "patients", "ROC AUC", "95% CI", "flag"],
+        out += ["Subgroups:", "", md_table(["subgroup", "value", "images", "patients", "ROC AUC", "95% CI", "flag"],
                                             [[x["column"], x["value"], card.fmt(x["n"]), card.fmt(x["patients"]), card.fmt(x["metric"]), card.ci_text(x), x["flag"]] for x in subs]), ""]
     if ev.get("plots"):
         out += ["## Plots", ""] + [f"- [{p}](../../{p})" if not p.endswith((".png", ".svg")) else f"![{p}](../../{p})" for p in ev["plots"]] + [""]
     out += report_robustness.markdown(ev)
     out += ["## Regulatory checklist", "", "Whether the evidence for each item is present; whether it satisfies the item is the reviewer's judgement.", ""]
-    out += [_md_table(["framework", "item", "status", "evidence"],
+    out += [md_table(["framework", "item", "status", "evidence"],
                       [[c["framework"], c["item"], f"**{c['status']}**" if c["concern"] else c["status"], c["evidence"]]
                        for c in checklist(ev) + claim_checklist(ev)]), ""]
-    out += ["## Appendix", "", "### Model details", "", _md_table(["", ""], [(k, v) for k, v in _model_facts(ev) if k != "preprocessing"]), ""]
+    out += ["## Appendix", "", "### Model details", "", md_table(["", ""], [(k, v) for k, v in _model_facts(ev) if k != "preprocessing"]), ""]
     out += ["## Pipeline", "", "```mermaid", "graph LR"]
     out += [f"  {a}[{a}] -->|{art}| {b}[{b}]" for a, b, art in ev["edges"]] or [f"  {s['name']}" for s in ev["stages"]]
     out += ["```", ""]
-    out += _md_table(["stage", "command", "record"], [[s["name"], s["cmd"], "yes" if s.get("record") else "MISSING"] for s in ev["stages"]]).splitlines() + [""]
+    out += md_table(["stage", "command", "record"], [[s["name"], s["cmd"], "yes" if s.get("record") else "MISSING"] for s in ev["stages"]]).splitlines() + [""]
     out += ["## Parameters", "", "```yaml", yaml.safe_dump(ev.get("params") or {}, sort_keys=False).rstrip(), "```", ""]
-    out += ["## Environment", "", _md_table(["", ""], _env_facts(ev)), ""]
+    out += ["## Environment", "", md_table(["", ""], _env_facts(ev)), ""]
     out += transfer.markdown(ev)
     out += ["## Lineage", "", "Every artifact with its sha256 (folders: sha256 over the file manifest) and the md5 DVC locked.", ""]
     lin = []
@@ -338,7 +332,7 @@ def render_markdown(ev: dict) -> str:
         lin.append([a["path"], _type_text(a), a.get("stage") or "", a["sha256"], a.get("dvc_md5") or ""])
         for rel, sha in list(a.get("files", {}).items())[:MAX_TABLE_ROWS]:
             lin.append([f"{a['path']}/{rel}", "file", "", sha, ""])
-    out += [_md_table(["artifact", "type", "stage", "sha256", "dvc md5"], lin), ""]
+    out += [md_table(["artifact", "type", "stage", "sha256", "dvc md5"], lin), ""]
     return "\n".join(out)
 
 
@@ -406,33 +400,6 @@ def _ci_bar(r: dict) -> dict | None:
         return None
     x = lambda v: round(4 + v * 112, 1)  # noqa: E731
     return {"kind": "bar", "low": x(r["low"]), "high": x(r["high"]), "value": x(r["value"])}
-
-
-def _line_chart(rows: list[dict], x: str, y: str, title: str, xlabel: str = "", ylabel: str = "", diagonal: bool = False,
-                baseline: float | None = None) -> dict | None:
-    pts = [(float(r[x]), float(r[y])) for r in rows if isinstance(r.get(x), numbers.Real) and isinstance(r.get(y), numbers.Real)]
-    if not pts:
-        return None
-    w, h, left, right, top, bottom = 320, 280, 48, 14, 28, 44
-    unit = all(0 <= a <= 1 and 0 <= b <= 1 for a, b in pts)
-    x0, x1 = (0.0, 1.0) if unit else (min(p[0] for p in pts), max(p[0] for p in pts))
-    y0, y1 = (0.0, 1.0) if unit else (min(p[1] for p in pts), max(p[1] for p in pts))
-    sx = lambda v: round(left + (v - x0) / ((x1 - x0) or 1) * (w - left - right), 1)  # noqa: E731
-    sy = lambda v: round(h - bottom - (v - y0) / ((y1 - y0) or 1) * (h - top - bottom), 1)  # noqa: E731
-    ticks = []
-    for i in range(5):
-        tx, ty = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        ticks.append({"x": sx(tx), "y": sy(ty), "xt": f"{tx:.3g}", "yt": f"{ty:.3g}"})
-    base = None
-    if baseline is not None and y0 <= baseline <= y1:
-        base = {"x1": sx(x0), "x2": sx(x1), "y": sy(baseline), "label": f"prevalence {baseline:.2f} (chance)"}
-    return {
-        "w": w, "h": h, "left": left, "right": w - right, "top": top, "bottom": h - bottom, "mid_x": left + (w - left - right) / 2,
-        "mid_y": top + (h - top - bottom) / 2, "title": title, "xlabel": xlabel or x, "ylabel": ylabel or y, "ticks": ticks,
-        "diagonal": (sx(x0), sy(y0), sx(x1), sy(y1)) if diagonal else None, "baseline": base,
-        "points": " ".join(f"{sx(a)},{sy(b)}" for a, b in pts),
-        "dots": [(sx(a), sy(b)) for a, b in pts] if len(pts) <= 20 else [],
-    }
 
 
 def _forest(rows: list[dict], title: str) -> dict | None:
@@ -521,10 +488,10 @@ def _plot(root: Path, rel: str, ev: dict | None = None) -> dict | None:
                     title = f"Precision–recall, AUC {metrics['pr_auc']:.3f}"
             caption = {"fpr": "Dashed: chance (a coin toss).", "recall": "Dashed: the prevalence, what chance achieves.",
                        "mean_predicted": "Dashed: perfect calibration."}[x]
-            return {"kind": "chart", "chart": _line_chart(rows, x, y, title, xl, yl, diag, baseline), "caption": caption}
+            return {"kind": "chart", "chart": line_chart(rows, x, y, title, xl, yl, diag, baseline), "caption": caption}
     numeric = [k for k in keys if all(isinstance(r.get(k), numbers.Real) and not isinstance(r.get(k), bool) for r in rows)]
     if len(numeric) >= 2:
-        return {"kind": "chart", "chart": _line_chart(rows, numeric[0], numeric[1], Path(rel).stem), "caption": rel}
+        return {"kind": "chart", "chart": line_chart(rows, numeric[0], numeric[1], Path(rel).stem), "caption": rel}
     return {"kind": "table", "caption": rel + (" (first rows)" if len(rows) > MAX_TABLE_ROWS else ""), "header": keys,
             "rows": [[card.fmt(r.get(k)) for k in keys] for r in rows[:MAX_TABLE_ROWS]], "num": []}
 

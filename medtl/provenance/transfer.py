@@ -1,13 +1,15 @@
 """The audit's transfer block: the source model a backbone started from, and the label-efficiency curve.
 
 Kept apart from report.py: it reads what pretrain-adapt recorded
-(`weights.source_model`, medtl.lineage) and what `medtl curve report` wrote
+(`weights.source_model`, medtl.model.lineage) and what `medtl curve report` wrote
 (reports/curve/summary.json), and gives both renderings their rows.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from medtl.provenance.charts import line_chart, md_table
 
 CURVE = Path("reports/curve/summary.json")
 
@@ -18,10 +20,10 @@ def transfer_evidence(root: Path, weights: dict | None) -> dict | None:
     source = None
     checkpoint = (weights or {}).get("checkpoint") if isinstance(weights, dict) else None
     if checkpoint and (root / checkpoint).is_file():  # the backbone's own record of its source model
-        from medtl.io import load_torch
+        from medtl.model.backbone_file import read_backbone_file
 
-        ckpt = load_torch(root / checkpoint)
-        source = ((ckpt.get("weights") or {}) if isinstance(ckpt, dict) else {}).get("source_model")
+        ckpt = read_backbone_file(root / checkpoint)
+        source = (ckpt.get("weights") or {}).get("source_model")
     if isinstance(source, dict):
         out["source_model"] = source
     path = root / CURVE
@@ -76,24 +78,20 @@ def curve_rows(t: dict | None) -> tuple[list[str], list[list]]:
 
 
 def markdown(ev: dict) -> list[str]:
-    from medtl.provenance.report import _md_table
-
     t = ev.get("transfer")
     if not t:
         return []
     out = ["## Transfer", ""]
     if t.get("source_model"):
         out += ["The backbone (and the head, when the classes match) started from another medtl model:", "",
-                _md_table(["", ""], source_rows(t)), ""]
+                md_table(["", ""], source_rows(t)), ""]
     header, rows = curve_rows(t)
     if rows:
-        out += [f"Label-efficiency curve ({t['curve']['file']}):", "", _md_table(header, rows), ""]
+        out += [f"Label-efficiency curve ({t['curve']['file']}):", "", md_table(header, rows), ""]
     return out
 
 
 def html_context(ev: dict) -> dict | None:
-    from medtl.provenance.report import _line_chart
-
     t = ev.get("transfer")
     if not t:
         return None
@@ -101,7 +99,7 @@ def html_context(ev: dict) -> dict | None:
     charts = []
     c = t.get("curve") or {}
     for arm, a in (c.get("arms") or {}).items():
-        chart = _line_chart(sorted(a["points"], key=lambda p: p.get("images") or 0), "images", c["metric"],
+        chart = line_chart(sorted(a["points"], key=lambda p: p.get("images") or 0), "images", c["metric"],
                             f"test {c['metric']}: {arm}", "labelled training images", f"test {c['metric']}")
         if chart:
             charts.append({"kind": "chart", "chart": chart, "caption": f"{arm} {json.dumps(a['params']) if a['params'] else ''}"})

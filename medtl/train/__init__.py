@@ -1,0 +1,1 @@
+"""The pretrain-adapt and fine-tune stages: adaptation, SSL, the training loop, domain adaptation, target images."""
