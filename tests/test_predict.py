@@ -125,6 +125,18 @@ def test_predict_folder_rows_probabilities_and_refusals(files, tmp_path, capsys)
     assert all(r["status"] == "ok" and r["above_threshold"] == "true" for r in rows_of(out).values())
 
 
+def test_decoding_ahead_in_a_thread_or_in_processes_writes_the_same_rows(files, tmp_path):
+    """--workers 0 decodes in a read-ahead thread, --workers 2 in processes: the same CSV, row for row, and a
+    batch smaller than the files so that decoding really runs ahead of inference."""
+    outs = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}.csv"
+        assert run_cli(files["model"], files["images"], "--out", out, "--operating-point", files["op"], "--batch-size", 1,
+                       "--workers", workers, "--device", "cpu", "--precision", "fp32") == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and outs[0].count("\n") == 8
+
+
 def test_files_inside_a_folder_are_named_by_ref_and_sha256_never_by_their_identifying_paths(files, tmp_path, capsys):
     export = tmp_path / "export"
     patient = export / "DOE^JOHN_MRN12345"
