@@ -14,9 +14,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, TypeVar
 
 from medtl.errors import MedtlError
+
+T = TypeVar("T")
 
 _CHUNK = 1 << 20
 
@@ -192,3 +194,49 @@ def load_torch(path: str | Path) -> Any:
             f"checkpoint {path} cannot be loaded safely (expected tensors and plain values only, "
             f"no pickled code): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
         ) from e
+
+
+def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """The same items in the same order, the next `depth` produced in a thread meanwhile.
+
+    Reading memory-mapped arrays (training batches) and decoding files (`medtl predict`) release the GIL,
+    so producing the next items overlaps the model's work instead of leaving the cores idle. Only work
+    without random draws belongs here: torch's global random stream is shared by every thread.
+    """
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has stopped
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as e:  # raised again in the consumer, where it belongs
+            put(e)
+
+    thread = threading.Thread(target=work, name="medtl-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from medtl.train.data import AugmentParams, TrainBatches, build_augment, prefetch
+from medtl.io import prefetch
+from medtl.train.data import AugmentParams, TrainBatches, build_augment
 from medtl.train.finetune import make_optimizer
 
 

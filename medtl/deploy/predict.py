@@ -27,7 +27,7 @@ from pathlib import Path
 
 from medtl.errors import MedtlError
 from medtl.evaluate.operating_point import DEFAULT_PATH
-from medtl.io import atomic_path
+from medtl.io import atomic_path, prefetch
 
 # The training stack is imported where it is used: `medtl --help` imports this module.
 
@@ -154,52 +154,15 @@ def _decode_file(file: InputFile, pre: Preprocessing, op: Operating, allow_misma
 
 
 def _decoded(files: list[InputFile], decode, workers: int, ahead: int = 64) -> Iterator:
-    """Decoded files in order, decoded while the model infers: in other processes with workers, else in one
+    """Decoded files in order, decoded while the model infers: in other processes with workers, else in a
     thread that stays at most `ahead` files ahead (decoders and torch release the GIL while they work)."""
     if len(files) < 2:
         yield from map(decode, files)
-        return
-    if workers >= 1:
+    elif workers >= 1:
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             yield from pool.imap(decode, files, chunksize=4)
-        return
-    import queue
-    import threading
-
-    done = object()
-    results: queue.Queue = queue.Queue(maxsize=ahead)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for f in files:
-                item = (True, decode(f))
-                while not stop.is_set():
-                    try:
-                        results.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-        except BaseException as e:  # handed to the consumer, raised there
-            results.put((False, e))
-            return
-        results.put((True, done))
-
-    thread = threading.Thread(target=produce, name="medtl-predict-decode", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, value = results.get()
-            if not ok:
-                raise value
-            if value is done:
-                return
-            yield value
-    finally:
-        stop.set()
-        thread.join()
+    else:
+        yield from prefetch(map(decode, files), depth=ahead)
 
 
 def decode_workers(requested: int | None) -> tuple[int, int | None]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medtl.errors import MedtlError
+from medtl.evaluate.reports import PROJECT_REPORTS
 from medtl.io import sha256_file, write_json
 
 if TYPE_CHECKING:  # numpy and the prepared arrays are not needed to read or write the record
@@ -67,7 +68,7 @@ def read_operating_point(path: Path) -> dict:
     return record
 
 
-DEFAULT_PATH = Path("reports") / OPERATING_POINT  # where the pipeline (dvc.yaml) puts it
+DEFAULT_PATH = PROJECT_REPORTS / OPERATING_POINT  # where the pipeline (dvc.yaml) puts it
 
 
 def operating_point_for(path: Path | None, model_path: Path, classes: list[str], command: str, advice: str,

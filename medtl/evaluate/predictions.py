@@ -11,8 +11,9 @@ import io
 from pathlib import Path
 from typing import Iterable
 
+from medtl.evaluate.reports import PROJECT_REPORTS
+
 PREDICTIONS, VAL_PREDICTIONS, EXTERNAL_PREDICTIONS = "predictions.csv", "val_predictions.csv", "external_predictions.csv"
-PROJECT_REPORTS = Path("reports")  # where the pipeline (dvc.yaml) puts evaluate's outputs
 
 
 def project_path(name: str) -> str:

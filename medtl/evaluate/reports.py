@@ -14,7 +14,6 @@ METRICS, EVALUATION, ROBUSTNESS = "metrics.json", "evaluation.json", "robustness
 FAILURES_DIR, FAILURES = "failures", "failures.json"
 PROJECT_REPORTS = Path("reports")  # where the pipeline (dvc.yaml) puts evaluate's outputs
 PROJECT_METRICS = (PROJECT_REPORTS / METRICS).as_posix()  # as git and dvc name it
-PROJECT_EVALUATION = (PROJECT_REPORTS / EVALUATION).as_posix()
 
 
 def write_reports(out_dir: Path, metrics: dict, details: dict, robustness: dict) -> None:

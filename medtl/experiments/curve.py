@@ -21,7 +21,7 @@ from pathlib import Path
 
 from medtl.errors import MedtlError
 from medtl.evaluate import reports
-from medtl.experiments.cv import _show, finished_experiments, queue_experiments
+from medtl.experiments.cv import _show, one_run, queue_experiments
 from medtl.ingest.manifest import PROJECT_MANIFEST
 from medtl.io import atomic_dir, write_json
 
@@ -110,20 +110,10 @@ def run_curve(sizes: list[int], repeats: int = 3, compare: list[str] = (), sets:
 
 
 def _experiments(prefix: str | None, rev: str) -> tuple[str, list[dict]]:
-    found: dict[str, list[dict]] = {}
-    for m, commit in finished_experiments(rev, EXP_NAME):
-        found.setdefault(m["prefix"], []).append(
-            {"name": m.string, "commit": commit, "arm": m["arm"],
-             "size": 0 if m["size"] == "all" else int(m["size"]), "repeat": int(m["repeat"])})
-    if prefix is None:
-        if len(found) != 1:
-            raise MedtlError(f"expected the experiments of one curve among those of commit {rev} (found prefixes: "
-                             f"{', '.join(sorted(found)) or 'none'}); run `medtl curve run`, pass --rev with the "
-                             "commit it ran on, or --name to pick one")
-        prefix = next(iter(found))
-    if prefix not in found:
-        raise MedtlError(f"no experiments named {prefix}-<arm>-n<size>-r<repeat> for commit {rev} (dvc exp show)")
-    return prefix, found[prefix]
+    prefix, runs = one_run(rev, EXP_NAME, prefix, "one curve", "-<arm>-n<size>-r<repeat>", "medtl curve run")
+    return prefix, [{"name": m.string, "commit": commit, "arm": m["arm"],
+                     "size": 0 if m["size"] == "all" else int(m["size"]), "repeat": int(m["repeat"])}
+                    for m, commit in runs]
 
 
 def _training_split(commit: str) -> tuple[int, int]:

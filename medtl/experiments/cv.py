@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 from medtl.errors import MedtlError
 from medtl.evaluate import predictions as preds
@@ -131,34 +131,35 @@ def queue_experiments(runs: list[tuple[str, list[str]]], jobs: int, wait: bool =
 # ---------------------------------------------------------------- report
 
 
-def finished_experiments(rev: str, name: re.Pattern) -> Iterator[tuple[re.Match, str]]:
-    """(name match, experiment commit) of each experiment of commit `rev` whose name matches and that finished;
-    queued, running and failed ones are left out."""
+def one_run(rev: str, name: re.Pattern, prefix: str | None, what: str, named: str,
+            run: str) -> tuple[str, list[tuple[re.Match, str]]]:
+    """(prefix, [(name match, experiment commit)]) of the finished experiments of one run of commit `rev` (its
+    folds, held-out sites or curve arms): the run called `prefix`, or the only one there is. Queued, running
+    and failed experiments are left out."""
+    found: dict[str, list[tuple[re.Match, str]]] = {}
     for row in json.loads(_dvc("exp", "show", "--json", "--no-fetch", "--rev", rev, what="dvc exp show") or "[]"):
         for exp in row.get("experiments") or []:
             m = name.match(exp.get("name") or "")
             revs = exp.get("revs") or []
             state = (exp.get("executor") or {}).get("state", "success")
             if m and revs and not revs[0].get("error") and state == "success":
-                yield m, revs[0]["rev"]
+                found.setdefault(m["prefix"], []).append((m, revs[0]["rev"]))
+    elsewhere = (f"run `{run}` on this commit, or pass --rev with the commit it ran on "
+                 "(`dvc exp show -A` lists every commit's experiments)")
+    if prefix is None:
+        if len(found) != 1:
+            raise MedtlError(f"expected the experiments of {what} among those of commit {rev} (found prefixes: "
+                             f"{', '.join(sorted(found)) or 'none'}); {elsewhere}, or pass --name to pick one")
+        prefix = next(iter(found))
+    if prefix not in found:
+        raise MedtlError(f"no experiments named {prefix}{named} for commit {rev} (dvc exp show); {elsewhere}")
+    return prefix, found[prefix]
 
 
 def fold_experiments(prefix: str | None = None, rev: str = "HEAD") -> tuple[str, dict[int, str]]:
     """(prefix, {fold: experiment commit}) among the experiments whose baseline is commit `rev`."""
-    found: dict[str, dict[int, str]] = {}
-    for m, commit in finished_experiments(rev, FOLD_NAME):
-        found.setdefault(m["prefix"], {})[int(m["fold"])] = commit
-    elsewhere = ("run `medtl cv run` on this commit, or pass --rev with the commit the folds were run on "
-                 "(`dvc exp show -A` lists every commit's experiments)")
-    if prefix is None:
-        if len(found) != 1:
-            listed = ", ".join(sorted(found)) or "none"
-            raise MedtlError(f"expected the fold experiments of one cross-validation among the experiments of commit "
-                             f"{rev} (found prefixes: {listed}); {elsewhere}, or pass --name to pick one")
-        prefix = next(iter(found))
-    if prefix not in found:
-        raise MedtlError(f"no experiments named {prefix}-fold<i> for commit {rev} (dvc exp show); {elsewhere}")
-    return prefix, found[prefix]
+    prefix, runs = one_run(rev, FOLD_NAME, prefix, "one cross-validation", "-fold<i>", "medtl cv run")
+    return prefix, {int(m["fold"]): commit for m, commit in runs}
 
 
 def _show(rev: str, path: str) -> str:
@@ -376,13 +377,19 @@ def interval_chart(bars: list[tuple[str, dict]], metric: str, title: str) -> str
             f"{''.join(parts)}{ticks}</svg></body></html>\n")
 
 
+def interval_text(r: dict | None, metric: str, width: bool = False) -> str:
+    """`metric` of a report with its interval (and the interval's width), images and patients, for the console."""
+    if not r or r.get(metric) is None:
+        return "n/a"
+    low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
+    bounds = (f" [{low:.3f}, {high:.3f}]" + (f" (width {high - low:.3f})" if width else "")
+              if low is not None and high is not None else "")
+    return f"{r[metric]:.3f}{bounds}, {r.get('n')} images / {r.get('n_groups')} patients"
+
+
 def describe(summary: dict, metric: str = "roc_auc") -> list[str]:
     def fmt(r):
-        if not r or r.get(metric) is None:
-            return "n/a"
-        low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
-        bounds = f" [{low:.3f}, {high:.3f}] (width {high - low:.3f})" if low is not None and high is not None else ""
-        return f"{r[metric]:.3f}{bounds}, {r.get('n')} images / {r.get('n_groups')} patients"
+        return interval_text(r, metric, width=True)
 
     spread = summary["across_folds"]
     lines = [f"{summary['name']}: {summary['folds']} folds by patient, seed {summary['seed']}",

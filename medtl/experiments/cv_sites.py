@@ -18,8 +18,8 @@ from medtl.errors import MedtlError
 from medtl.evaluate import predictions as preds
 from medtl.evaluate import reports
 from medtl.evaluate.predictions import parse_predictions, project_path
-from medtl.experiments.cv import (_arrays, _cv_params, _show, _spread, finished_experiments, interval_chart,
-                                  interval_report, queue_experiments)
+from medtl.experiments.cv import (_arrays, _cv_params, _show, _spread, interval_chart, interval_report, interval_text,
+                                  one_run, queue_experiments)
 from medtl.ingest.manifest import PROJECT_MANIFEST
 from medtl.io import atomic_dir, write_json
 
@@ -69,18 +69,9 @@ def run_sites(jobs: int = 1, sets: list[str] = (), prefix: str | None = None, wa
 
 def site_experiments(prefix: str | None, rev: str) -> tuple[str, dict[str, str]]:
     """(prefix, {site: experiment commit}) among the successful experiments of commit `rev`."""
-    found: dict[str, dict[str, str]] = {}
-    for m, commit in finished_experiments(rev, SITE_NAME):
-        found.setdefault(m["prefix"], {})[m["site"]] = commit
-    if prefix is None:
-        if len(found) != 1:
-            raise MedtlError(f"expected the experiments of one leave-one-site-out run among those of commit {rev} "
-                             f"(found prefixes: {', '.join(sorted(found)) or 'none'}); run `medtl cv run --by site`, "
-                             "pass --rev with the commit it ran on, or --name to pick one")
-        prefix = next(iter(found))
-    if prefix not in found:
-        raise MedtlError(f"no experiments named {prefix}-site-<site> for commit {rev} (dvc exp show)")
-    return prefix, found[prefix]
+    prefix, runs = one_run(rev, SITE_NAME, prefix, "one leave-one-site-out run", "-site-<site>",
+                           "medtl cv run --by site")
+    return prefix, {m["site"]: commit for m, commit in runs}
 
 
 def _read_output(rev: str, path: str) -> str:
@@ -175,11 +166,7 @@ def site_report(prefix: str | None = None, out: Path = Path("reports/cv-site"), 
 
 def describe_sites(summary: dict, metric: str = "roc_auc") -> list[str]:
     def fmt(r):
-        if not r or r.get(metric) is None:
-            return "n/a"
-        low, high = r.get(f"{metric}_ci_low"), r.get(f"{metric}_ci_high")
-        bounds = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
-        return f"{r[metric]:.3f}{bounds}, {r.get('n')} images / {r.get('n_groups')} patients"
+        return interval_text(r, metric)
 
     lines = [f"{summary['name']}: leave one site out over {len(summary['sites'])} sites"]
     lines += [f"  held out {s['site']}: test {metric} {fmt(s['test'])}" for s in summary["per_site"]]

@@ -77,12 +77,6 @@ def write_cv(out_dir: Path, summary: dict) -> None:
     write_json(Path(out_dir) / CV, summary)
 
 
-def load_cv(prepared: Path) -> dict | None:
-    """cv.json, or None when the run was not a fold of a cross-validation."""
-    path = Path(prepared) / CV
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def write_subset(out_dir: Path, summary: dict) -> None:
     """subset.json: which nested training subset this run used (preprocess.train_subset)."""
     write_json(Path(out_dir) / SUBSET, summary)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from medtl import hardware
 from medtl.errors import ParamsError
+from medtl.io import prefetch
 from medtl.metrics import predict_labels, roc_auc
 from medtl.model.backbone_file import load_backbone
 from medtl.model.classifier import Classifier, model_file
@@ -40,7 +41,7 @@ from medtl.prepare.prepared import PreparedSplit, images_path, load_split, load_
 from medtl.train import distributed
 from medtl.train.attacks import AdversarialParams, TrainingAttack
 from medtl.train.checkpoint import ResumeFile, code_digest, input_digest, resume_key
-from medtl.train.data import AugmentParams, TrainBatches, build_augment, prefetch
+from medtl.train.data import AugmentParams, TrainBatches, build_augment
 from medtl.train.distributed import EpochBatches, World, derive_seed
 from medtl.train.domain import Adversary, DomainAdversarialParams, adabn_target, check_adabn_target
 from medtl.train.target import TargetParams, check_target, read_target
